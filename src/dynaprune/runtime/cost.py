@@ -1,0 +1,93 @@
+"""Dense work and memory of a forward pass, per component, so pruned figures can sit beside them.
+
+FLOPs count a multiply-add as 2. Per layer and sequence of L tokens (d = hidden size, Hq query heads,
+Hkv KV heads, h = head dim, f = FFN width):
+  projections  2 L d (Hq h) [Q] + 2 * 2 L d (Hkv h) [K, V] + 2 L (Hq h) d [O]
+  attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended:
+               L^2 for an encoder, L (L + 1) / 2 for a causal decoder (plus the cached keys).
+  ffn          2 L d f per matrix (2 matrices for BERT/GPT-2, 3 for Llama's gated MLP)
+K/V bytes: what the K and V cache of those tokens holds at 16 bits (the accelerators' dense baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class CostShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    ffn_matrices: int  # 2 for a plain MLP, 3 for a gated (SwiGLU) MLP
+    causal: bool
+
+
+def _first(cfg, *names: str) -> int:
+    for n in names:
+        if hasattr(cfg, n):
+            return int(getattr(cfg, n))
+    raise AttributeError(f"config has none of {names}")
+
+
+def cost_shape(model) -> CostShape:
+    """Read the shape from one of our models' configs."""
+    cfg = model.config
+    hidden = _first(cfg, "hidden", "hidden_size", "dim", "n_embd")
+    heads = _first(cfg, "heads", "n_heads", "num_attention_heads", "n_head")
+    kind = type(model).__name__.lower()
+    gated = "llama" in kind
+    try:
+        kv_heads = _first(cfg, "kv_heads", "n_kv_heads", "num_key_value_heads")
+    except AttributeError:
+        kv_heads = heads
+    try:
+        head_dim = _first(cfg, "head_dim")
+    except AttributeError:
+        head_dim = hidden // heads
+    try:
+        ffn = _first(cfg, "intermediate", "intermediate_size", "ffn", "n_inner", "ffn_dim")
+    except AttributeError:
+        ffn = 4 * hidden
+    return CostShape(
+        layers=_first(cfg, "layers", "n_layers", "num_hidden_layers", "n_layer"),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn=ffn,
+        ffn_matrices=3 if gated else 2,
+        causal="bert" not in kind,
+    )
+
+
+def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = None) -> dict:
+    """Dense FLOPs per component and K/V bytes for sequences of the given lengths.
+
+    ``cached`` gives, per sequence, keys already in a KV cache that the new tokens also attend to.
+    """
+    cached = cached or [0] * len(lengths)
+    qdim, kvdim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    tokens = sum(lengths)
+    if shape.causal:
+        pairs = sum(n * (n + 1) // 2 + n * c for n, c in zip(lengths, cached, strict=True))
+    else:
+        pairs = sum(n * n for n in lengths)
+    per_layer = {
+        "proj_qkvo": 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim),
+        "attn_qk": 2 * qdim * pairs,
+        "attn_pv": 2 * qdim * pairs,
+        "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
+    }
+    flops = {k: v * shape.layers for k, v in per_layer.items()}
+    flops["total"] = sum(flops.values())
+    kv_tokens = tokens + sum(cached)
+    return {
+        "shape": asdict(shape),
+        "tokens": tokens,
+        "dense_flops": flops,
+        "dense_kv_bytes_fp16": 2 * 2 * shape.layers * kv_tokens * kvdim,
+    }
