@@ -260,6 +260,50 @@ def demo(out: Path = typer.Option(Path("results/demo"), help="where the JSON res
     console.print(f"results in {out}/ ({time.perf_counter() - t0:.0f}s in all)")
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="sweep YAML (see configs/)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="results JSONL (default: the config's 'results')"),
+) -> None:
+    """Run a grid of (model x task x recipe) evaluations; one JSON line per run; resumes where it stopped."""
+    from dynaprune import load
+    from dynaprune.eval.sweep import load_config, run_sweep
+
+    header, specs = load_config(config, validate_recipe=_validate_recipe)
+    results = out or (Path(header["results"]) if header.get("results") else None)
+    if results is None:
+        raise DynapruneError(f"{config}: no 'results:' path in the config and no --out given")
+    models: dict[str, object] = {}
+
+    def run(spec) -> dict:
+        if spec.model not in models:
+            models.clear()  # one model in memory at a time
+            models[spec.model] = load(spec.model)
+        opts = {k: Path(v) if k == "train_data" else v for k, v in spec.options.items()}
+        result = run_task(spec.model, spec.task, data=Path(spec.data) if spec.data else None,
+                          recipe=spec.recipe, model=models[spec.model], **opts)
+        return result.to_json()
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task("sweep", total=None)
+
+        def on_start(spec, i: int, n: int) -> None:
+            bar.update(task, completed=i, total=n, description=spec.label())
+
+        ran = run_sweep(specs, results, run, on_start)
+    console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
+
+
+def _validate_recipe(recipe: str) -> None:
+    if recipe not in ("", "dense"):
+        try:
+            from dynaprune.prune.recipe import Recipe
+        except ImportError:
+            raise DynapruneError("pruning recipes are not available in this build") from None
+        Recipe.parse(recipe)
+
+
 def _mount_optional() -> None:
     try:
         from dynaprune.hw.cli import app as hw_app
