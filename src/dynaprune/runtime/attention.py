@@ -2,8 +2,11 @@
 
 Models call ``attention(q, k, v, ...)`` for every layer and ``ctx.between_layers(...)`` after every
 block. With the default dense ``RunContext`` both are plain dense computation (SDPA) and the identity,
-so models stay ignorant of pruning: later techniques subclass ``RunContext`` and may ask for the
-attention probabilities, drop heads, or gather the hidden states of surviving tokens between layers.
+so models stay ignorant of pruning: pruning contexts subclass ``RunContext`` and override ``attend``
+(ask for probabilities, drop heads, quantize) and ``between_layers`` (gather surviving tokens).
+
+Every context counts the work it really did (``WorkCounter``): real query tokens and real
+(query, key) pairs per layer, which ``runtime.cost`` turns into FLOPs and bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,61 @@ class AttentionRecord:
 
 
 @dataclass
+class WorkCounter:
+    """Work done per layer: real query tokens, real (query, key) pairs, query heads computed, keys held."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
+    pairs: dict[int, int] = field(default_factory=dict)
+    head_pairs: dict[int, int] = field(default_factory=dict)  # pairs x heads actually computed
+    keys: dict[int, int] = field(default_factory=dict)  # real keys attended (the K/V read), summed over calls
+    heads: int = 0  # query heads of the model (for the dense figure)
+
+    def add(self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int) -> None:
+        self.tokens[layer] = self.tokens.get(layer, 0) + tokens
+        self.pairs[layer] = self.pairs.get(layer, 0) + pairs
+        self.head_pairs[layer] = self.head_pairs.get(layer, 0) + pairs * heads_computed
+        self.keys[layer] = self.keys.get(layer, 0) + keys
+
+
+def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int) -> tuple[int, int]:
+    """(real query tokens, real attended (query, key) pairs) of one call.
+
+    With a padding mask the real keys of each row are counted; queries are the real tokens when queries
+    and keys are the same tokens (encoder, prefill), else all ``lq`` new tokens (decode).
+    """
+    if key_padding_mask is None:
+        n_keys = torch.full((batch,), lk)
+    else:
+        n_keys = key_padding_mask.sum(dim=-1).cpu()
+    n_queries = n_keys if (lq == lk and key_padding_mask is not None) else torch.full((batch,), lq)
+    pairs = n_queries * n_keys
+    if causal:  # a query sees the cached keys and the new keys up to itself
+        pairs = pairs - n_queries * (n_queries - 1) // 2
+    return int(n_queries.sum()), int(pairs.sum())
+
+
+def build_mask(
+    lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask (True = attend), broadcastable to (B, H, Lq, Lk); None when nothing is masked."""
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :].to(torch.bool)
+    if causal and lq > 1:
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+        mask = tri if mask is None else mask & tri
+    return mask
+
+
+def expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat each K/V group for its query heads (GQA), so k and v have q's head count."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+@dataclass
 class RunContext:
     """State of one forward/generate call. Dense by default.
 
@@ -33,19 +91,44 @@ class RunContext:
 
     record_probs: bool = False
     record_head_outputs: bool = False
+    count_work: bool = True
     records: list[AttentionRecord] = field(default_factory=list)
+    work: WorkCounter = field(default_factory=WorkCounter)
 
-    @property
-    def needs_probs(self) -> bool:
-        return self.record_probs
-
-    def on_attention(
-        self, layer: int, probs: torch.Tensor | None, head_outputs: torch.Tensor
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        causal: bool,
+        scale: float | None,
     ) -> torch.Tensor:
-        """Called with each layer's probabilities (if asked for) and per-head outputs.
+        """Dense attention. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns per-head outputs (B, Hq, Lq, D)."""
+        if self.count_work:
+            tokens, pairs = count_pairs(q.shape[2], k.shape[2], key_padding_mask, causal, q.shape[0])
+            self.work.heads = q.shape[1]
+            keys = int(key_padding_mask.sum()) if key_padding_mask is not None else k.shape[0] * k.shape[2]
+            self.work.add(layer, tokens, pairs, q.shape[1], keys)
+        mask = build_mask(q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+        if not self.record_probs:
+            # enable_gqa lets SDPA share each K/V group across its query heads without copying them.
+            gqa = q.shape[1] != k.shape[1]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            self._record(layer, None, out)
+            return out
+        k, v = expand_kv(q, k, v)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out = probs @ v
+        self._record(layer, probs, out)
+        return out
 
-        Returns the per-head outputs to use (a pruning context may zero or drop heads here).
-        """
+    def _record(self, layer: int, probs: torch.Tensor | None, head_outputs: torch.Tensor) -> None:
         if self.record_probs or self.record_head_outputs:
             self.records.append(
                 AttentionRecord(
@@ -54,7 +137,6 @@ class RunContext:
                     head_outputs.detach() if self.record_head_outputs else None,
                 )
             )
-        return head_outputs
 
     def between_layers(
         self, layer: int, hidden: torch.Tensor, keep: dict[str, torch.Tensor]
@@ -67,7 +149,14 @@ class RunContext:
         return hidden, keep
 
 
-DENSE = RunContext()
+class _Dense(RunContext):
+    """The shared default context: dense and stateless (counts nothing, records nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(count_work=False)
+
+
+DENSE = _Dense()
 
 
 def attention(
@@ -87,25 +176,4 @@ def attention(
     key_padding_mask: (B, Lk) bool, True for real tokens. ``causal`` aligns the last query with the
     last key (so it also serves decode steps over a KV cache). Returns per-head outputs (B, Hq, Lq, D).
     """
-    ctx = ctx or DENSE
-    hq, hkv = q.shape[1], k.shape[1]
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
-    lq, lk = q.shape[2], k.shape[2]
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask[:, None, None, :].to(torch.bool)
-    if causal and lq > 1:
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-        mask = tri if mask is None else mask & tri
-    if not ctx.needs_probs:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return ctx.on_attention(layer, None, out)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = probs @ v
-    return ctx.on_attention(layer, probs, out)
+    return (ctx or DENSE).attend(layer, q, k, v, key_padding_mask, causal, scale)

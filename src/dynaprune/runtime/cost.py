@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from dynaprune.runtime.attention import WorkCounter
+
 
 @dataclass(frozen=True)
 class CostShape:
@@ -37,11 +39,11 @@ def cost_shape(model) -> CostShape:
     """Read the shape from one of our models' configs."""
     cfg = model.config
     hidden = _first(cfg, "hidden", "hidden_size", "dim", "n_embd")
-    heads = _first(cfg, "heads", "n_heads", "num_attention_heads", "n_head")
+    heads = _first(cfg, "heads", "n_heads", "num_heads", "num_attention_heads", "n_head")
     kind = type(model).__name__.lower()
     gated = "llama" in kind
     try:
-        kv_heads = _first(cfg, "kv_heads", "n_kv_heads", "num_key_value_heads")
+        kv_heads = _first(cfg, "kv_heads", "n_kv_heads", "num_kv_heads", "num_key_value_heads")
     except AttributeError:
         kv_heads = heads
     try:
@@ -49,11 +51,11 @@ def cost_shape(model) -> CostShape:
     except AttributeError:
         head_dim = hidden // heads
     try:
-        ffn = _first(cfg, "intermediate", "intermediate_size", "ffn", "n_inner", "ffn_dim")
+        ffn = _first(cfg, "intermediate", "intermediate_size", "ffn", "n_inner", "ffn_dim", "ffn_hidden")
     except AttributeError:
         ffn = 4 * hidden
     return CostShape(
-        layers=_first(cfg, "layers", "n_layers", "num_hidden_layers", "n_layer"),
+        layers=_first(cfg, "layers", "n_layers", "num_layers", "num_hidden_layers", "n_layer"),
         hidden=hidden,
         heads=heads,
         kv_heads=kv_heads,
@@ -90,4 +92,51 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
         "tokens": tokens,
         "dense_flops": flops,
         "dense_kv_bytes_fp16": 2 * 2 * shape.layers * kv_tokens * kvdim,
+    }
+
+
+def _flops(shape: CostShape, tokens: int, head_pairs: int) -> dict[str, int]:
+    qdim, kvdim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return {
+        "proj_qkvo": 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim),
+        "attn_qk": 2 * shape.head_dim * head_pairs,
+        "attn_pv": 2 * shape.head_dim * head_pairs,
+        "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
+    }
+
+
+def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = None) -> dict:
+    """FLOPs per component and K/V bytes of the work a run really did, beside the dense figures.
+
+    The dense reference is ``dense`` when given (e.g. the same inputs run without pruning), else the
+    first layer's work repeated over every layer: exact for encoder/prefill token and head pruning,
+    which never prune before the first layer.
+    """
+    layers = range(shape.layers)
+    kv_row_bytes = 2 * 2 * shape.kv_heads * shape.head_dim  # K and V of one token, fp16
+
+    def totals(counter: WorkCounter, replicate_first: bool) -> dict:
+        flops = {"proj_qkvo": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
+        kv_bytes = 0
+        for layer in layers:
+            src = 0 if replicate_first else layer
+            tokens = counter.tokens.get(src, 0)
+            head_pairs = counter.pairs.get(src, 0) * shape.heads if replicate_first else counter.head_pairs.get(src, 0)
+            for key, value in _flops(shape, tokens, head_pairs).items():
+                flops[key] += value
+            kv_bytes += counter.keys.get(src, 0) * kv_row_bytes
+        flops["total"] = sum(flops.values())
+        return {"flops": flops, "kv_bytes_read_fp16": kv_bytes,
+                "tokens_per_layer": [counter.tokens.get(0 if replicate_first else i, 0) for i in layers]}
+
+    actual = totals(work, replicate_first=False)
+    reference = totals(dense, replicate_first=False) if dense is not None else totals(work, replicate_first=True)
+    return {
+        "shape": asdict(shape),
+        "dense": reference,
+        "actual": actual,
+        "flops_kept": actual["flops"]["total"] / max(1, reference["flops"]["total"]),
+        "attention_flops_kept": (actual["flops"]["attn_qk"] + actual["flops"]["attn_pv"])
+        / max(1, reference["flops"]["attn_qk"] + reference["flops"]["attn_pv"]),
+        "kv_bytes_kept": actual["kv_bytes_read_fp16"] / max(1, reference["kv_bytes_read_fp16"]),
     }
