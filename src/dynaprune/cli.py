@@ -125,6 +125,15 @@ def run_task(
 
         with status(f"loading {model_name}") as say:
             model = load(model_name, say)
+    from dynaprune.runtime.attention import RunContext, WorkCounter
+    from dynaprune.runtime.cost import cost_shape, work_cost
+
+    contexts: list[RunContext] = []
+
+    def ctx_factory() -> RunContext:
+        contexts.append(RunContext())
+        return contexts[-1]
+
     t0 = time.perf_counter()
     with progress_bar(f"{task} on {Path(data).name}") as progress:
         if task == "sts":
@@ -132,7 +141,7 @@ def run_task(
 
             _require_encoder(model, task)
             result = evaluate_sts(model, data, max_examples=max_examples, batch_size=batch_size,
-                                  progress=progress)
+                                  progress=progress, ctx_factory=ctx_factory)
         elif task in ("classify", "sst2"):
             from dynaprune.eval.classify import evaluate_classify
 
@@ -140,7 +149,8 @@ def run_task(
             if train_data is None or not Path(train_data).is_file():
                 raise DynapruneError(f"training data file not found: {train_data}")
             result = evaluate_classify(model, data, train_data, max_train=max_train,
-                                       max_examples=max_examples, batch_size=batch_size, progress=progress)
+                                       max_examples=max_examples, batch_size=batch_size, progress=progress,
+                                       ctx_factory=ctx_factory)
         else:
             from dynaprune.eval.lm import evaluate_lm
 
@@ -148,7 +158,12 @@ def run_task(
                 raise DynapruneError(f"task lm needs a decoder model; {model_name} is an encoder")
             result = evaluate_lm(model, data, protocol=protocol, window=window, max_tokens=max_tokens,
                                  context=context, continuation=continuation, max_examples=max_examples,
-                                 progress=progress)
+                                 progress=progress, ctx_factory=ctx_factory)
+    work = WorkCounter()
+    for c in contexts:
+        work.merge(c.work)
+    if work.tokens:
+        result.cost = {**work_cost(cost_shape(model), work), **(result.cost or {})}
     result.model = model_name
     result.seconds = round(time.perf_counter() - t0, 3)
     return result

@@ -42,6 +42,13 @@ class WorkCounter:
         self.head_pairs[layer] = self.head_pairs.get(layer, 0) + pairs * heads_computed
         self.keys[layer] = self.keys.get(layer, 0) + keys
 
+    def merge(self, other: WorkCounter) -> None:
+        for mine, theirs in ((self.tokens, other.tokens), (self.pairs, other.pairs),
+                             (self.head_pairs, other.head_pairs), (self.keys, other.keys)):
+            for layer, n in theirs.items():
+                mine[layer] = mine.get(layer, 0) + n
+        self.heads = max(self.heads, other.heads)
+
 
 def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int) -> tuple[int, int]:
     """(real query tokens, real attended (query, key) pairs) of one call.
