@@ -585,10 +585,10 @@ class HDPStats:
     skipped_by_near_zero: torch.Tensor
     frac_frac_dropped: torch.Tensor
     pv_mults: torch.Tensor
-    score_err_max: torch.Tensor
-    score_err_mean: torch.Tensor
-    prob_err_max: torch.Tensor
-    prob_err_mean: torch.Tensor
+    score_err_max: torch.Tensor | None  # None when hdp_attention(measure_error=False)
+    score_err_mean: torch.Tensor | None
+    prob_err_max: torch.Tensor | None
+    prob_err_mean: torch.Tensor | None
 
     @property
     def qk_dense_mults(self) -> torch.Tensor:
@@ -619,6 +619,14 @@ class HDPStats:
             )
         }
         pairs = float(self.pairs_valid.sum())
+        errors = {}
+        if self.score_err_max is not None:
+            errors = {
+                "score_err_max": float(self.score_err_max.max()),
+                "score_err_mean": float((self.score_err_mean * self.pairs_valid).sum()) / max(1.0, pairs),
+                "prob_err_max": float(self.prob_err_max.max()),
+                "prob_err_mean": float((self.prob_err_mean * self.pairs_valid).sum()) / max(1.0, pairs),
+            }
         return {
             "block_ratio": math.nan if self.block_ratio is None else self.block_ratio,
             "block_sparsity": 1.0 - float(self.blocks_kept.sum()) / max(1.0, float(self.blocks_valid.sum())),
@@ -626,10 +634,7 @@ class HDPStats:
             "pair_sparsity": 1.0 - float(self.pairs_kept.sum()) / max(1.0, pairs),
             **total,
             "pv_dense_mults": total["qk_dense_mults"],
-            "score_err_max": float(self.score_err_max.max()),
-            "score_err_mean": float((self.score_err_mean * self.pairs_valid).sum()) / max(1.0, pairs),
-            "prob_err_max": float(self.prob_err_max.max()),
-            "prob_err_mean": float((self.prob_err_mean * self.pairs_valid).sum()) / max(1.0, pairs),
+            **errors,
         }
 
 
@@ -648,13 +653,15 @@ def hdp_attention(
     scale: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    measure_error: bool = True,
 ) -> tuple[torch.Tensor, HDPStats]:
     """Faithful HDP attention (accuracy path, masks not speed): returns (out (B, H, Lq, D), stats).
 
     q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H a multiple of Hkv (K/V groups repeated, as in
     ``runtime.attention``); ``scale`` is the softmax scale (default D**-0.5); key_padding_mask (B, Lk)
     True for real keys. Pruned blocks are -inf before the softmax; pruned heads output zeros; a query
-    row with no kept key outputs zeros. Computed in float64, returned in v's dtype.
+    row with no kept key outputs zeros. Computed in float64, returned in v's dtype. ``measure_error``
+    adds the exact float64 scores and two more softmaxes (about double the cost) for the error stats.
     Scores are ``units * (q.scale * k.scale * scale)`` with one combined factor.
     """
     _check_shapes(q, k, v, key_padding_mask)
@@ -709,10 +716,21 @@ def hdp_attention(
     skipped_by_near_zero = (2 * near_zero).to(torch.int64)
 
     # errors of fixed point + approximation against the exact product, over valid pairs
-    exact = (q.detach().to(_F64) @ k.detach().to(_F64).mT) * softmax_scale
-    n_valid = pairs_valid.clamp_min(1)
-    score_err = (scores - exact).abs() * valid
-    prob_err = (masked_softmax(scores, valid.expand_as(scores)) - masked_softmax(exact, valid.expand_as(exact))).abs()
+    errors: dict[str, torch.Tensor | None] = dict.fromkeys(
+        ("score_err_max", "score_err_mean", "prob_err_max", "prob_err_mean")
+    )
+    if measure_error:
+        exact = (q.detach().to(_F64) @ k.detach().to(_F64).mT) * softmax_scale
+        n_valid = pairs_valid.clamp_min(1)
+        score_err = (scores - exact).abs() * valid
+        all_valid = valid.expand_as(scores)
+        prob_err = (masked_softmax(scores, all_valid) - masked_softmax(exact, all_valid)).abs()
+        errors = {
+            "score_err_max": score_err.amax((-2, -1)),
+            "score_err_mean": score_err.sum((-2, -1)) / n_valid,
+            "prob_err_max": prob_err.amax((-2, -1)),
+            "prob_err_mean": prob_err.sum((-2, -1)) / n_valid,
+        }
 
     def blocks(t: torch.Tensor) -> torch.Tensor:
         return t.expand(b, h, *t.shape[-2:]).sum((-2, -1))
@@ -733,10 +751,7 @@ def hdp_attention(
         skipped_by_near_zero=skipped_by_near_zero,
         frac_frac_dropped=frac_frac_dropped,
         pv_mults=pairs_kept * d,
-        score_err_max=score_err.amax((-2, -1)),
-        score_err_mean=score_err.sum((-2, -1)) / n_valid,
-        prob_err_max=prob_err.amax((-2, -1)),
-        prob_err_mean=prob_err.sum((-2, -1)) / n_valid,
+        **errors,
     )
     return out, stats
 
