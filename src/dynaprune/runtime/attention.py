@@ -155,6 +155,16 @@ class RunContext:
         """
         return hidden, keep
 
+    def final_states(
+        self, hidden: torch.Tensor, keep: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by an encoder after its last block: the states to pool and their mask.
+
+        Dense: the last hidden states as they are. A token-pruning context may put back the states
+        pruned tokens had when they left, so pooling over all tokens stays possible.
+        """
+        return hidden, keep["mask"]
+
 
 class _Dense(RunContext):
     """The shared default context: dense and stateless (counts nothing, records nothing)."""

@@ -1,0 +1,298 @@
+"""The pruning run context: SpAtten and HDP techniques applied inside real models at run time.
+
+``make_context(recipe, model)`` returns the context a forward pass runs under. A dense recipe gives
+the plain ``RunContext`` (so "nothing pruned" is bit-identical to dense by construction); otherwise a
+``PruningContext`` that
+
+- in ``attend`` computes attention explicitly for the heads still alive (cascade head pruning,
+  SpAtten Sec. III-B: pruned heads are gathered out, not computed, and output zero), with progressive
+  or static quantization of Q/K/V (Sec. III-D), local value pruning (Sec. III-C) or HDP's integer
+  block/head pruning with its approximation (``prune/hdp.py``), and accumulates the cumulative token
+  importance (sum of attention probabilities received, Alg. 2) and head importance (sum of
+  |attention_out|);
+- in ``between_layers`` applies the cascade schedule (Sec. III-A): the hidden states of the tokens
+  ranked lowest are gathered out (attention *and* FFN shrink in every later layer), together with every
+  per-token tensor the model carries (padding mask, positions) and the importance itself; alive heads
+  are chosen for the next layer from the cumulative head importance.
+
+The first real token ([CLS] / pooling target) of an encoder and the last real token of a decoder
+prompt are never pruned; padding is never kept over a real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dynaprune.prune.hdp import HDPConfig, hdp_attention
+from dynaprune.prune.heads import accumulate_head_importance, select_heads_to_keep
+from dynaprune.prune.quant import progressive_attention_probs, quantized_attention_probs, quantized_values
+from dynaprune.prune.recipe import Recipe, keep_counts
+from dynaprune.prune.tokens import accumulate_token_importance, edge_token_mask, gather_tokens, select_tokens_to_keep
+from dynaprune.prune.values import local_value_attention
+from dynaprune.runtime.attention import RunContext, build_mask, count_pairs, expand_kv
+from dynaprune.runtime.cost import CostShape, cost_shape
+
+HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
+              "qk_frac_mults", "skipped_by_head", "skipped_by_block", "skipped_by_near_zero", "frac_frac_dropped",
+              "pv_mults")
+
+
+@dataclass
+class LayerStats:
+    """What one layer did, summed over the calls of a run (rows = (batch, head, query) rows)."""
+
+    tokens_in: int = 0  # real query tokens entering the layer
+    heads_alive: int = 0  # query heads computed (last call)
+    rows: int = 0
+    rows_needing_lsb: int = 0
+    key_bits_fetched: int = 0
+    key_bits_dense16: int = 0  # the same keys at 16 bits
+    value_rows_used: int = 0
+    value_rows_dense: int = 0
+    hdp: dict[str, float] = field(default_factory=dict)
+
+
+class PruningContext(RunContext):
+    """Run state of one pruned forward pass (see the module docstring)."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        shape: CostShape,
+        *,
+        protect_first: int = 1,
+        protect_last: int = 0,
+        record_probs: bool = False,
+        seed: int = 0,
+        keep_pruned_states: bool = True,
+    ) -> None:
+        super().__init__(record_probs=record_probs)
+        self.recipe = recipe
+        self.shape = shape
+        self.protect_first, self.protect_last = protect_first, protect_last
+        units, self.group_size = recipe.head_units(shape.heads, shape.kv_heads)
+        self.head_keep_after = recipe.head_keep_schedule(shape.layers, units)
+        self.token_importance: torch.Tensor | None = None  # (B, L) aligned with the current tokens
+        self.head_importance: torch.Tensor | None = None  # (B, Hq)
+        self.head_index: torch.Tensor | None = None  # (B, Hk) query heads alive, None = all
+        self.token_keep_after: list[torch.Tensor] | None = None  # per layer, (B,) counts
+        self.layer_stats: dict[int, LayerStats] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.hdp = _hdp_config(recipe)
+        # Pruned tokens' last hidden states ("frozen" where they left), so mean pooling can still see
+        # every token: without them a mean-pooled embedding drifts to the few high-attention tokens
+        # ([CLS], [SEP], punctuation) that survive. Their later layers are still skipped.
+        self.keep_pruned_states = keep_pruned_states
+        self.pruned_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (hidden, pos, valid)
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+        recipe, stats = self.recipe, self.layer_stats.setdefault(layer, LayerStats())
+        B, n_heads, lq, head_dim = q.shape
+        scale = head_dim**-0.5 if scale is None else scale
+        if self.token_keep_after is None and recipe.prunes_tokens:
+            self._plan_tokens(key_padding_mask, q.shape[0], k.shape[2])
+        k, v = expand_kv(q, k, v)
+        heads = self.head_index
+        if heads is not None:  # cascade head pruning: only the alive heads are computed
+            q, k, v = (_gather_heads(t, heads) for t in (q, k, v))
+        mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device)
+        query_mask = key_padding_mask if (key_padding_mask is not None and lq == k.shape[2]) else None
+
+        if self.hdp is not None:
+            out, hdp_stats = hdp_attention(q, k, v, self.hdp, scale=scale, causal=causal,
+                                           key_padding_mask=key_padding_mask, measure_error=False)
+            counts = {name: float(getattr(hdp_stats, name).sum()) for name in HDP_COUNTS}
+            counts["heads_total"] = float(hdp_stats.head_kept.numel())
+            for key, value in counts.items():
+                stats.hdp[key] = stats.hdp.get(key, 0.0) + value
+            probs = _probs(q, k, scale, mask) if self._needs_token_importance else None
+        else:
+            probs = self._probs(q, k, v, scale, mask, stats)
+            if recipe.quant is not None:
+                v = quantized_values(v, recipe.quant.total_bits).values
+            if recipe.value is not None:
+                result = local_value_attention(probs, v, recipe.value, key_mask=mask)
+                out = result.output
+                stats.value_rows_used += result.v_rows_used
+                stats.value_rows_dense += result.v_rows_dense
+            else:
+                out = probs @ v
+
+        if self._needs_token_importance and probs is not None:
+            if recipe.score == "instant":  # PoWER-BERT style: this layer's attention only
+                self.token_importance = None
+            self.token_importance = accumulate_token_importance(
+                self.token_importance, probs, key_padding_mask, query_mask=query_mask
+            )
+        if recipe.prunes_heads:
+            received = accumulate_head_importance(None, out, query_mask)
+            full = torch.zeros(B, n_heads, dtype=received.dtype, device=received.device)
+            full = full.scatter(1, heads, received) if heads is not None else received
+            self.head_importance = full if self.head_importance is None else self.head_importance + full
+        if self.record_probs and probs is not None:
+            self._record(layer, probs, out)
+
+        tokens, pairs = count_pairs(lq, k.shape[2], key_padding_mask, causal, B)
+        keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * k.shape[2]
+        self.work.heads = n_heads
+        self.work.add(layer, tokens, pairs, out.shape[1], keys)
+        stats.tokens_in += tokens
+        stats.heads_alive = out.shape[1]
+        if heads is None:
+            return out
+        full_out = torch.zeros(B, n_heads, lq, head_dim, dtype=out.dtype, device=out.device)
+        return full_out.scatter(1, heads[:, :, None, None].expand(-1, -1, lq, head_dim), out)
+
+    @property
+    def _needs_token_importance(self) -> bool:
+        return self.recipe.prunes_tokens and self.recipe.score != "random"
+
+    def _probs(self, q, k, v, scale, mask, stats: LayerStats) -> torch.Tensor:
+        quant = self.recipe.quant
+        n_keys = k.shape[0] * k.shape[1] * k.shape[2]
+        stats.key_bits_dense16 += n_keys * k.shape[3] * 16
+        if quant is None:
+            return _probs(q, k, scale, mask)
+        if not quant.progressive:
+            stats.key_bits_fetched += n_keys * k.shape[3] * quant.bits
+            return quantized_attention_probs(q, k, scale, quant.bits, mask)
+        result = progressive_attention_probs(q, k, scale, quant.bits, quant.lsb_bits, quant.threshold, mask)
+        stats.rows += result.rows
+        stats.rows_needing_lsb += result.rows_needing_lsb
+        stats.key_bits_fetched += result.key_bits_fetched
+        return result.probs
+
+    # ------------------------------------------------------------------ between layers
+    def _plan_tokens(self, key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
+        """Per row, how many tokens live after each layer (length-adaptive: by each row's real length)."""
+        real = key_padding_mask.sum(-1).cpu() if key_padding_mask is not None else torch.full((batch,), length)
+        per_row = [self.recipe.token_keep_schedule(self.shape.layers, max(1, int(n))) for n in real]
+        self.token_keep_after = [
+            torch.stack([keep_counts(per_row[b][layer], real[b : b + 1])[0] for b in range(batch)])
+            for layer in range(self.shape.layers)
+        ]
+
+    def between_layers(self, layer, hidden, keep):
+        if self.recipe.prunes_heads:
+            self._prune_heads(layer)
+        if self.token_keep_after is None:
+            return hidden, keep
+        valid = keep.get("mask")
+        if valid is None:
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        target = self.token_keep_after[layer].to(hidden.device)
+        if bool((valid.sum(-1) <= target).all()):
+            return hidden, keep
+        importance = self.token_importance
+        if self.recipe.score == "random" or importance is None:
+            importance = torch.rand(hidden.shape[:2], generator=self.generator).to(hidden.device)
+        protected = edge_token_mask(valid, first=self.protect_first, last=self.protect_last)
+        selection = select_tokens_to_keep(importance, target, protected, valid)
+        if self.keep_pruned_states and "pos" in keep:
+            kept = torch.zeros_like(valid).scatter(1, selection.index, selection.mask)
+            self.pruned_states.append((hidden, keep["pos"], valid & ~kept))
+        hidden = gather_tokens(hidden, selection.index)
+        keep = {name: gather_tokens(t, selection.index) for name, t in keep.items()}
+        keep["mask"] = selection.mask & gather_tokens(valid, selection.index)
+        if self.token_importance is not None:
+            self.token_importance = gather_tokens(self.token_importance, selection.index)
+        return hidden, keep
+
+    def _prune_heads(self, layer: int) -> None:
+        n_keep = self.head_keep_after[layer]
+        alive = self.head_index.shape[1] // self.group_size if self.head_index is not None else None
+        units = self.shape.heads // self.group_size
+        if n_keep >= (alive if alive is not None else units) or self.head_importance is None:
+            return
+        importance = self.head_importance.clone()
+        if self.head_index is not None:  # cascade: a pruned head never comes back
+            dead = torch.ones_like(importance, dtype=torch.bool).scatter(1, self.head_index, False)
+            importance = importance.masked_fill(dead, float("-inf"))
+        self.head_index = select_heads_to_keep(importance, n_keep, self.group_size)
+
+    def final_states(self, hidden: torch.Tensor, keep: dict[str, torch.Tensor]):
+        """The last hidden state of every original token: survivors from ``hidden``, pruned tokens from
+        the layer where they left. Returns (hidden (B, L0, d), mask (B, L0)) in original token order."""
+        if not self.pruned_states or "pos" not in keep:
+            return hidden, keep["mask"]
+        first_hidden, first_pos, first_valid = self.pruned_states[0]
+        B, L0 = first_pos.shape
+        full = torch.zeros(B, L0, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        mask = torch.zeros(B, L0, dtype=torch.bool, device=hidden.device)
+        for states, pos, left in [*self.pruned_states, (hidden, keep["pos"], keep["mask"])]:
+            rows, cols = left.nonzero(as_tuple=True)
+            full[rows, pos[rows, cols]] = states[rows, cols]
+            mask[rows, pos[rows, cols]] = True
+        return full, mask
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict:
+        """Per-layer tokens and heads alive, LSB fraction and bits, as plain numbers for JSON."""
+        layers = sorted(self.layer_stats)
+        s = self.layer_stats
+        rows = sum(s[i].rows for i in layers)
+        key_bits = sum(s[i].key_bits_fetched for i in layers)
+        dense_bits = sum(s[i].key_bits_dense16 for i in layers)
+        out = {
+            "tokens_per_layer": [s[i].tokens_in for i in layers],
+            "heads_per_layer": [s[i].heads_alive for i in layers],
+        }
+        if self.recipe.quant is not None:
+            out["lsb_row_fraction"] = (sum(s[i].rows_needing_lsb for i in layers) / rows) if rows else 0.0
+            out["key_bits_fetched_vs_fp16"] = key_bits / dense_bits if dense_bits else 1.0
+        if self.recipe.value is not None:
+            dense_rows = sum(s[i].value_rows_dense for i in layers)
+            out["value_rows_kept"] = sum(s[i].value_rows_used for i in layers) / max(1, dense_rows)
+        if self.hdp is not None:
+            totals: dict[str, float] = {}
+            for i in layers:
+                for key, value in s[i].hdp.items():
+                    totals[key] = totals.get(key, 0.0) + value
+            totals["block_sparsity"] = 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"])
+            totals["pair_sparsity"] = 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"])
+            totals["head_sparsity"] = 1 - totals["head_kept"] / max(1.0, totals["heads_total"])
+            out["hdp"] = totals
+        return out
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    return torch.gather(t, 1, heads[:, :, None, None].expand(-1, -1, t.shape[2], t.shape[3]))
+
+
+def _hdp_config(recipe: Recipe) -> HDPConfig | None:
+    if recipe.block is None and recipe.block_sparsity is None and recipe.hdp_head is None and recipe.fixed is None:
+        return None
+    int_bits, frac_bits = recipe.fixed or (8, 8)
+    return HDPConfig(
+        int_bits=int_bits,
+        frac_bits=frac_bits,
+        block_size=recipe.block_size or 2,
+        block_ratio=recipe.block,
+        block_sparsity=recipe.block_sparsity,
+        head_threshold=recipe.hdp_head,
+        approx=recipe.approx,
+    )
+
+
+def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
+    """The context a forward pass of ``model`` runs under for ``recipe`` (dense: a plain RunContext)."""
+    if recipe is None or isinstance(recipe, str):
+        recipe = Recipe.parse(recipe or "")
+    if recipe.is_dense:
+        return RunContext()
+    shape = cost_shape(model)
+    recipe.validate_for(shape.layers, shape.heads, shape.kv_heads)
+    if shape.causal:
+        kwargs.setdefault("protect_first", 0)
+        kwargs.setdefault("protect_last", 1)
+    return PruningContext(recipe, shape, **kwargs)
