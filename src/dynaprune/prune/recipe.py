@@ -385,8 +385,10 @@ class Recipe:
             raise DynapruneError(f"a recipe in JSON is an object of key: value, got {type(data).__name__}")
         items = []
         for key, value in data.items():
+            if key not in _PARSERS:
+                raise DynapruneError(f"unknown recipe key '{key}'; known keys: {', '.join(KEYS)}")
             if isinstance(value, str) and "," in value:
-                raise _err(str(key), f"value {value!r} contains a comma")
+                raise _err(key, f"value {value!r} contains a comma")
             if key in ("token_schedule", "head_schedule") and isinstance(value, list | tuple):
                 value = "/".join(f"{_json_scalar(key, p, 0)}:{_json_scalar(key, p, 1)}" for p in value)
             elif isinstance(value, bool):
@@ -623,12 +625,8 @@ def _parse_onoff(key: str, raw: str) -> bool:
     return raw == "on"
 
 
-def _parse_kv(key: str, raw: str) -> float | int:
-    return _parse_float(key, raw)
-
-
-def _identity(key: str, raw: str) -> str:
-    return raw
+def _parse_word(key: str, raw: str) -> str:
+    return raw  # checked against its choices in Recipe.__post_init__
 
 
 KEYS: tuple[str, ...] = tuple(f.name for f in fields(Recipe))
@@ -641,13 +639,13 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "token_ref_len": _parse_int,
     "head": _parse_float,
     "head_schedule": _parse_schedule,
-    "head_unit": _identity,
+    "head_unit": _parse_word,
     "value": _parse_float,
     "quant": _parse_quant,
-    "kv": _parse_kv,
+    "kv": _parse_float,
     "sink": _parse_int,
     "recent": _parse_int,
-    "score": _identity,
+    "score": _parse_word,
     "block": _parse_float,
     "block_sparsity": _parse_float,
     "block_size": _parse_int,
