@@ -155,6 +155,12 @@ class RunContext:
         """
         return hidden, keep
 
+    def begin_forward(self, cache) -> None:
+        """Called by a decoder at the start of a forward with its KV cache (or None)."""
+
+    def end_forward(self, cache) -> None:
+        """Called by a decoder at the end of a forward: where a KV-budget context evicts tokens."""
+
     def final_states(
         self, hidden: torch.Tensor, keep: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,12 @@ class PruningContext(RunContext):
         # ([CLS], [SEP], punctuation) that survive. Their later layers are still skipped.
         self.keep_pruned_states = keep_pruned_states
         self.pruned_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (hidden, pos, valid)
+        # Decode time (KV budget): the cache of the running forward, importance of cached tokens.
+        self.cache = None
+        self.prefilled = False  # token pruning acts on the prompt only; later forwards only evict
+        self.position_importance: torch.Tensor | None = None  # (B, P) spatten: over layers, heads, steps
+        self.layer_importance: dict[int, torch.Tensor] = {}  # h2o / instant: per layer, aligned with cache
+        self.kv_budget: int | None = None
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
@@ -121,7 +127,9 @@ class PruningContext(RunContext):
             else:
                 out = probs @ v
 
-        if self._needs_token_importance and probs is not None:
+        if self.cache is not None and self.recipe.kv is not None and probs is not None:
+            self._track_cache_importance(layer, probs, key_padding_mask)
+        if self._needs_token_importance and probs is not None and not self.prefilled:
             if recipe.score == "instant":  # PoWER-BERT style: this layer's attention only
                 self.token_importance = None
             self.token_importance = accumulate_token_importance(
@@ -145,6 +153,60 @@ class PruningContext(RunContext):
             return out
         full_out = torch.zeros(B, n_heads, lq, head_dim, dtype=out.dtype, device=out.device)
         return full_out.scatter(1, heads[:, :, None, None].expand(-1, -1, lq, head_dim), out)
+
+    def _track_cache_importance(self, layer: int, probs: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+        received = accumulate_token_importance(None, probs, key_mask)  # (B, Lk): what each cached key got
+        score = self.recipe.score
+        if score == "spatten":  # one score per token (by position) over layers, heads and decode steps
+            positions = self.cache.cached_positions(layer)
+            size = int(positions.max()) + 1
+            if self.position_importance is None:
+                self.position_importance = torch.zeros(received.shape[0], size, dtype=received.dtype)
+            elif self.position_importance.shape[1] < size:
+                self.position_importance = torch.nn.functional.pad(
+                    self.position_importance, (0, size - self.position_importance.shape[1]))
+            self.position_importance.scatter_add_(1, positions.cpu(), received.cpu())
+        elif score in ("h2o", "instant"):
+            previous = self.layer_importance.get(layer) if score == "h2o" else None
+            self.layer_importance[layer] = accumulate_token_importance(previous, probs, key_mask)
+
+    def begin_forward(self, cache) -> None:
+        self.cache = cache
+
+    def end_forward(self, cache) -> None:
+        """After each decoder forward: the prompt is done; keep every layer's cache within the KV budget."""
+        if cache is None:
+            return
+        if not self.prefilled:
+            self.prefilled = True
+            if self.recipe.kv is not None:
+                self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
+        if self.kv_budget is None:
+            return
+        for layer in range(cache.n_layers):
+            if cache.lengths[layer] > self.kv_budget:
+                self._evict(cache, layer, self.kv_budget)
+
+    def _evict(self, cache, layer: int, budget: int) -> None:
+        """Compact one layer's cache to ``budget`` tokens: sinks and recent tokens, then the most important."""
+        recipe = self.recipe
+        valid = cache.valid[layer][:, : cache.lengths[layer]]
+        positions = cache.cached_positions(layer)
+        sink, recent = kv_protected(recipe, budget)
+        protected = edge_token_mask(valid, first=sink, last=recent)
+        if recipe.score == "spatten":
+            scores = self.position_importance.to(positions.device).gather(1, positions)
+        elif recipe.score in ("h2o", "instant"):
+            scores = self.layer_importance[layer]
+        elif recipe.score == "random":
+            scores = torch.rand(positions.shape, generator=self.generator).to(positions.device)
+        else:  # streaming: only sinks and the recent window
+            scores = torch.zeros(positions.shape, device=positions.device)
+        selection = select_tokens_to_keep(scores, budget, protected, valid)
+        index = selection.index
+        if layer in self.layer_importance:
+            self.layer_importance[layer] = gather_tokens(self.layer_importance[layer], index)
+        cache.compact(layer, index)
 
     @property
     def _needs_token_importance(self) -> bool:
@@ -178,7 +240,7 @@ class PruningContext(RunContext):
     def between_layers(self, layer, hidden, keep):
         if self.recipe.prunes_heads:
             self._prune_heads(layer)
-        if self.token_keep_after is None:
+        if self.token_keep_after is None or self.prefilled:
             return hidden, keep
         valid = keep.get("mask")
         if valid is None:
@@ -282,6 +344,20 @@ def _hdp_config(recipe: Recipe) -> HDPConfig | None:
         head_threshold=recipe.hdp_head,
         approx=recipe.approx,
     )
+
+
+def kv_protected(recipe: Recipe, budget: int) -> tuple[int, int]:
+    """(sink, recent) tokens protected inside a KV budget. Defaults: 4 sinks (capped at a quarter of the
+    budget) and, for streaming, the rest of the budget as the recent window; for the importance-based
+    methods a quarter of the budget as recent (the newest tokens have had no time to gather importance)."""
+    sink = recipe.sink if recipe.sink is not None else min(4, budget // 4)
+    if recipe.recent is not None:
+        recent = recipe.recent
+    elif recipe.score == "streaming":
+        recent = budget - sink
+    else:
+        recent = max(1, budget // 4)
+    return sink, min(recent, budget - sink)
 
 
 def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:

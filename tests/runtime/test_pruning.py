@@ -1,0 +1,110 @@
+"""The pruning run context inside a real (random-weight) encoder, against independent oracles."""
+
+from __future__ import annotations
+
+import torch
+
+from dynaprune.models.bert import Bert, BertConfig
+from dynaprune.prune.recipe import Recipe
+from dynaprune.runtime.attention import RunContext
+from dynaprune.runtime.pruning import PruningContext, make_context
+
+
+def tiny_bert(seed: int = 0) -> Bert:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=48,
+                     max_position_embeddings=64)
+    model = Bert(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    mask[2, 5:] = False
+    return ids, mask
+
+
+class Spy(PruningContext):
+    """Remembers what between_layers handed on after each layer."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.after: dict[int, dict] = {}
+
+    def between_layers(self, layer, hidden, keep):
+        hidden, keep = super().between_layers(layer, hidden, keep)
+        self.after[layer] = {"hidden": hidden, **keep}
+        return hidden, keep
+
+
+def test_dense_recipe_is_bit_identical():
+    model = tiny_bert()
+    ids, mask = batch()
+    ctx = make_context("dense", model)
+    assert type(ctx) is RunContext
+    dense_hidden, _ = model(ids, mask)
+    hidden, _ = model(ids, mask, ctx=ctx)
+    assert torch.equal(hidden, dense_hidden)
+
+
+def test_token_pruning_gathers_the_top_tokens_and_then_runs_dense_on_them():
+    model = tiny_bert()
+    ids, mask = batch()
+    recipe = Recipe.parse("token_schedule=1:0.5")
+    spy = Spy(recipe, make_context(recipe, model).shape, keep_pruned_states=False)
+    hidden, kept_mask = model(ids, mask, ctx=spy)
+
+    # oracle 1: importance = attention received over heads, real queries and layers 0-1, from a dense run
+    dense = RunContext(record_probs=True)
+    model(ids, mask, ctx=dense)
+    importance = torch.zeros(3, 12)
+    for rec in dense.records[:2]:
+        importance += (rec.probs * mask[:, None, :, None]).sum(dim=(1, 2))
+    pos = spy.after[1]["pos"]
+    for b in range(3):
+        n_real = int(mask[b].sum())
+        n_keep = max(1, int(0.5 * n_real + 0.5))
+        scores = importance[b, :n_real].clone()
+        scores[0] = float("inf")  # [CLS] is protected
+        expected = sorted(torch.argsort(scores, descending=True, stable=True)[:n_keep].tolist())
+        assert pos[b][spy.after[1]["mask"][b]].tolist() == expected
+
+    # oracle 2: dense layers 0-1 on everything, gather the kept tokens, dense layers 2-3 on them
+    x = model.emb_ln(model.tok_emb(ids) + model.pos_emb(torch.arange(12)) + model.type_emb.weight[0])
+    for i in range(2):
+        x = model.layers[i](x, mask, i, RunContext())
+    x = torch.gather(x, 1, pos[:, :, None].expand(-1, -1, x.shape[-1]))
+    for i in range(2, 4):
+        x = model.layers[i](x, kept_mask, i, RunContext())
+    real = kept_mask[:, :, None]
+    torch.testing.assert_close(hidden * real, x * real, atol=1e-5, rtol=1e-5)
+    assert spy.summary()["tokens_per_layer"][:2] == [int(mask.sum())] * 2
+    assert spy.summary()["tokens_per_layer"][2] == int(kept_mask.sum())
+
+
+def test_pruned_tokens_keep_their_frozen_state_for_pooling():
+    model = tiny_bert()
+    ids, mask = batch()
+    recipe = Recipe.parse("token_schedule=1:0.5")
+    spy = Spy(recipe, make_context(recipe, model).shape)
+    states, pooled_mask = model(ids, mask, ctx=spy)
+    assert states.shape[1] == 12 and torch.equal(pooled_mask, mask)
+
+
+def test_head_pruning_zeroes_the_least_important_heads():
+    model = tiny_bert()
+    ids, mask = batch()
+    recipe = Recipe.parse("head_schedule=2:0.5")
+    ctx = make_context(recipe, model, record_probs=True)
+    model(ids, mask, ctx=ctx)
+    dense = RunContext(record_head_outputs=True)
+    model(ids, mask, ctx=dense)
+    importance = sum((r.head_outputs.abs() * mask[:, None, :, None]).sum(dim=(2, 3)) for r in dense.records[:3])
+    expected = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :2].sort(dim=1).values
+    assert torch.equal(ctx.head_index, expected)
+    assert ctx.summary()["heads_per_layer"] == [4, 4, 4, 2]
