@@ -1,0 +1,429 @@
+"""SpAtten's top-k engine (Algorithm 3, Sections IV-B and IV-C): a faithful reference and a fast path.
+
+The engine finds the k-th largest element with a quick-select over two FIFOs and a random pivot, then
+streams the buffered input through an order-preserving filter (keep ``x > threshold`` and the first
+``num_equal`` elements ``x == threshold``, in input order), and compacts the survivors with a zero
+eliminator (prefix sum + a log2-stage shifter). Because the filter runs in input order, ties at the
+threshold are resolved by position: **the earliest equal elements are kept**. The fast path
+(``topk_mask`` / ``topk_indices``) selects exactly that set, and returns indices in input order.
+
+Reading of Algorithm 3. As printed, it initialises ``target = k`` and stops when
+``size(FIFO_R) <= target < size(FIFO_R) + num_eq_pivot``; that test is consistent only for a 0-based
+rank (the released RTL passes ``k - 1``), so we start from ``target = k - 1`` and report
+``num_equal = target - size(FIFO_R) + 1`` elements equal to the threshold to keep. k = 0 selects
+nothing and runs no round. The FIFO depth (64) only bounds the RTL's buffering; it does not change
+the selected set or the cycle model below, so it is not modelled.
+
+Cycle model (``TopkEngineConfig``, P = comparators per array):
+  * every quick-select round (one STATE_RUN) streams the FIFO it partitions through the P-wide
+    comparator arrays and zero eliminators: ``ceil(len / P) + round_latency`` cycles, where
+    ``round_latency`` (default 3: compare, eliminate, push) is the fixed pipeline latency; the
+    START decision is folded into it;
+  * the filter pass streams the buffered input once: ``ceil(n / P) + filter_latency`` cycles;
+  * a zero eliminator of width w is ``1 + ceil(log2 w)`` pipelined stages (prefix sum, then one
+    shifter layer per bit): m lines take ``m + stages - 1`` cycles. It is inside the two passes
+    above, so it adds no cycles of its own there.
+Cycles never increase with P for a fixed pivot sequence: each term is ``ceil(len / P)`` plus a
+constant. ``sample_topk_cycles`` draws the same quick-select process in rank space (the pivot is a
+uniformly random element, i.e. a uniformly random rank among distinct values), vectorised over many
+(n, k) pairs; the hardware models use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynaprune.errors import DynapruneError
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TopkEngineConfig:
+    """Top-k engine knobs: comparators per array (SpAtten uses 16) and fixed pipeline latencies."""
+
+    parallelism: int = 16
+    round_latency: int = 3
+    filter_latency: int = 3
+
+    def __post_init__(self) -> None:
+        if int(self.parallelism) != self.parallelism or self.parallelism < 1:
+            raise DynapruneError(f"top-k parallelism must be an integer >= 1, got {self.parallelism}")
+        if self.round_latency < 0 or self.filter_latency < 0:
+            raise DynapruneError("top-k pipeline latencies must be >= 0")
+
+    def round_cycles(self, length: int) -> int:
+        """One STATE_RUN round over a FIFO of ``length`` elements."""
+        return -(-length // self.parallelism) + self.round_latency
+
+    def filter_cycles(self, n: int) -> int:
+        """The order-preserving filter pass over the ``n`` buffered inputs."""
+        return -(-n // self.parallelism) + self.filter_latency
+
+
+def zero_eliminator_stages(width: int) -> int:
+    """Pipeline stages of a zero eliminator of ``width`` lanes: a prefix sum, then log2(width) shifts."""
+    return 1 + max(0, math.ceil(math.log2(width))) if width > 1 else 1
+
+
+def zero_eliminator_cycles(lines: int, width: int) -> int:
+    """Cycles to push ``lines`` vectors of ``width`` lanes through the pipelined eliminator."""
+    return 0 if lines <= 0 else lines + zero_eliminator_stages(width) - 1
+
+
+# -------------------------------------------------------------------------------------- reference
+
+
+@dataclass(frozen=True)
+class QuickSelectResult:
+    """Algorithm 3's output: the k-th largest value and how many elements equal to it are kept."""
+
+    kth_largest: float | None  # None when k == 0
+    num_equal: int
+    round_lengths: tuple[int, ...]  # elements streamed by each STATE_RUN round
+    cycles: int
+
+
+@dataclass(frozen=True)
+class TopkResult:
+    """The engine's full output: selected positions (input order) and the cycle count."""
+
+    indices: tuple[int, ...]
+    kth_largest: float | None
+    num_equal: int
+    quickselect_cycles: int
+    filter_cycles: int
+
+    @property
+    def cycles(self) -> int:
+        return self.quickselect_cycles + self.filter_cycles
+
+
+def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """A numpy Generator from a seed; any object with ``integers`` / ``random`` passes through (tests)."""
+    return seed if hasattr(seed, "integers") else np.random.default_rng(seed)
+
+
+def _check_values(values: Sequence[float], k: int) -> list[float]:
+    vals = [float(v) for v in values]
+    if any(math.isnan(v) for v in vals):
+        raise DynapruneError("top-k input contains NaN; scores must be comparable numbers")
+    if int(k) != k or not 0 <= k <= len(vals):
+        raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={len(vals)}")
+    return vals
+
+
+def quick_select(
+    values: Sequence[float],
+    k: int,
+    config: TopkEngineConfig = TopkEngineConfig(),
+    seed: int | np.random.Generator | None = 0,
+) -> QuickSelectResult:
+    """Algorithm 3 (START / STATE_RUN over FIFO_L and FIFO_R), literally, with a seedable random pivot."""
+    vals = _check_values(values, k)
+    if k == 0:
+        return QuickSelectResult(None, 0, (), 0)
+    rng = _rng(seed)
+    fifo = [list(vals), []]  # [FIFO_L, FIFO_R]
+    target = k - 1  # 0-based rank from the top (see the module docstring)
+    num_eq_pivot = 0
+    pivot = 0.0
+    lengths: list[int] = []
+    while True:
+        # START
+        size_r = len(fifo[1])
+        if size_r + num_eq_pivot <= target:  # pivot too large: everything in FIFO_R (and = pivot) is in
+            target -= size_r + num_eq_pivot
+            fifo[1] = []
+            select = 0
+        elif size_r > target:  # pivot too small: the answer is in FIFO_R
+            fifo[0] = []
+            select = 1
+        else:
+            num_equal = target - size_r + 1
+            cycles = sum(config.round_cycles(n) for n in lengths)
+            return QuickSelectResult(pivot, num_equal, tuple(lengths), cycles)
+        source = fifo[select]
+        pivot = source[int(rng.integers(len(source)))]
+        # STATE_RUN: pop every item of FIFO[select]; smaller -> FIFO_L, larger -> FIFO_R
+        fifo[select] = []
+        num_eq_pivot = 0
+        lengths.append(len(source))
+        for item in source:
+            if item < pivot:
+                fifo[0].append(item)
+            elif item > pivot:
+                fifo[1].append(item)
+            else:
+                num_eq_pivot += 1
+
+
+def zero_eliminate(values: Sequence[float], keep: Sequence[bool]) -> tuple[list[float], int]:
+    """Compact the kept lanes to the front, in order (Section IV-C, Fig. 10); returns (lanes, stages).
+
+    A prefix sum gives each lane the number of dropped lanes before it (``zero_cnt``); shifter layer s
+    moves a lane left by 2**s when bit s of its ``zero_cnt`` is set. Layers go from the least to the most
+    significant bit, which never makes two kept lanes collide (asserted).
+    """
+    if len(values) != len(keep):
+        raise DynapruneError("zero eliminator: values and keep flags differ in length")
+    n = len(values)
+    zero_cnt, dropped = [], 0
+    for flag in keep:
+        zero_cnt.append(dropped)
+        dropped += not flag
+    triples = zip(values, zero_cnt, keep, strict=True)
+    lanes: list[tuple[float, int] | None] = [(v, c) if f else None for v, c, f in triples]
+    layers = max(0, math.ceil(math.log2(n))) if n > 1 else 0
+    for s in range(layers):
+        shifted: list[tuple[float, int] | None] = [None] * n
+        for i, lane in enumerate(lanes):
+            if lane is None:
+                continue
+            j = i - (1 << s) if lane[1] >> s & 1 else i
+            assert shifted[j] is None, "zero eliminator collision"
+            shifted[j] = lane
+        lanes = shifted
+    out = [lane[0] for lane in lanes if lane is not None]
+    assert all(lane is not None for lane in lanes[: len(out)]), "zero eliminator left a gap"
+    return out, 1 + layers
+
+
+def order_preserving_filter(values: Sequence[float], threshold: float, num_equal: int) -> list[int]:
+    """Positions kept by the filter: ``x > threshold``, plus the first ``num_equal`` with ``x == threshold``."""
+    kept, eq_left = [], num_equal
+    for i, v in enumerate(values):
+        if v > threshold:
+            kept.append(i)
+        elif v == threshold and eq_left > 0:
+            kept.append(i)
+            eq_left -= 1
+    return kept
+
+
+def topk_reference(
+    values: Sequence[float],
+    k: int,
+    config: TopkEngineConfig = TopkEngineConfig(),
+    seed: int | np.random.Generator | None = 0,
+) -> TopkResult:
+    """The whole engine: quick-select, then the filter pass and zero elimination (input order kept)."""
+    vals = _check_values(values, k)
+    qs = quick_select(vals, k, config, seed)
+    if k == 0:
+        return TopkResult((), None, 0, 0, 0)
+    kept = order_preserving_filter(vals, qs.kth_largest, qs.num_equal)
+    keep = [False] * len(vals)
+    for i in kept:
+        keep[i] = True
+    compacted, _ = zero_eliminate(list(range(len(vals))), keep)
+    indices = tuple(int(i) for i in compacted)
+    assert len(indices) == k
+    return TopkResult(indices, qs.kth_largest, qs.num_equal, qs.cycles, config.filter_cycles(len(vals)))
+
+
+# -------------------------------------------------------------------------- vectorised cycle draw
+
+
+def sample_topk_cycles(
+    n: np.ndarray | int,
+    k: np.ndarray | int,
+    config: TopkEngineConfig = TopkEngineConfig(),
+    seed: int | np.random.Generator | None = 0,
+    *,
+    bypass_full: bool = True,
+) -> np.ndarray:
+    """Engine cycles (quick-select + filter) for many (n, k) pairs at once, drawn in rank space.
+
+    Over distinct values, Algorithm 3's pivot is a uniformly random element of the FIFO it reads, so
+    its rank is uniform; we draw that rank directly: O(rounds) per pair instead of O(n). k = 0 costs 0;
+    with ``bypass_full`` a request with k >= n also costs 0 (the controller skips the engine when
+    nothing would be pruned, as SpAtten's does).
+    """
+    rng = _rng(seed)
+    shape = np.shape(n)
+    n_arr = np.atleast_1d(np.asarray(n, dtype=np.int64)).ravel()
+    k_arr = np.broadcast_to(np.asarray(k, dtype=np.int64), shape).ravel().copy()
+    if np.any(n_arr < 0) or np.any(k_arr < 0):
+        raise DynapruneError("top-k sizes must be >= 0")
+    k_arr = np.minimum(k_arr, n_arr)
+    ran = (k_arr > 0) & ((k_arr < n_arr) | (not bypass_full))
+    size = n_arr.copy()  # the FIFO streamed by the next round
+    target = k_arr - 1  # 0-based rank from the top within the current FIFO
+    cycles = np.zeros(n_arr.shape, dtype=np.int64)
+    p, lat = config.parallelism, config.round_latency
+    idx = np.nonzero(ran)[0]
+    while idx.size:
+        m, t = size[idx], target[idx]
+        cycles[idx] += -(-m // p) + lat
+        above = np.floor(rng.random(m.shape) * m).astype(np.int64)  # elements larger than the pivot
+        go_left = above + 1 <= t  # pivot too large: FIFO_R and the pivot's copies are all kept
+        go_right = above > t  # pivot too small: the answer is in FIFO_R
+        target[idx] = np.where(go_left, t - above - 1, t)
+        size[idx] = np.where(go_left, m - above - 1, np.where(go_right, above, m))
+        idx = idx[go_left | go_right]
+    filt = np.where(ran, -(-n_arr // p) + config.filter_latency, 0)
+    return (cycles + filt).reshape(shape)
+
+
+def expected_quickselect_elements(n: int, k: int) -> float:
+    """Knuth's expected comparisons of quick-select for the k-th largest of n distinct values.
+
+    C(n, m) = 2[(n+1)H_n - (n+3-m)H_{n-m+1} - (m+2)H_m + n + 3] with m = k (the formula is symmetric in
+    rank from the top or bottom); the elements streamed differ from it by one per round, so it is a
+    closed form to sanity-check the sampled cycles against.
+    """
+    if not 1 <= k <= n:
+        return 0.0
+
+    def h(x: int) -> float:
+        return sum(1.0 / i for i in range(1, x + 1))
+
+    return 2 * ((n + 1) * h(n) - (n + 3 - k) * h(n - k + 1) - (k + 2) * h(k) + n + 3)
+
+
+# -------------------------------------------------------------------------------------- fast path
+
+
+def _row_k(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Validate k; returns (per-row k tensor or None for a scalar k, the largest k)."""
+    n = scores.shape[-1]
+    if isinstance(k, torch.Tensor):
+        if k.dtype.is_floating_point or k.dtype == torch.bool:
+            raise DynapruneError("per-row k must be an integer tensor")
+        kk = torch.broadcast_to(k.to(device=scores.device, dtype=torch.long), scores.shape[:-1]).contiguous()
+        if kk.numel() and (int(kk.min()) < 0 or int(kk.max()) > n):
+            raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
+        return kk, int(kk.max()) if kk.numel() else 0
+    if int(k) != k or not 0 <= k <= n:
+        raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={n}")
+    return None, int(k)
+
+
+def _nan_error() -> DynapruneError:
+    return DynapruneError("top-k input contains NaN; scores must be comparable numbers")
+
+
+def _lowest(t: torch.Tensor) -> float | int:
+    return -math.inf if t.dtype.is_floating_point else torch.iinfo(t.dtype).min
+
+
+def _top_two(
+    scores: torch.Tensor, kk: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(k-th largest, (k+1)-th largest or the dtype's lowest, top-(k+1) indices, drop position, tied?).
+
+    Thresholds are shaped (..., 1). One torch.topk of k + 1 (unsorted for a scalar k: the two smallest
+    of it are the k-th and (k+1)-th largest) tells whether the k-th largest is tied with an element
+    outside the top k; only then does the position rule matter (``tied``, one sync for the whole batch).
+    For a scalar k, ``drop`` is where the (k+1)-th largest sits inside the top-(k+1) indices. torch.topk
+    ranks NaN above everything, so a NaN anywhere in a row shows up in these k + 1 values.
+    """
+    n = scores.shape[-1]
+    m = min(k + 1, n)
+    per_row = kk is not None
+    top = torch.topk(scores, m, dim=-1, sorted=per_row)
+    check_nan = scores.dtype.is_floating_point
+    if not per_row:
+        if m == k:  # k == n: nothing outside the top k
+            kth = top.values.amin(dim=-1, keepdim=True)
+            nxt = torch.full_like(kth, _lowest(kth))
+            drop = top.indices[..., :0]
+        else:
+            low = torch.topk(top.values, 2, dim=-1, largest=False, sorted=True)
+            kth, nxt, drop = low.values[..., 1:2], low.values[..., 0:1], low.indices[..., 0:1]
+        flags = (nxt == kth).any()
+        if check_nan:
+            flags = flags | torch.isnan(top.values).any()
+    else:
+        kth = top.values.gather(-1, (kk - 1).clamp(min=0).unsqueeze(-1))
+        padded = torch.cat([top.values, torch.full_like(top.values[..., :1], _lowest(top.values))], dim=-1)
+        nxt = padded.gather(-1, kk.unsqueeze(-1).clamp(max=m))
+        drop = top.indices[..., :0]
+        flags = ((nxt == kth).squeeze(-1) & (kk > 0)).any()
+        if check_nan:  # sorted: a row's NaN comes first
+            flags = flags | torch.isnan(top.values[..., :1]).any()
+    problem = bool(flags)
+    if problem and check_nan and bool(torch.isnan(top.values).any()):
+        raise _nan_error()
+    return kth, nxt, top.indices, drop, problem
+
+
+def _fix_ties(scores: torch.Tensor, mask: torch.Tensor, thr: torch.Tensor, want: torch.Tensor,
+              rows: torch.Tensor) -> None:
+    """In the ``rows`` where the threshold is tied, keep everything above it and the earliest ties."""
+    idx = rows.nonzero(as_tuple=True)
+    s, t, w = scores[idx], thr[idx], want[idx]
+    gt = s > t
+    eq = s == t
+    need = (w - gt.sum(dim=-1)).unsqueeze(-1)
+    fixed = gt | (eq & (eq.cumsum(dim=-1) <= need))
+    mask[idx] = fixed & (w > 0).unsqueeze(-1)
+
+
+def _prepare(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    if scores.dim() < 1:
+        raise DynapruneError("top-k scores need at least one dimension")
+    return _row_k(scores, k)
+
+
+def topk_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Boolean mask (..., n) of Algorithm 3's selection: the k largest, earliest positions among ties.
+
+    ``k`` is an int or an integer tensor broadcastable to ``scores.shape[:-1]`` (per-row k). Cost: one
+    torch.topk of k + 1, one comparison pass, and a cumsum tie fix-up only in the rows whose k-th
+    largest value also occurs outside their top k.
+    """
+    if scores.dim() == 1:  # one row: the batched code path with a unit batch
+        return topk_mask(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
+    kk, kmax = _prepare(scores, k)
+    n = scores.shape[-1]
+    if kmax == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    kth, nxt, _, _, tied_somewhere = _top_two(scores, kk, kmax)
+    if kk is None and kmax == n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    mask = scores >= kth
+    if kk is not None:
+        mask &= (kk > 0).unsqueeze(-1)
+    if tied_somewhere:
+        tied = (nxt == kth).squeeze(-1)
+        want = kk if kk is not None else torch.full(scores.shape[:-1], kmax, device=scores.device)
+        _fix_ties(scores, mask, kth, want, tied & (want > 0))
+    return mask
+
+
+def topk_indices(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Positions of Algorithm 3's selection in increasing (input) order, shape (..., k).
+
+    With a per-row k the last dimension is max(k) and shorter rows are padded with -1 at the end.
+    """
+    if scores.dim() == 1:
+        return topk_indices(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
+    kk, kmax = _prepare(scores, k)
+    n = scores.shape[-1]
+    lead = scores.shape[:-1]
+    if kmax == 0:
+        return torch.empty((*lead, 0), dtype=torch.long, device=scores.device)
+    if kk is not None:
+        return _indices_from_mask(topk_mask(scores, kk), kmax)
+    _, _, top_idx, drop, tied_somewhere = _top_two(scores, kk, kmax)
+    if tied_somewhere:
+        return _indices_from_mask(topk_mask(scores, k), kmax)
+    if kmax == n:
+        return torch.arange(n, device=scores.device).expand(*lead, n).clone()
+    # drop the (k+1)-th largest (strictly below the rest here), sort the k positions left
+    return top_idx.scatter(-1, drop, n).sort(dim=-1).values[..., :kmax]
+
+
+def _indices_from_mask(mask: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Kept positions of each row in input order, padded with -1 to ``kmax`` (a cumsum + one scatter)."""
+    slot = torch.where(mask, mask.cumsum(dim=-1) - 1, kmax)  # dropped lanes go to a spare column
+    out = torch.full((*mask.shape[:-1], kmax + 1), -1, dtype=torch.long, device=mask.device)
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(slot)
+    return out.scatter_(-1, slot, pos)[..., :kmax]
