@@ -113,8 +113,9 @@ def run_task(
                         ("--max-tokens", max_tokens), ("--window", window), ("--batch-size", batch_size),
                         ("--context", context), ("--continuation", continuation)):
         _positive(name, value)
-    if recipe not in (None, "", "dense"):
-        raise DynapruneError("pruning recipes arrive with the SpAtten/HDP techniques; only 'dense' runs now")
+    from dynaprune.prune.recipe import Recipe
+
+    parsed = Recipe.parse(recipe or "")
     defaults = default_data(task)
     data = data or defaults.get("data")
     train_data = train_data or defaults.get("train_data")
@@ -127,11 +128,13 @@ def run_task(
             model = load(model_name, say)
     from dynaprune.runtime.attention import RunContext, WorkCounter
     from dynaprune.runtime.cost import cost_shape, work_cost
+    from dynaprune.runtime.pruning import make_context, merge_summaries
 
+    make_context(parsed, model)  # validates the recipe against the model before any work
     contexts: list[RunContext] = []
 
     def ctx_factory() -> RunContext:
-        contexts.append(RunContext())
+        contexts.append(make_context(parsed, model))
         return contexts[-1]
 
     t0 = time.perf_counter()
@@ -164,6 +167,10 @@ def run_task(
         work.merge(c.work)
     if work.tokens:
         result.cost = {**work_cost(cost_shape(model), work), **(result.cost or {})}
+    pruning = merge_summaries(contexts)
+    if pruning:
+        result.cost["pruning"] = pruning
+    result.recipe = str(parsed)
     result.model = model_name
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
@@ -175,12 +182,14 @@ def _require_encoder(model, task: str) -> None:
 
 
 def print_result(result) -> None:
-    table = Table(title=f"{result.model} · {result.task}")
-    for col in ("data", "n", "metric", "value", "seconds"):
+    table = Table(title=f"{result.model} · {result.task} · {result.recipe or 'dense'}")
+    for col in ("data", "n", "metric", "value", "FLOPs kept", "attention FLOPs kept", "seconds"):
         table.add_column(col)
     value = result.metric["value"]
+    cost = result.cost or {}
+    kept = [f"{cost[k]:.3f}" if k in cost else "-" for k in ("flops_kept", "attention_flops_kept")]
     table.add_row(Path(result.data).name, str(result.n), result.metric["name"],
-                  f"{value:.4f}" if isinstance(value, float) else str(value), f"{result.seconds:.1f}")
+                  f"{value:.4f}" if isinstance(value, float) else str(value), *kept, f"{result.seconds:.1f}")
     console.print(table)
 
 
@@ -202,7 +211,9 @@ def eval_cmd(
     context: int = typer.Option(1536, help="lm continue: context tokens prefilled"),
     continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
     batch_size: int = typer.Option(32, help="encoder batch size"),
-    recipe: str | None = typer.Option(None, help="pruning recipe ('dense' or nothing for now)"),
+    recipe: str | None = typer.Option(None, help=(
+        "pruning recipe, e.g. 'token=0.5,head=0.8', 'quant=4+4@0.1', 'kv=0.25,score=h2o', 'block=0.2' "
+        "(see README); nothing or 'dense' = the dense model")),
 ) -> None:
     """Evaluate a model on a task; prints a table and optionally writes JSON."""
     from dynaprune.eval.result import write_json_atomic

@@ -372,3 +372,29 @@ def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
         kwargs.setdefault("protect_first", 0)
         kwargs.setdefault("protect_last", 1)
     return PruningContext(recipe, shape, **kwargs)
+
+
+def merge_summaries(contexts: list[RunContext]) -> dict:
+    """Summaries of the pruning contexts of one task run, merged: per-layer lists and counts summed,
+    fractions weighted by the rows / keys they cover."""
+    summaries = [c.summary() for c in contexts if isinstance(c, PruningContext)]
+    if not summaries:
+        return {}
+    merged: dict = {"calls": len(summaries)}
+    for key in ("tokens_per_layer",):
+        lists = [s[key] for s in summaries]
+        width = max(len(x) for x in lists)
+        merged[key] = [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
+    merged["heads_per_layer_last_call"] = summaries[-1]["heads_per_layer"]
+    for key in ("lsb_row_fraction", "key_bits_fetched_vs_fp16", "value_rows_kept"):
+        values = [s[key] for s in summaries if key in s]
+        if values:
+            merged[key] = sum(values) / len(values)
+    hdp = [s["hdp"] for s in summaries if "hdp" in s]
+    if hdp:
+        totals = {k: sum(h.get(k, 0.0) for h in hdp) for k in hdp[0] if not k.endswith("sparsity")}
+        totals["block_sparsity"] = 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"])
+        totals["pair_sparsity"] = 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"])
+        totals["head_sparsity"] = 1 - totals["head_kept"] / max(1.0, totals["heads_total"])
+        merged["hdp"] = totals
+    return merged
