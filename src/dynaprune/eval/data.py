@@ -78,6 +78,14 @@ def _float(s: str) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
 def load_sts(path: str | Path) -> list[STSPair]:
     """STS sentence pairs with gold scores. Formats, detected from the first row:
 
@@ -100,10 +108,10 @@ def load_sts(path: str | Path) -> list[STSPair]:
         cols, ncols, fmt = (0, 1, 2), 3, "s1<TAB>s2<TAB>score"
         if _float(first[2]) is None and lower[2] in SCORE_NAMES:
             rows = rows[1:]
-    elif len(first) >= 7 and _float(first[4]) is not None:
-        cols, fmt = (5, 6, 4), "genre file year id score s1 s2"  # original STS benchmark
-    elif len(first) == 10:
-        cols, ncols, fmt = (7, 8, 9), 10, "GLUE STS-B (10 columns)"  # GLUE without its header
+    elif len(first) == 10 and _is_int(first[0]):  # GLUE without its header: starts with a row index
+        cols, ncols, fmt = (7, 8, 9), 10, "GLUE STS-B (10 columns)"
+    elif len(first) >= 7 and _float(first[4]) is not None:  # original STS benchmark: starts with a genre
+        cols, fmt = (5, 6, 4), "genre file year id score s1 s2"
     else:
         raise DynapruneError(
             f"{p}: line {line}: {len(first)} columns; expected an STS file: GLUE STS-B (10 columns, "
@@ -125,14 +133,6 @@ def load_sts(path: str | Path) -> list[STSPair]:
     if not out:
         raise DynapruneError(f"{p}: no sentence pairs (only a header)")
     return out
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
 
 
 def load_labeled_text(path: str | Path) -> list[LabeledText]:

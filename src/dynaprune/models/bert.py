@@ -262,6 +262,9 @@ class Bert(nn.Module):
     def load_hf_state(self, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
         """Map HF tensor names (with or without the ``bert.`` prefix) onto our modules."""
         state = strip_prefix(state, ("bert.",))
+        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+                 for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
 
         def take(key: str) -> torch.Tensor:
