@@ -169,7 +169,7 @@ class Bert(nn.Module):
             # No padding left: let SDPA take its unmasked (faster) path; identical result.
             x = block(x, None if bool(m.all()) else m, i, ctx)
             x, keep = ctx.between_layers(i, x, keep)
-        return x, keep["mask"]
+        return ctx.final_states(x, keep)
 
     # ---- sentence embeddings (sentence-transformers recipe) ----
 
@@ -207,8 +207,11 @@ class Bert(nn.Module):
 
         Texts are sorted by length into batches (little padding) and the order is restored.
         ``ctx_factory`` builds the RunContext of each batch (pruning hooks in there)."""
-        if recipe is not None:
-            raise DynapruneError("pruning recipes arrive with the SpAtten issue; embed() runs dense for now")
+        if recipe is not None:  # a Recipe or its string form: one pruning context per batch
+            from dynaprune.runtime.pruning import make_context
+
+            make_context(recipe, self)  # validate before any work
+            ctx_factory = lambda: make_context(recipe, self)  # noqa: E731
         if isinstance(texts, str):
             raise DynapruneError("embed() takes a list of texts, not a single string")
         texts = list(texts)
