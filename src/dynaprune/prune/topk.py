@@ -19,7 +19,9 @@ Cycle model (``TopkEngineConfig``, P = comparators per array):
     comparator arrays and zero eliminators: ``ceil(len / P) + round_latency`` cycles, where
     ``round_latency`` (default 3: compare, eliminate, push) is the fixed pipeline latency; the
     START decision is folded into it;
-  * the filter pass streams the buffered input once: ``ceil(n / P) + filter_latency`` cycles;
+  * the filter pass streams the buffered input once: ``ceil(n / P) + filter_latency`` cycles; it has
+    its own comparators and zero eliminator (Fig. 9), so in a pipeline it overlaps the next
+    request's quick-select;
   * a zero eliminator of width w is ``1 + ceil(log2 w)`` pipelined stages (prefix sum, then one
     shifter layer per bit): m lines take ``m + stages - 1`` cycles. It is inside the two passes
     above, so it adds no cycles of its own there.
@@ -230,7 +232,7 @@ def topk_reference(
 # -------------------------------------------------------------------------- vectorised cycle draw
 
 
-def sample_topk_cycles(
+def sample_quickselect_cycles(
     n: np.ndarray | int,
     k: np.ndarray | int,
     config: TopkEngineConfig = TopkEngineConfig(),
@@ -238,7 +240,7 @@ def sample_topk_cycles(
     *,
     bypass_full: bool = True,
 ) -> np.ndarray:
-    """Engine cycles (quick-select + filter) for many (n, k) pairs at once, drawn in rank space.
+    """Quick-select cycles (the STATE_RUN rounds) for many (n, k) pairs at once, drawn in rank space.
 
     Over distinct values, Algorithm 3's pivot is a uniformly random element of the FIFO it reads, so
     its rank is uniform; we draw that rank directly: O(rounds) per pair instead of O(n). k = 0 costs 0;
@@ -252,12 +254,11 @@ def sample_topk_cycles(
     if np.any(n_arr < 0) or np.any(k_arr < 0):
         raise DynapruneError("top-k sizes must be >= 0")
     k_arr = np.minimum(k_arr, n_arr)
-    ran = (k_arr > 0) & ((k_arr < n_arr) | (not bypass_full))
     size = n_arr.copy()  # the FIFO streamed by the next round
     target = k_arr - 1  # 0-based rank from the top within the current FIFO
     cycles = np.zeros(n_arr.shape, dtype=np.int64)
     p, lat = config.parallelism, config.round_latency
-    idx = np.nonzero(ran)[0]
+    idx = np.nonzero(_runs(n_arr, k_arr, bypass_full))[0]
     while idx.size:
         m, t = size[idx], target[idx]
         cycles[idx] += -(-m // p) + lat
@@ -267,8 +268,34 @@ def sample_topk_cycles(
         target[idx] = np.where(go_left, t - above - 1, t)
         size[idx] = np.where(go_left, m - above - 1, np.where(go_right, above, m))
         idx = idx[go_left | go_right]
-    filt = np.where(ran, -(-n_arr // p) + config.filter_latency, 0)
-    return (cycles + filt).reshape(shape)
+    return cycles.reshape(shape)
+
+
+def _runs(n: np.ndarray, k: np.ndarray, bypass_full: bool) -> np.ndarray:
+    return (k > 0) & ((k < n) | (not bypass_full))
+
+
+def filter_pass_cycles(
+    n: np.ndarray | int, k: np.ndarray | int, config: TopkEngineConfig = TopkEngineConfig(), *,
+    bypass_full: bool = True,
+) -> np.ndarray:
+    """Cycles of the order-preserving filter pass (0 where the engine does not run), vectorised."""
+    n_arr = np.asarray(n, dtype=np.int64)
+    k_arr = np.minimum(np.broadcast_to(np.asarray(k, dtype=np.int64), n_arr.shape), n_arr)
+    return np.where(_runs(n_arr, k_arr, bypass_full), -(-n_arr // config.parallelism) + config.filter_latency, 0)
+
+
+def sample_topk_cycles(
+    n: np.ndarray | int,
+    k: np.ndarray | int,
+    config: TopkEngineConfig = TopkEngineConfig(),
+    seed: int | np.random.Generator | None = 0,
+    *,
+    bypass_full: bool = True,
+) -> np.ndarray:
+    """Whole-engine cycles (quick-select, then the filter pass) for many (n, k) pairs; see above."""
+    qs = sample_quickselect_cycles(n, k, config, seed, bypass_full=bypass_full)
+    return qs + filter_pass_cycles(n, k, config, bypass_full=bypass_full)
 
 
 def expected_quickselect_elements(n: int, k: int) -> float:

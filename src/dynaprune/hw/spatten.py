@@ -1,0 +1,407 @@
+"""Cycle-level (not RTL) model of the SpAtten accelerator pipeline (Section IV, Table I, Fig. 8).
+
+One trace row is one query of one head. Its path through the pipeline (Fig. 8 module numbers):
+  (3) Q-K-V fetcher: Q and the kept keys' MSBs from HBM (``dram.py``) through the 32x16 crossbar,
+  (6) bit-width converter to the 12-bit on-chip format (``bitwidth_converter_latency``), into the
+      196 KB Key SRAM;
+  (7) Q x K: 512 multipliers + reconfigurable adder tree, min(512 / D, 8) scores per cycle;
+  (8) softmax, parallelism 8, as two pipelined passes: scale + exp + accumulate, then divide by the
+      sum (the 128-deep FIFO x 8 lanes holds up to 1024 exponentials between them; longer rows make
+      the divide pass share the exp unit);
+  (9) progressive quantization: when the row asks for LSBs (``if_requant``) the decision comes after
+      the exp pass; the LSBs of K are fetched and Q x K and softmax run again (the first probabilities
+      are discarded, modules 10-11 wait);
+  (10) local value top-k: ``prune.topk`` quick-select with ``topk_parallelism`` comparators (cycles
+      from the reference engine's cycle model, drawn vectorised by ``sample_topk_cycles``); bypassed
+      when no value is pruned;
+  (11) the kept V rows are fetched (into the 196 KB Value SRAM) and attention_prob x V runs on 512
+      multipliers, 512 / D probabilities per cycle; the 12-bit output vector is written back.
+The cascade token top-k (``if_topk`` rows) and head top-k run on the second engine, in parallel with
+the critical path; the next layer's keys cannot be fetched before the token selection is known.
+
+Overlap: each unit is a streaming stage (a stage starts when its input starts arriving and cannot
+end before its input ends); the DRAM system is one shared resource (``timeline.py``). Keys of the
+next queries are prefetched while the SRAM has room for them (196 KB = two 1024-key heads at 12 bits,
+i.e. double buffering), so fetch overlaps compute. In generation (one row per (iteration, layer,
+head)) nothing is reused; in summarization (consecutive rows with the same (iteration, layer, head)
+are the queries of one prefill) the keys and values are fetched once and reused when they fit.
+With ``layer_barrier`` the next layer starts only when the current one is done (its queries depend on
+this layer's output through the FC layers, which are not modelled here).
+
+Stage latencies are our choices (the paper gives none): converter 2, Q x K 8 (multiply + log2(64)
+adder levels + register), exp pass 12 (dequantize 2, exp 6, accumulate 4), divide 8, LSB decision 4,
+prob x V 5, importance accumulation 4 cycles; DRAM first-data latency 100 cycles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from dynaprune.errors import DynapruneError
+from dynaprune.hw.dram import DramConfig, row_bytes, transfer
+from dynaprune.hw.energy import EXP_FLOPS, EnergyCounts, EnergyTable
+from dynaprune.hw.report import SimResult
+from dynaprune.hw.timeline import Timeline
+from dynaprune.hw.trace import Trace
+from dynaprune.prune.topk import TopkEngineConfig, filter_pass_cycles, sample_quickselect_cycles, sample_topk_cycles
+
+
+@dataclass(frozen=True)
+class SpAttenConfig:
+    """SpAtten's parameters (Table I), plus the stage latencies and trace-reading choices we state."""
+
+    clock_ghz: float = 1.0
+    # HBM2: 16 x 128-bit channels @ 2 GHz, 32 GB/s each (Table I)
+    hbm_channels: int = 16
+    channel_gbps: float = 32.0
+    transaction_bytes: int = 32
+    dram_stream_efficiency: float = 0.95
+    dram_gather_efficiency: float = 0.8
+    dram_latency: int = 100
+    # Q-K-V fetcher (32x16 crossbar, conflict-free) and bit-width converter
+    onchip_bits: int = 12
+    bitwidth_converter_latency: int = 2
+    # Q x K: 196 KB Key SRAM, 512 x 12-bit multipliers, adder tree <= 8 outputs per cycle
+    key_sram_bytes: int = 196_608
+    qk_multipliers: int = 512
+    adder_tree_outputs: int = 8
+    qk_latency: int = 8
+    # softmax: FIFO depth 128, parallelism 8
+    softmax_parallelism: int = 8
+    softmax_fifo_depth: int = 128
+    softmax_exp_latency: int = 12
+    softmax_div_latency: int = 8
+    requant_decision_latency: int = 4
+    # top-k engines: 16 comparators per array
+    topk_parallelism: int = 16
+    topk_round_latency: int = 3
+    topk_filter_latency: int = 3
+    importance_latency: int = 4
+    # attention_prob x V: 196 KB Value SRAM, 512 x 12-bit multipliers
+    value_sram_bytes: int = 196_608
+    pv_multipliers: int = 512
+    pv_latency: int = 5
+    # reading traces: bits fetched for a -1 ("not quantized") column; layer barrier; top-k pivot seed
+    unquantized_bits: int = 12
+    layer_barrier: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DynapruneError(f"spatten parameter {f.name} must be finite, got {v}")
+            if v < 0:
+                raise DynapruneError(f"spatten parameter {f.name} must be >= 0, got {v}")
+        for name in ("clock_ghz", "hbm_channels", "channel_gbps", "transaction_bytes", "qk_multipliers",
+                     "adder_tree_outputs", "softmax_parallelism", "softmax_fifo_depth", "topk_parallelism",
+                     "pv_multipliers", "onchip_bits", "unquantized_bits", "key_sram_bytes", "value_sram_bytes"):
+            if getattr(self, name) <= 0:
+                raise DynapruneError(f"spatten parameter {name} must be > 0, got {getattr(self, name)}")
+        if self.unquantized_bits > 32:
+            raise DynapruneError("unquantized_bits must be <= 32")
+        self.dram()  # validates the DRAM efficiencies
+
+    def dram(self) -> DramConfig:
+        return DramConfig(channels=self.hbm_channels, channel_gbps=self.channel_gbps,
+                          transaction_bytes=self.transaction_bytes, clock_ghz=self.clock_ghz,
+                          stream_efficiency=self.dram_stream_efficiency,
+                          gather_efficiency=self.dram_gather_efficiency, latency_cycles=self.dram_latency)
+
+    def topk(self) -> TopkEngineConfig:
+        return TopkEngineConfig(self.topk_parallelism, self.topk_round_latency, self.topk_filter_latency)
+
+    @property
+    def multipliers(self) -> int:
+        return self.qk_multipliers + self.pv_multipliers
+
+    @property
+    def peak_gflops(self) -> float:
+        """Compute roof: every multiplier does a multiply and an add per cycle (Section V-C: 2 TFLOP/s)."""
+        return 2.0 * self.multipliers * self.clock_ghz
+
+
+def _groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each run of equal keys, run id of every row) for consecutive rows."""
+    diff = np.zeros(len(keys[0]), dtype=bool)
+    diff[0] = True
+    for k in keys:
+        diff[1:] |= k[1:] != k[:-1]
+    return np.nonzero(diff)[0], np.cumsum(diff) - 1
+
+
+def _bits(col: np.ndarray, unquantized: int) -> np.ndarray:
+    return np.where(col == -1, unquantized, col).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RowWork:
+    """Per-row costs computed in bulk (numpy) before the pipeline walk."""
+
+    k_fetch: np.ndarray  # DRAM cycles: Q + key MSBs (0 when reused)
+    lsb_fetch: np.ndarray  # DRAM cycles for key LSBs (0 when not needed or already on chip)
+    v_fetch: np.ndarray
+    out_write: np.ndarray
+    k_sram: np.ndarray  # on-chip bytes held in the Key SRAM by this row's fetch
+    v_sram: np.ndarray
+    qk: np.ndarray
+    sm: np.ndarray
+    topk_v: np.ndarray  # quick-select cycles of the local value top-k (0: bypassed)
+    filter_v: np.ndarray  # its filter pass (a separate pipelined stage, Fig. 9)
+    pv: np.ndarray
+    topk_tok: np.ndarray
+    requant: np.ndarray
+    sm_shared: np.ndarray  # exps do not fit the softmax FIFO: the divide pass reuses the exp unit
+    owner: np.ndarray  # the row whose fetch holds this row's keys/values (itself unless reused)
+    dram_bytes: np.ndarray
+    counts: EnergyCounts
+    flops: np.ndarray  # executed multiply + add operations
+
+
+def row_work(trace: Trace, cfg: SpAttenConfig) -> RowWork:
+    """Everything about each row that does not depend on timing, vectorised over the trace."""
+    dram = cfg.dram()
+    t = trace
+    n = len(t)
+    D = t["embedding_length_D"].astype(np.int64)
+    L = t["sentence_length_L"].astype(np.int64)
+    nk = t["key_fetch_num"].astype(np.int64)
+    nv = t["value_fetch_num"].astype(np.int64)
+    kbits = _bits(t["quant_key_bit"], cfg.unquantized_bits)
+    qbits = _bits(t["quant_query_bit"], cfg.unquantized_bits)
+    vbits = _bits(t["quant_value_bit"], cfg.unquantized_bits)
+    requant = t["if_requant"].astype(bool)
+    lsb_bits = np.where(requant, np.maximum(t["auto_requant_incre"], 0), 0).astype(np.int64)
+
+    # summarization: queries of one (iteration, layer, head) share the keys/values fetched by the first
+    first, gid = _groups(t["iteration_id"], t["layer_id"], t["head_id"])
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first] = True
+    g_nk = np.maximum.reduceat(nk, first)[gid]
+    onchip_row = row_bytes(D, cfg.onchip_bits)
+    fits = (g_nk * onchip_row <= cfg.key_sram_bytes) & (g_nk * onchip_row <= cfg.value_sram_bytes)
+    multi = np.bincount(gid)[gid] > 1
+    reuse = multi & fits
+    k_rows = np.where(reuse, np.where(is_first, g_nk, 0), nk)
+    v_rows = np.where(reuse, np.where(is_first, g_nk, 0), nv)
+    # LSBs: once per reused group (its first row that asks), else every row that asks
+    first_req = np.zeros(n, dtype=bool)
+    if requant.any():
+        req_idx = np.nonzero(requant)[0]
+        _, pos = np.unique(gid[req_idx], return_index=True)
+        first_req[req_idx[pos]] = True
+    lsb_rows = np.where(requant & (~reuse | first_req), np.where(reuse, g_nk, nk), 0)
+
+    q = transfer(row_bytes(D, qbits), np.ones(n), np.ones(n), dram)
+    k = transfer(row_bytes(D, kbits), k_rows, L, dram)
+    lsb = transfer(row_bytes(D, lsb_bits), lsb_rows, L, dram)
+    v = transfer(row_bytes(D, vbits), v_rows, L, dram)
+    out = transfer(onchip_row, np.ones(n), np.ones(n), dram)
+
+    def cyc(x: np.ndarray) -> np.ndarray:
+        return np.ceil(x - 1e-9)  # whole cycles per transfer
+
+    qk_per_cycle = np.where(D <= cfg.qk_multipliers, np.minimum(cfg.adder_tree_outputs,
+                                                             np.maximum(cfg.qk_multipliers // D, 1)), 1)
+    qk_cycles_per_score = np.where(D <= cfg.qk_multipliers, 1, np.ceil(D / cfg.qk_multipliers))
+    qk = np.ceil(nk * qk_cycles_per_score / qk_per_cycle)
+    sm = np.ceil(nk / cfg.softmax_parallelism)
+    pv_per_cycle = np.maximum(cfg.pv_multipliers // D, 1)
+    pv_cycles_per_prob = np.where(D <= cfg.pv_multipliers, 1, np.ceil(D / cfg.pv_multipliers))
+    pv = np.ceil(nv * pv_cycles_per_prob / pv_per_cycle)
+
+    rng = np.random.default_rng(cfg.seed)
+    topk_cfg = cfg.topk()
+    topk_v = sample_quickselect_cycles(nk, nv, topk_cfg, rng).astype(np.float64)
+    filter_v = filter_pass_cycles(nk, nv, topk_cfg).astype(np.float64)
+    tok_k = t["topk"].astype(np.int64)
+    tok_n = np.where(tok_k <= nk, nk, L)  # after the last layer the selection is over all tokens
+    topk_tok = np.where(t["if_topk"], sample_topk_cycles(tok_n, np.maximum(tok_k, 0), topk_cfg, rng), 0)
+
+    passes = 1 + requant
+    muls = nk * D * passes + nv * D
+    counts = EnergyCounts(
+        dram_bytes=float((q.bytes + k.bytes + lsb.bytes + v.bytes + out.bytes).sum()),
+        sram_bytes=float(((k_rows + v_rows) * onchip_row + nk * onchip_row * passes + nv * onchip_row).sum()),
+        muls=float(muls.sum()),
+        adds=float(muls.sum()),
+        softmax_flops=float((nk * (2 + EXP_FLOPS) * passes + nk).sum()),
+        compares=float(((topk_v + filter_v + topk_tok) * 2 * cfg.topk_parallelism).sum()),
+    )
+    return RowWork(
+        k_fetch=cyc(q.cycles + k.cycles), lsb_fetch=cyc(lsb.cycles), v_fetch=cyc(v.cycles),
+        out_write=cyc(out.cycles), k_sram=np.minimum(k_rows * onchip_row, cfg.key_sram_bytes),
+        v_sram=np.minimum(v_rows * onchip_row, cfg.value_sram_bytes), qk=qk, sm=sm, topk_v=topk_v,
+        filter_v=filter_v, pv=pv,
+        topk_tok=topk_tok.astype(np.float64), requant=requant,
+        sm_shared=nk > cfg.softmax_fifo_depth * cfg.softmax_parallelism,
+        owner=np.where(reuse, first[gid], np.arange(n)),
+        dram_bytes=q.bytes + k.bytes + lsb.bytes + v.bytes + out.bytes, counts=counts, flops=2.0 * muls,
+    )
+
+
+class _Buffer:
+    """An on-chip SRAM holding whole fetches in order; a fetch leaves when its last user is done."""
+
+    def __init__(self, capacity: float, sizes: np.ndarray) -> None:
+        self.capacity = capacity
+        self.sizes = sizes.tolist()
+        self.release = [0.0 if z == 0 else math.inf for z in self.sizes]
+        self.lo = 0  # oldest fetch that may still occupy the buffer
+        self.held = 0.0  # bytes of fetches lo..(last placed)
+
+    def ready_time(self, j: int, known_upto: int) -> float | None:
+        """Earliest time fetch j fits, given fetches < j placed; None if it waits on an unknown release."""
+        held, lo, t = self.held, self.lo, 0.0
+        while held + self.sizes[j] > self.capacity and lo < j:
+            if lo > known_upto and self.sizes[lo] > 0:
+                return None
+            t = max(t, self.release[lo])
+            held -= self.sizes[lo]
+            lo += 1
+        return t
+
+    def place(self, j: int, known_upto: int) -> float:
+        t = self.ready_time(j, known_upto)
+        assert t is not None, "buffer placement before the releases it needs"
+        while self.held + self.sizes[j] > self.capacity and self.lo < j:
+            self.held -= self.sizes[self.lo]
+            self.lo += 1
+        self.held += self.sizes[j]
+        return t
+
+
+def simulate_spatten(trace: Trace, cfg: SpAttenConfig = SpAttenConfig(),
+                     energy: EnergyTable = EnergyTable()) -> SimResult:
+    """Walk every row through the pipeline; returns cycles, bytes, utilisation and energy."""
+    w = row_work(trace, cfg)
+    n = len(trace)
+    lat_in = cfg.dram_latency + cfg.bitwidth_converter_latency
+    _, layer_gid = _groups(trace["iteration_id"], trace["layer_id"])
+    layer_gid = layer_gid.tolist()
+    owner = w.owner.tolist()
+    last_user = [i == n - 1 or owner[i + 1] != owner[i] for i in range(n)]
+
+    kf, lf, vf, of = (x.tolist() for x in (w.k_fetch, w.lsb_fetch, w.v_fetch, w.out_write))
+    qk, sm, tkv, pv, tkt = (x.tolist() for x in (w.qk, w.sm, w.topk_v, w.pv, w.topk_tok))
+    requant, shared = w.requant.tolist(), w.sm_shared.tolist()
+    if_topk = trace["if_topk"].tolist()
+    filt = w.filter_v.tolist()
+
+    dram = Timeline()
+    kbuf = _Buffer(cfg.key_sram_bytes, w.k_sram)
+    vbuf = _Buffer(cfg.value_sram_bytes, w.v_sram)
+    k_start, k_end = [math.nan] * n, [math.nan] * n
+    v_start, v_end = [0.0] * n, [0.0] * n
+    qk_free = sm_free = div_free = topk_free = filter_free = pv_free = tok_free = 0.0
+    known = -1  # fetches whose Key SRAM release time is final
+    layer_ready = 0.0  # the next layer's keys may be fetched from here on (token top-k, barrier)
+    layer_done = 0.0  # when every row of the current layer has finished
+    k_release = v_release = 0.0
+    last_issue = 0.0
+    finish = 0.0
+    busy = {"qk": 0.0, "softmax": 0.0, "topk_value": 0.0, "topk_filter": 0.0, "topk_token": 0.0, "pv": 0.0}
+
+    def fetch_keys(j: int) -> None:
+        nonlocal last_issue
+        ready = max(kbuf.place(j, known), layer_ready, last_issue)
+        k_start[j], k_end[j] = dram.reserve(ready, kf[j])
+        last_issue = k_start[j]
+
+    for r in range(n):
+        new_layer = r == 0 or layer_gid[r] != layer_gid[r - 1]
+        if new_layer and cfg.layer_barrier:
+            layer_ready = max(layer_ready, layer_done)
+        if math.isnan(k_start[r]):
+            fetch_keys(r)
+        o = owner[r]
+        ks, ke = min(k_start[r], k_start[o]), max(k_end[r], k_end[o])
+        dram.forget_before(ks)
+        # (7) Q x K and (8) the exp pass
+        q0 = max(qk_free, ks + lat_in)
+        q1 = max(q0 + qk[r], ke + lat_in)
+        s0 = max(sm_free, q0 + cfg.qk_latency)
+        s1 = max(s0 + sm[r], q1 + cfg.qk_latency)
+        qk_free, sm_free = q1, s1
+        busy["qk"] += qk[r]
+        busy["softmax"] += sm[r]
+        if requant[r]:  # (9) LSBs needed: fetch them (unless on chip already), recompute
+            decide = s1 + cfg.softmax_exp_latency + cfg.requant_decision_latency
+            ls, le = dram.reserve(decide, lf[r]) if lf[r] > 0 else (decide - lat_in, decide - lat_in)
+            q0 = max(qk_free, ls + lat_in)
+            q1 = max(q0 + qk[r], le + lat_in)
+            s0 = max(sm_free, q0 + cfg.qk_latency)
+            s1 = max(s0 + sm[r], q1 + cfg.qk_latency)
+            qk_free, sm_free = q1, s1
+            busy["qk"] += qk[r]
+            busy["softmax"] += sm[r]
+        d0 = max(div_free, s1 + cfg.softmax_exp_latency)
+        d1 = d0 + sm[r]
+        div_free = d1
+        if shared[r]:
+            sm_free = max(sm_free, d1)
+        busy["softmax"] += sm[r]
+        k_release = max(k_release, q1)
+        if last_user[r]:
+            kbuf.release[o] = k_release
+            k_release = 0.0
+            known = r
+        # cascade token top-k on the second engine, once this layer's importance is complete
+        if if_topk[r]:
+            t0 = max(tok_free, d1 + cfg.softmax_div_latency + cfg.importance_latency)
+            tok_free = t0 + tkt[r]
+            layer_ready = max(layer_ready, tok_free)
+            busy["topk_token"] += tkt[r]
+        # (10) local value top-k
+        if tkv[r] > 0:
+            topk_free = max(topk_free, d1 + cfg.softmax_div_latency) + tkv[r]
+            f0 = max(filter_free, topk_free)
+            filter_free = f0 + filt[r]
+            busy["topk_value"] += tkv[r]
+            busy["topk_filter"] += filt[r]
+            p_first, p_last = f0 + cfg.topk_filter_latency, filter_free
+            v_ready = p_first  # value addresses stream out of the filter pass
+        else:
+            p_first, p_last = d0 + cfg.softmax_div_latency, d1 + cfg.softmax_div_latency
+            v_ready = ks  # the kept tokens are known up front
+        # prefetch the next queries' keys (same layer) that are ready before these values
+        j = r + 1
+        while j < n and layer_gid[j] == layer_gid[r]:
+            if not math.isnan(k_start[j]):
+                j += 1
+                continue
+            t = kbuf.ready_time(j, known)
+            if t is None or max(t, last_issue, layer_ready) > v_ready:
+                break
+            fetch_keys(j)
+            j += 1
+        # (11) values, prob x V, output write
+        t = vbuf.place(r, r - 1)
+        if vf[r] > 0:
+            v_start[r], v_end[r] = dram.reserve(max(v_ready, t), vf[r])
+        else:
+            v_start[r], v_end[r] = v_start[o], v_end[o]
+        p0 = max(pv_free, v_start[r] + lat_in, p_first)
+        p1 = max(p0 + pv[r], v_end[r] + lat_in, p_last)
+        pv_free = p1
+        busy["pv"] += pv[r]
+        v_release = max(v_release, p1)
+        if last_user[r]:
+            vbuf.release[o] = v_release
+            v_release = 0.0
+        _, oe = dram.reserve(p1 + cfg.pv_latency, of[r])
+        done = max(p1 + cfg.pv_latency, oe)
+        layer_done = done if new_layer else max(layer_done, done)
+        finish = max(finish, done, tok_free)
+
+    return SimResult.build(
+        arch="spatten", trace=trace, cycles=max(finish, dram.end), clock_ghz=cfg.clock_ghz,
+        dram_bytes=float(w.dram_bytes.sum()), flops=float(w.flops.sum()), peak_gflops=cfg.peak_gflops,
+        peak_gbps=cfg.dram().peak_gbps, busy={"dram": dram.busy, **busy}, multipliers=cfg.multipliers,
+        counts=w.counts, config=cfg, energy=energy,
+    )
