@@ -67,6 +67,7 @@ class PruningContext(RunContext):
         record_probs: bool = False,
         seed: int = 0,
         keep_pruned_states: bool = True,
+        trace: bool = False,
     ) -> None:
         super().__init__(record_probs=record_probs)
         self.recipe = recipe
@@ -92,6 +93,10 @@ class PruningContext(RunContext):
         self.position_importance: torch.Tensor | None = None  # (B, P) spatten: over layers, heads, steps
         self.layer_importance: dict[int, torch.Tensor] = {}  # h2o / instant: per layer, aligned with cache
         self.kv_budget: int | None = None
+        # Workload trace of the first input of the batch (runtime/trace.py turns it into CSV rows).
+        self.trace_calls: list[dict] | None = [] if trace else None
+        self.iteration = 0
+        self.sequence_length = 0
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
@@ -143,6 +148,8 @@ class PruningContext(RunContext):
         if self.record_probs and probs is not None:
             self._record(layer, probs, out)
 
+        if self.trace_calls is not None:
+            self._trace(layer, heads, lq, k.shape[2], head_dim, key_padding_mask, causal, stats)
         tokens, pairs = count_pairs(lq, k.shape[2], key_padding_mask, causal, B)
         keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * k.shape[2]
         self.work.heads = n_heads
@@ -175,6 +182,7 @@ class PruningContext(RunContext):
 
     def end_forward(self, cache) -> None:
         """After each decoder forward: the prompt is done; keep every layer's cache within the KV budget."""
+        self.iteration += 1
         if cache is None:
             return
         if not self.prefilled:
@@ -208,6 +216,24 @@ class PruningContext(RunContext):
             self.layer_importance[layer] = gather_tokens(self.layer_importance[layer], index)
         cache.compact(layer, index)
 
+    def _trace(self, layer, heads, lq, lk, head_dim, key_padding_mask, causal, stats) -> None:
+        """Record what the first input of the batch did in this call (one entry per call)."""
+        n_keys = int(key_padding_mask[0].sum()) if key_padding_mask is not None else lk
+        queries = n_keys if (lq == lk and key_padding_mask is not None) else lq
+        if layer == 0:
+            start = int(self.cache.next_position[0]) if self.cache is not None else 0
+            self.sequence_length = start + queries
+        keys = [n_keys - (queries - 1 - i) if causal else n_keys for i in range(queries)]
+        lsb = getattr(self, "_last_needs_lsb", None)
+        self.trace_calls.append({
+            "iteration": self.iteration, "layer": layer, "D": head_dim, "L": self.sequence_length,
+            "heads": heads[0].tolist() if heads is not None else list(range(self.shape.heads)),
+            "keys_per_query": keys,
+            "needs_lsb": lsb[0, :, -queries:].tolist() if lsb is not None and self.recipe.quant else None,
+            "topk": None,
+        })
+        self._last_needs_lsb = None
+
     @property
     def _needs_token_importance(self) -> bool:
         return self.recipe.prunes_tokens and self.recipe.score != "random"
@@ -222,6 +248,7 @@ class PruningContext(RunContext):
             stats.key_bits_fetched += n_keys * k.shape[3] * quant.bits
             return quantized_attention_probs(q, k, scale, quant.bits, mask)
         result = progressive_attention_probs(q, k, scale, quant.bits, quant.lsb_bits, quant.threshold, mask)
+        self._last_needs_lsb = result.needs_lsb
         stats.rows += result.rows
         stats.rows_needing_lsb += result.rows_needing_lsb
         stats.key_bits_fetched += result.key_bits_fetched
@@ -253,6 +280,8 @@ class PruningContext(RunContext):
             importance = torch.rand(hidden.shape[:2], generator=self.generator).to(hidden.device)
         protected = edge_token_mask(valid, first=self.protect_first, last=self.protect_last)
         selection = select_tokens_to_keep(importance, target, protected, valid)
+        if self.trace_calls:
+            self.trace_calls[-1]["topk"] = int(selection.mask[0].sum())
         if self.keep_pruned_states and "pos" in keep:
             kept = torch.zeros_like(valid).scatter(1, selection.index, selection.mask)
             self.pruned_states.append((hidden, keep["pos"], valid & ~kept))

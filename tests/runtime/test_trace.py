@@ -1,0 +1,30 @@
+"""Our runs' workload traces: valid in the SpAtten schema and consistent with what the run did."""
+
+from __future__ import annotations
+
+from test_pruning import batch, tiny_bert
+
+from dynaprune.hw.trace import read_trace
+from dynaprune.runtime.pruning import make_context
+from dynaprune.runtime.trace import trace_rows, write_run_trace
+
+
+def test_trace_of_a_pruned_encoder_run(tmp_path):
+    model = tiny_bert()
+    ids, mask = batch()
+    ctx = make_context("token_schedule=1:0.5,quant=4+4@0.3,value=0.5", model, trace=True)
+    model(ids, mask, ctx=ctx)
+    rows = trace_rows(ctx)
+    n_real = int(mask[0].sum())
+    kept = max(1, int(0.5 * n_real + 0.5))
+    # every head of every layer, one row per real query of the first input
+    assert len(rows) == 2 * 4 * n_real + 2 * 4 * kept
+    assert {r.key_fetch_num for r in rows if r.layer_id < 2} == {n_real}
+    assert {r.key_fetch_num for r in rows if r.layer_id >= 2} == {kept}
+    assert [r.topk for r in rows if r.if_topk] == [kept]
+    assert all(r.value_fetch_num == max(1, int(0.5 * r.key_fetch_num + 0.5)) for r in rows)
+    # LSB rows of the first input: the context's own record of which rows needed them
+    needs = sum(sum(sum(h) for h in c["needs_lsb"]) for c in ctx.trace_calls)
+    assert sum(r.if_requant for r in rows) == needs
+    trace = read_trace(write_run_trace(tmp_path / "t.csv", ctx))
+    assert len(trace) == len(rows)
