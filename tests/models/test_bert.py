@@ -198,7 +198,7 @@ def test_embed_empty_list(minilm):
         ("a single string", {}, "list of texts"),
         (["ok", 3], {}, "text 1 is a int"),
         (["ok"], {"batch_size": 0}, "batch_size"),
-        (["ok"], {"recipe": "token=0.5"}, "pruning recipes arrive with the SpAtten issue"),
+        (["ok"], {"recipe": "bogus=1"}, "unknown recipe key 'bogus'"),  # validated before any work
     ],
 )
 def test_embed_bad_input(minilm, texts, kw, match):

@@ -138,8 +138,9 @@ class Bert(nn.Module):
         *,
         ctx: RunContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B, L', d) of the last block and the real-token mask (B, L') that goes with them
-        (L' < L when a pruning context has gathered the surviving tokens)."""
+        """The states to pool (B, L', d) and their real-token mask (B, L'), as ``ctx.final_states`` gives
+        them: dense, the last block's states (L' = L); a token-pruning context may return only the
+        survivors (L' < L) or put back the states pruned tokens had when they left."""
         ctx = ctx or DENSE
         cfg = self.config
         B, L = input_ids.shape
@@ -206,7 +207,8 @@ class Bert(nn.Module):
         pool over real tokens (mean or CLS) and L2-normalize when the model's recipe does.
 
         Texts are sorted by length into batches (little padding) and the order is restored.
-        ``ctx_factory`` builds the RunContext of each batch (pruning hooks in there)."""
+        ``recipe`` (a Recipe or its string form) or ``ctx_factory`` gives each batch a fresh RunContext
+        (the pruning hooks); ``progress(done, total)`` is called after each batch."""
         if recipe is not None:  # a Recipe or its string form: one pruning context per batch
             from dynaprune.runtime.pruning import make_context
 
