@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType
 from gguf.quants import quantize
 
 from dynaprune.errors import DynapruneError
@@ -28,7 +28,7 @@ def test_unpermute_inverts_llamacpp_permute(n_head, rows, cols):
     assert np.array_equal(unpermute_rope_rows(llamacpp_permute(w, n_head), n_head), w)
 
 
-def write_gguf(hf, path, arch="llama", quant=False):
+def write_gguf(hf, path, arch="llama", quant=False, linear_rope=None):
     """Write ``hf`` as llama.cpp would: its names, permuted Q/K (llama arch), optionally Q8_0 matrices."""
     c = hf.config
     w = GGUFWriter(str(path), arch=arch)
@@ -43,6 +43,9 @@ def write_gguf(hf, path, arch="llama", quant=False):
     w.add_rope_freq_base(SMALL["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    if linear_rope is not None:
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear_rope)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -74,7 +77,10 @@ def write_gguf(hf, path, arch="llama", quant=False):
 
 def random_hf(kind):
     torch.manual_seed(0)
-    if kind == "qwen2":
+    if kind == "llama-linear-rope":
+        cfg = transformers.LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 4.0})
+        hf = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, tie_word_embeddings=True))
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, tie_word_embeddings=False))
@@ -85,13 +91,15 @@ def random_hf(kind):
     return hf.float().eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-linear-rope"])
 def test_f32_gguf_round_trip_matches_the_original_model(tmp_path, kind):
     hf = random_hf(kind)
-    path = write_gguf(hf, tmp_path / "tiny.gguf", arch=kind)
+    arch = "qwen2" if kind == "qwen2" else "llama"
+    path = write_gguf(hf, tmp_path / "tiny.gguf", arch=arch, linear_rope=4.0 if "linear" in kind else None)
     model = Llama.from_gguf(path)
-    assert model.config.arch == kind and model.config.qkv_bias == (kind == "qwen2")
+    assert model.config.arch == arch and model.config.qkv_bias == (kind == "qwen2")
     assert model.config.tie_embeddings == (kind == "qwen2") and model.config.rope_theta == 20000.0
+    assert model.config.rope_scaling == ({"rope_type": "linear", "factor": 4.0} if "linear" in kind else None)
     ids = torch.randint(0, 96, (2, 30))
     with torch.inference_mode():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-5

@@ -104,7 +104,9 @@ def gguf_config(reader, path: Path) -> dict:
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         factor = _field(reader, f"{arch}.rope.scaling.factor")
-        cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(factor) if factor is not None else None}
+        if factor is None:
+            raise DynapruneError(f"{path}: RoPE scaling {scaling!r} without {arch}.rope.scaling.factor")
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(factor)}
     vocab = _field(reader, f"{arch}.vocab_size")
     if vocab is not None:
         cfg["vocab_size"] = int(vocab)

@@ -135,6 +135,7 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, L, V) fp32; same contract as ``Llama.forward``."""
         ctx = ctx or DENSE
+        ctx.begin_forward(cache)
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
             if bool(attention_mask.all()):
@@ -156,6 +157,7 @@ class GPT2(nn.Module):
                 x = x.masked_fill(~keep["mask"][..., None], 0.0)
         if cache is not None:
             advance_positions(cache, positions, attention_mask)
+        ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x)).float()

@@ -263,6 +263,7 @@ class Llama(nn.Module):
         positions count real tokens only (left padding gives the unpadded positions).
         """
         ctx = ctx or DENSE
+        ctx.begin_forward(cache)
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
             if bool(attention_mask.all()):
@@ -290,6 +291,7 @@ class Llama(nn.Module):
                 x = x.masked_fill(~keep["mask"][..., None], 0.0)
         if cache is not None:
             advance_positions(cache, positions, attention_mask)
+        ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
