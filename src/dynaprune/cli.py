@@ -116,9 +116,11 @@ def run_task(
     from dynaprune.prune.recipe import Recipe
 
     parsed = Recipe.parse(recipe or "")
+    from dynaprune.eval.data import resolve_data_path
+
     defaults = default_data(task)
-    data = data or defaults.get("data")
-    train_data = train_data or defaults.get("train_data")
+    data = resolve_data_path(data) if data else defaults.get("data")
+    train_data = resolve_data_path(train_data) if train_data else defaults.get("train_data")
     if data is None or not Path(data).is_file():
         raise DynapruneError(f"data file not found: {data}")
     if model is None:

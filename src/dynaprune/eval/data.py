@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dynaprune.errors import DynapruneError
+from dynaprune.paths import shared_data_dir
 
 # Repo root = parents[3] of src/dynaprune/eval/data.py; the shared data lives beside the repo.
-REPO_ROOT = Path(__file__).resolve().parents[3]
 SCORE_NAMES = {"score", "label", "similarity", "similarity_score", "gold", "gold_score", "sim", "relatedness"}
 LABEL_NAMES = {"label", "labels", "class", "target", "y", "category", "sentiment"}
 TEXT_NAMES = {"sentence", "text", "review", "document", "sentence1", "content"}
@@ -37,8 +36,7 @@ class LabeledText:
 
 def data_root() -> Path:
     """The shared evaluation data folder: $DYNAPRUNE_DATA, else ``shared/data`` next to the repo."""
-    env = os.environ.get("DYNAPRUNE_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return shared_data_dir()
 
 
 def resolve_data_path(path: str | Path) -> Path:
