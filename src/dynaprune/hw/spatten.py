@@ -16,15 +16,22 @@ One trace row is one query of one head. Its path through the pipeline (Fig. 8 mo
       when no value is pruned;
   (11) the kept V rows are fetched (into the 196 KB Value SRAM) and attention_prob x V runs on 512
       multipliers, 512 / D probabilities per cycle; the 12-bit output vector is written back.
-The cascade token top-k (``if_topk`` rows) and head top-k run on the second engine, in parallel with
-the critical path; the next layer's keys cannot be fetched before the token selection is known.
+The cascade token top-k (``if_topk`` rows: over the surviving tokens, or all ``sentence_length_L``
+after the last layer) runs on the second engine, in parallel with the critical path; the next
+layer's keys cannot be fetched before the token selection is known. The head top-k (a few cycles
+over at most 16 heads, once per layer, on the same engine) and importance accumulation (parallel
+adders) are not on the critical path and are not modelled.
 
 Overlap: each unit is a streaming stage (a stage starts when its input starts arriving and cannot
-end before its input ends); the DRAM system is one shared resource (``timeline.py``). Keys of the
-next queries are prefetched while the SRAM has room for them (196 KB = two 1024-key heads at 12 bits,
-i.e. double buffering), so fetch overlaps compute. In generation (one row per (iteration, layer,
-head)) nothing is reused; in summarization (consecutive rows with the same (iteration, layer, head)
-are the queries of one prefill) the keys and values are fetched once and reused when they fit.
+end before its input ends); the DRAM system is one shared resource serving reads in issue order.
+Keys of the next queries of a layer are prefetched as soon as the Key SRAM has room for them
+(196 KB = two 1024-key heads at 12 bits, i.e. double buffering; more pruned heads fit), and a
+query's value request is issued after the key requests of the next ``value_issue_lag`` queries, so
+a value fetch that waits for its top-k does not block the key stream (the RTL arbitrates key and
+value requests round-robin; the fixed order keeps the schedule a max-plus system, see
+``simulate_spatten``). In generation (one row per (iteration, layer, head)) nothing is reused; in
+summarization (consecutive rows with the same (iteration, layer, head) are the queries of one
+prefill) the keys and values are fetched once and reused when they fit.
 With ``layer_barrier`` the next layer starts only when the current one is done (its queries depend on
 this layer's output through the FC layers, which are not modelled here).
 
@@ -44,7 +51,6 @@ from dynaprune.errors import DynapruneError
 from dynaprune.hw.dram import DramConfig, row_bytes, transfer
 from dynaprune.hw.energy import EXP_FLOPS, EnergyCounts, EnergyTable
 from dynaprune.hw.report import SimResult
-from dynaprune.hw.timeline import Timeline
 from dynaprune.hw.trace import Trace
 from dynaprune.prune.topk import TopkEngineConfig, filter_pass_cycles, sample_quickselect_cycles, sample_topk_cycles
 
@@ -84,6 +90,10 @@ class SpAttenConfig:
     value_sram_bytes: int = 196_608
     pv_multipliers: int = 512
     pv_latency: int = 5
+    # keys of up to this many next queries are fetched ahead, as far as the Key SRAM holds them;
+    # a query's values are requested after the keys of this many later queries (see the docstring)
+    prefetch_queries: int = 64
+    value_issue_lag: int = 2
     # reading traces: bits fetched for a -1 ("not quantized") column; layer barrier; top-k pivot seed
     unquantized_bits: int = 12
     layer_barrier: bool = True
@@ -278,7 +288,15 @@ class _Buffer:
 
 def simulate_spatten(trace: Trace, cfg: SpAttenConfig = SpAttenConfig(),
                      energy: EnergyTable = EnergyTable()) -> SimResult:
-    """Walk every row through the pipeline; returns cycles, bytes, utilisation and energy."""
+    """Walk every row through the pipeline; returns cycles, bytes, utilisation and energy.
+
+    Every unit, the DRAM system included, serves its requests in an order fixed by the trace (not by
+    timing), and every start time is a max of ready times and every end a sum of durations, so the
+    schedule is a max-plus system: shortening any duration (more bandwidth, more comparators, fewer
+    bytes) never delays anything. Output writes (12-bit vectors, under 1 % of the bytes of the published
+    traces) drain from a write FIFO off the read path: they count in bytes, energy and DRAM busy time,
+    and each adds its transfer time to its query's completion.
+    """
     w = row_work(trace, cfg)
     n = len(trace)
     lat_in = cfg.dram_latency + cfg.bitwidth_converter_latency
@@ -293,35 +311,76 @@ def simulate_spatten(trace: Trace, cfg: SpAttenConfig = SpAttenConfig(),
     if_topk = trace["if_topk"].tolist()
     filt = w.filter_v.tolist()
 
-    dram = Timeline()
     kbuf = _Buffer(cfg.key_sram_bytes, w.k_sram)
     vbuf = _Buffer(cfg.value_sram_bytes, w.v_sram)
-    k_start, k_end = [math.nan] * n, [math.nan] * n
+    fetched = [False] * n
+    k_start, k_end = [0.0] * n, [0.0] * n
     v_start, v_end = [0.0] * n, [0.0] * n
-    qk_free = sm_free = div_free = topk_free = filter_free = pv_free = tok_free = 0.0
+    dram_free = qk_free = sm_free = div_free = topk_free = filter_free = pv_free = tok_free = 0.0
     known = -1  # fetches whose Key SRAM release time is final
     layer_ready = 0.0  # the next layer's keys may be fetched from here on (token top-k, barrier)
     layer_done = 0.0  # when every row of the current layer has finished
     k_release = v_release = 0.0
-    last_issue = 0.0
     finish = 0.0
-    busy = {"qk": 0.0, "softmax": 0.0, "topk_value": 0.0, "topk_filter": 0.0, "topk_token": 0.0, "pv": 0.0}
+    busy = {"dram": float(sum(kf) + sum(lf) + sum(vf) + sum(of)), "qk": 0.0, "softmax_exp": 0.0,
+            "softmax_div": 0.0, "topk_value": 0.0, "topk_filter": 0.0, "topk_token": 0.0, "pv": 0.0}
+
+    def read(ready: float, duration: float) -> tuple[float, float]:
+        nonlocal dram_free
+        start = max(ready, dram_free)
+        dram_free = start + duration
+        return start, dram_free
 
     def fetch_keys(j: int) -> None:
-        nonlocal last_issue
-        ready = max(kbuf.place(j, known), layer_ready, last_issue)
-        k_start[j], k_end[j] = dram.reserve(ready, kf[j])
-        last_issue = k_start[j]
+        k_start[j], k_end[j] = read(max(kbuf.place(j, known), layer_ready), kf[j])
+        fetched[j] = True
+
+    def prefetch(r: int) -> None:
+        """Issue the keys of the next queries of this layer that the Key SRAM can already hold."""
+        j = r + 1
+        while j < min(n, r + 1 + cfg.prefetch_queries) and layer_gid[j] == layer_gid[r]:
+            if not fetched[j]:
+                if kbuf.ready_time(j, known) is None:
+                    return
+                fetch_keys(j)
+            j += 1
+
+    p_first, p_last, v_ready = [0.0] * n, [0.0] * n, [0.0] * n
+    pending: list[int] = []  # rows whose value fetch and prob x V are still to be issued
+
+    def back(r: int) -> None:
+        """(11) values, prob x V and the output write of row r (issued ``value_issue_lag`` rows late)."""
+        nonlocal pv_free, v_release, layer_done, finish
+        o = owner[r]
+        t = vbuf.place(r, r - 1)
+        if vf[r] > 0:
+            v_start[r], v_end[r] = read(max(v_ready[r], t), vf[r])
+        else:
+            v_start[r], v_end[r] = v_start[o], v_end[o]
+        p0 = max(pv_free, v_start[r] + lat_in, p_first[r])
+        p1 = max(p0 + pv[r], v_end[r] + lat_in, p_last[r])
+        pv_free = p1
+        busy["pv"] += pv[r]
+        v_release = max(v_release, p1)
+        if last_user[r]:
+            vbuf.release[o] = v_release
+            v_release = 0.0
+        done = p1 + cfg.pv_latency + of[r]
+        layer_done = max(layer_done, done)
+        finish = max(finish, done)
 
     for r in range(n):
-        new_layer = r == 0 or layer_gid[r] != layer_gid[r - 1]
-        if new_layer and cfg.layer_barrier:
-            layer_ready = max(layer_ready, layer_done)
-        if math.isnan(k_start[r]):
+        if r > 0 and layer_gid[r] != layer_gid[r - 1]:  # a new layer: finish the previous one
+            while pending:
+                back(pending.pop(0))
+            if cfg.layer_barrier:
+                layer_ready = max(layer_ready, layer_done)
+            layer_done = 0.0
+        if not fetched[r]:
             fetch_keys(r)
+        prefetch(r)
         o = owner[r]
         ks, ke = min(k_start[r], k_start[o]), max(k_end[r], k_end[o])
-        dram.forget_before(ks)
         # (7) Q x K and (8) the exp pass
         q0 = max(qk_free, ks + lat_in)
         q1 = max(q0 + qk[r], ke + lat_in)
@@ -329,23 +388,23 @@ def simulate_spatten(trace: Trace, cfg: SpAttenConfig = SpAttenConfig(),
         s1 = max(s0 + sm[r], q1 + cfg.qk_latency)
         qk_free, sm_free = q1, s1
         busy["qk"] += qk[r]
-        busy["softmax"] += sm[r]
+        busy["softmax_exp"] += sm[r]
         if requant[r]:  # (9) LSBs needed: fetch them (unless on chip already), recompute
             decide = s1 + cfg.softmax_exp_latency + cfg.requant_decision_latency
-            ls, le = dram.reserve(decide, lf[r]) if lf[r] > 0 else (decide - lat_in, decide - lat_in)
+            ls, le = read(decide, lf[r]) if lf[r] > 0 else (decide - lat_in, decide - lat_in)
             q0 = max(qk_free, ls + lat_in)
             q1 = max(q0 + qk[r], le + lat_in)
             s0 = max(sm_free, q0 + cfg.qk_latency)
             s1 = max(s0 + sm[r], q1 + cfg.qk_latency)
             qk_free, sm_free = q1, s1
             busy["qk"] += qk[r]
-            busy["softmax"] += sm[r]
+            busy["softmax_exp"] += sm[r]
         d0 = max(div_free, s1 + cfg.softmax_exp_latency)
         d1 = d0 + sm[r]
         div_free = d1
         if shared[r]:
             sm_free = max(sm_free, d1)
-        busy["softmax"] += sm[r]
+        busy["softmax_div"] += sm[r]
         k_release = max(k_release, q1)
         if last_user[r]:
             kbuf.release[o] = k_release
@@ -357,51 +416,29 @@ def simulate_spatten(trace: Trace, cfg: SpAttenConfig = SpAttenConfig(),
             tok_free = t0 + tkt[r]
             layer_ready = max(layer_ready, tok_free)
             busy["topk_token"] += tkt[r]
-        # (10) local value top-k
+            finish = max(finish, tok_free)
+        # (10) local value top-k: quick-select, then the filter pass (its own stage, Fig. 9)
         if tkv[r] > 0:
             topk_free = max(topk_free, d1 + cfg.softmax_div_latency) + tkv[r]
             f0 = max(filter_free, topk_free)
             filter_free = f0 + filt[r]
             busy["topk_value"] += tkv[r]
             busy["topk_filter"] += filt[r]
-            p_first, p_last = f0 + cfg.topk_filter_latency, filter_free
-            v_ready = p_first  # value addresses stream out of the filter pass
+            p_first[r], p_last[r] = f0 + cfg.topk_filter_latency, filter_free
+            v_ready[r] = p_first[r]  # value addresses stream out of the filter pass
         else:
-            p_first, p_last = d0 + cfg.softmax_div_latency, d1 + cfg.softmax_div_latency
-            v_ready = ks  # the kept tokens are known up front
-        # prefetch the next queries' keys (same layer) that are ready before these values
-        j = r + 1
-        while j < n and layer_gid[j] == layer_gid[r]:
-            if not math.isnan(k_start[j]):
-                j += 1
-                continue
-            t = kbuf.ready_time(j, known)
-            if t is None or max(t, last_issue, layer_ready) > v_ready:
-                break
-            fetch_keys(j)
-            j += 1
-        # (11) values, prob x V, output write
-        t = vbuf.place(r, r - 1)
-        if vf[r] > 0:
-            v_start[r], v_end[r] = dram.reserve(max(v_ready, t), vf[r])
-        else:
-            v_start[r], v_end[r] = v_start[o], v_end[o]
-        p0 = max(pv_free, v_start[r] + lat_in, p_first)
-        p1 = max(p0 + pv[r], v_end[r] + lat_in, p_last)
-        pv_free = p1
-        busy["pv"] += pv[r]
-        v_release = max(v_release, p1)
-        if last_user[r]:
-            vbuf.release[o] = v_release
-            v_release = 0.0
-        _, oe = dram.reserve(p1 + cfg.pv_latency, of[r])
-        done = max(p1 + cfg.pv_latency, oe)
-        layer_done = done if new_layer else max(layer_done, done)
-        finish = max(finish, done, tok_free)
+            p_first[r], p_last[r] = d0 + cfg.softmax_div_latency, d1 + cfg.softmax_div_latency
+            v_ready[r] = ks  # the kept tokens are known up front
+        prefetch(r)  # this head's keys may have left the SRAM: more of the next ones fit
+        pending.append(r)
+        if len(pending) > cfg.value_issue_lag:
+            back(pending.pop(0))
+    while pending:
+        back(pending.pop(0))
 
     return SimResult.build(
-        arch="spatten", trace=trace, cycles=max(finish, dram.end), clock_ghz=cfg.clock_ghz,
+        arch="spatten", trace=trace, cycles=max(finish, dram_free), clock_ghz=cfg.clock_ghz,
         dram_bytes=float(w.dram_bytes.sum()), flops=float(w.flops.sum()), peak_gflops=cfg.peak_gflops,
-        peak_gbps=cfg.dram().peak_gbps, busy={"dram": dram.busy, **busy}, multipliers=cfg.multipliers,
+        peak_gbps=cfg.dram().peak_gbps, busy=busy, multipliers=cfg.multipliers,
         counts=w.counts, config=cfg, energy=energy,
     )
