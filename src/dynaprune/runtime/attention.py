@@ -118,7 +118,14 @@ class RunContext:
             self.work.heads = q.shape[1]
             keys = int(key_padding_mask.sum()) if key_padding_mask is not None else k.shape[0] * k.shape[2]
             self.work.add(layer, tokens, pairs, q.shape[1], keys)
-        mask = build_mask(q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+        lq, lk = q.shape[2], k.shape[2]
+        if not self.record_probs and causal and key_padding_mask is None and lq == lk and lq > 1:
+            # plain prefill: SDPA's own causal kernel (no mask tensor) is much faster
+            gqa = q.shape[1] != k.shape[1]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            self._record(layer, None, out)
+            return out
+        mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
         if not self.record_probs:
             # enable_gqa lets SDPA share each K/V group across its query heads without copying them.
             gqa = q.shape[1] != k.shape[1]
@@ -130,7 +137,7 @@ class RunContext:
         scores = (q @ k.transpose(-1, -2)) * scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
+        probs = scores.softmax(dim=-1).nan_to_num(0.0)  # padding queries see no key: rows of 0, not NaN
         out = probs @ v
         self._record(layer, probs, out)
         return out

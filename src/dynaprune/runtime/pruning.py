@@ -353,7 +353,7 @@ def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | 
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1).nan_to_num(0.0)  # padding queries see no key: rows of 0, not NaN
 
 
 def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
