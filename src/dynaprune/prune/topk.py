@@ -324,9 +324,12 @@ def _row_k(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor | 
         if k.dtype.is_floating_point or k.dtype == torch.bool:
             raise DynapruneError("per-row k must be an integer tensor")
         kk = torch.broadcast_to(k.to(device=scores.device, dtype=torch.long), scores.shape[:-1]).contiguous()
-        if kk.numel() and (int(kk.min()) < 0 or int(kk.max()) > n):
+        if not kk.numel():
+            return kk, 0
+        lo, hi = (int(v) for v in torch.aminmax(kk))
+        if lo < 0 or hi > n:
             raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
-        return kk, int(kk.max()) if kk.numel() else 0
+        return kk, hi
     if int(k) != k or not 0 <= k <= n:
         raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={n}")
     return None, int(k)
@@ -340,16 +343,13 @@ def _lowest(t: torch.Tensor) -> float | int:
     return -math.inf if t.dtype.is_floating_point else torch.iinfo(t.dtype).min
 
 
-def _top_two(
-    scores: torch.Tensor, kk: torch.Tensor | None, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(k-th largest, (k+1)-th largest or the dtype's lowest, top-(k+1) indices, drop position, tied?).
+def _top_two(scores: torch.Tensor, kk: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k-th largest, (k+1)-th largest or the dtype's lowest, some row tied?), thresholds shaped (..., 1).
 
-    Thresholds are shaped (..., 1). One torch.topk of k + 1 (unsorted for a scalar k: the two smallest
-    of it are the k-th and (k+1)-th largest) tells whether the k-th largest is tied with an element
-    outside the top k; only then does the position rule matter (``tied``, one sync for the whole batch).
-    For a scalar k, ``drop`` is where the (k+1)-th largest sits inside the top-(k+1) indices. torch.topk
-    ranks NaN above everything, so a NaN anywhere in a row shows up in these k + 1 values.
+    One torch.topk of k + 1 (unsorted for a scalar k: the two smallest of it are the k-th and (k+1)-th
+    largest) tells whether the k-th largest is tied with an element outside the top k; only then does
+    the position rule matter (one sync for the whole batch). torch.topk ranks NaN above everything,
+    so a NaN anywhere in a row shows up in these k + 1 values.
     """
     n = scores.shape[-1]
     m = min(k + 1, n)
@@ -360,10 +360,9 @@ def _top_two(
         if m == k:  # k == n: nothing outside the top k
             kth = top.values.amin(dim=-1, keepdim=True)
             nxt = torch.full_like(kth, _lowest(kth))
-            drop = top.indices[..., :0]
         else:
-            low = torch.topk(top.values, 2, dim=-1, largest=False, sorted=True)
-            kth, nxt, drop = low.values[..., 1:2], low.values[..., 0:1], low.indices[..., 0:1]
+            low = torch.topk(top.values, 2, dim=-1, largest=False, sorted=True).values
+            kth, nxt = low[..., 1:2], low[..., 0:1]
         flags = (nxt == kth).any()
         if check_nan:
             flags = flags | torch.isnan(top.values).any()
@@ -371,14 +370,13 @@ def _top_two(
         kth = top.values.gather(-1, (kk - 1).clamp(min=0).unsqueeze(-1))
         padded = torch.cat([top.values, torch.full_like(top.values[..., :1], _lowest(top.values))], dim=-1)
         nxt = padded.gather(-1, kk.unsqueeze(-1).clamp(max=m))
-        drop = top.indices[..., :0]
         flags = ((nxt == kth).squeeze(-1) & (kk > 0)).any()
         if check_nan:  # sorted: a row's NaN comes first
             flags = flags | torch.isnan(top.values[..., :1]).any()
     problem = bool(flags)
     if problem and check_nan and bool(torch.isnan(top.values).any()):
         raise _nan_error()
-    return kth, nxt, top.indices, drop, problem
+    return kth, nxt, problem
 
 
 def _fix_ties(scores: torch.Tensor, mask: torch.Tensor, thr: torch.Tensor, want: torch.Tensor,
@@ -402,17 +400,38 @@ def _prepare(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor 
 def topk_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """Boolean mask (..., n) of Algorithm 3's selection: the k largest, earliest positions among ties.
 
-    ``k`` is an int or an integer tensor broadcastable to ``scores.shape[:-1]`` (per-row k). Cost: one
-    torch.topk of k + 1, one comparison pass, and a cumsum tie fix-up only in the rows whose k-th
-    largest value also occurs outside their top k.
+    ``k`` is an int or an integer tensor broadcastable to ``scores.shape[:-1]`` (per-row k). Cost for a
+    scalar k: the (k+1)-th largest (torch.kthvalue, or torch.topk for small k), one comparison and one
+    count; per-row k: one sorted torch.topk of max(k) + 1 and one comparison; an exact path with a
+    cumsum tie fix-up runs only when some row's k-th largest value also occurs outside its top k.
     """
     if scores.dim() == 1:  # one row: the batched code path with a unit batch
         return topk_mask(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
     kk, kmax = _prepare(scores, k)
+    return _mask(scores, kk, kmax)
+
+
+def _mask(scores: torch.Tensor, kk: torch.Tensor | None, kmax: int) -> torch.Tensor:
     n = scores.shape[-1]
     if kmax == 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    kth, nxt, _, _, tied_somewhere = _top_two(scores, kk, kmax)
+    # The common case in a few dispatches: keep what is above the (k+1)-th largest, and check that this
+    # is exactly k per row (else a tie at the threshold or a NaN: the exact path below).
+    if kk is None and kmax < n:
+        if 4 * (kmax + 1) <= n or n >= 4096:  # measured: the cheaper of the two on CPU
+            nxt = torch.topk(scores, kmax + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        else:
+            nxt = torch.kthvalue(scores, n - kmax, dim=-1, keepdim=True).values
+        mask = scores > nxt
+        if bool((mask.sum(dim=-1) == kmax).all()):
+            return mask
+    elif kk is not None:
+        top = torch.topk(scores, min(kmax + 1, n), dim=-1, sorted=True).values
+        nxt = top.gather(-1, kk.clamp(max=top.shape[-1] - 1).unsqueeze(-1))
+        mask = scores > nxt
+        if bool((mask.sum(dim=-1) == kk).all()):
+            return mask
+    kth, nxt, tied_somewhere = _top_two(scores, kk, kmax)
     if kk is None and kmax == n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     mask = scores >= kth
@@ -433,19 +452,13 @@ def topk_indices(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     if scores.dim() == 1:
         return topk_indices(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
     kk, kmax = _prepare(scores, k)
-    n = scores.shape[-1]
     lead = scores.shape[:-1]
     if kmax == 0:
         return torch.empty((*lead, 0), dtype=torch.long, device=scores.device)
-    if kk is not None:
-        return _indices_from_mask(topk_mask(scores, kk), kmax)
-    _, _, top_idx, drop, tied_somewhere = _top_two(scores, kk, kmax)
-    if tied_somewhere:
-        return _indices_from_mask(topk_mask(scores, k), kmax)
-    if kmax == n:
-        return torch.arange(n, device=scores.device).expand(*lead, n).clone()
-    # drop the (k+1)-th largest (strictly below the rest here), sort the k positions left
-    return top_idx.scatter(-1, drop, n).sort(dim=-1).values[..., :kmax]
+    mask = _mask(scores, kk, kmax)
+    if kk is None:  # exactly k kept per row: nonzero lists them row by row, in input order
+        return mask.nonzero()[:, -1].view(*lead, kmax)
+    return _indices_from_mask(mask, kmax)
 
 
 def _indices_from_mask(mask: torch.Tensor, kmax: int) -> torch.Tensor:
