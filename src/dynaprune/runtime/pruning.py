@@ -246,13 +246,13 @@ class PruningContext(RunContext):
             return _probs(q, k, scale, mask)
         if not quant.progressive:
             stats.key_bits_fetched += n_keys * k.shape[3] * quant.bits
-            return quantized_attention_probs(q, k, scale, quant.bits, mask)
+            return quantized_attention_probs(q, k, scale, quant.bits, mask).nan_to_num(0.0)
         result = progressive_attention_probs(q, k, scale, quant.bits, quant.lsb_bits, quant.threshold, mask)
         self._last_needs_lsb = result.needs_lsb
         stats.rows += result.rows
         stats.rows_needing_lsb += result.rows_needing_lsb
         stats.key_bits_fetched += result.key_bits_fetched
-        return result.probs
+        return result.probs.nan_to_num(0.0)
 
     # ------------------------------------------------------------------ between layers
     def _plan_tokens(self, key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
