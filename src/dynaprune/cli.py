@@ -259,58 +259,55 @@ def generate(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("results/demo"), help="where the JSON results go")) -> None:
-    """The main job: fetch both models, run a small dense evaluation of each, print and save results."""
-    from dynaprune.eval.result import write_json_atomic
+def demo(
+    config: Path = typer.Option(Path("configs/demo.yaml"), help="the sweep the demo runs"),
+    out: Path = typer.Option(Path("report"), help="where the report goes"),
+) -> None:
+    """The main job: fetch both models, run the demo sweep (dense baselines and a few pruned points),
+    print the results and write the report."""
+    from dynaprune.eval.sweep import load_config, read_results
     from dynaprune.models.registry import fetch as fetch_model
+    from dynaprune.report.build import build_report
 
     t0 = time.perf_counter()
     for alias in ("minilm-l6", "smollm2-135m"):
         with status(f"fetching {alias}") as say:
             fetch_model(alias, say)
-    runs = [
-        ("minilm-l6", "sts", {}),
-        ("minilm-l6", "sst2", {"max_train": 2000}),
-        ("smollm2-135m", "lm", {"max_tokens": 8192}),
-    ]
-    summary = Table(title="dynaprune demo: dense baselines")
-    for col in ("model", "task", "data", "n", "metric", "value", "seconds"):
-        summary.add_column(col)
-    results = []
-    for model_name, task, kwargs in runs:
-        result = run_task(model_name, task, **kwargs)
-        results.append(result.to_json())
-        write_json_atomic(out / f"{model_name}-{task}.json", result.to_json())
-        summary.add_row(model_name, task, Path(result.data).name, str(result.n), result.metric["name"],
-                        f"{result.metric['value']:.4f}", f"{result.seconds:.1f}")
-    console.print(summary)
-    write_json_atomic(out / "summary.json", results)
-    console.print(f"results in {out}/ ({time.perf_counter() - t0:.0f}s in all)")
-
-
-@app.command()
-def sweep(
-    config: Path = typer.Argument(..., help="sweep YAML (see configs/)"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="results JSONL (default: the config's 'results')"),
-) -> None:
-    """Run a grid of (model x task x recipe) evaluations; one JSON line per run; resumes where it stopped."""
-    from dynaprune import load
-    from dynaprune.eval.sweep import load_config, run_sweep
-
     header, specs = load_config(config, validate_recipe=_validate_recipe)
-    results = out or (Path(header["results"]) if header.get("results") else None)
-    if results is None:
-        raise DynapruneError(f"{config}: no 'results:' path in the config and no --out given")
+    results = Path(header.get("results", "results/demo.jsonl"))
+    _run_specs(specs, results)
+    wanted = {spec.run_id for spec in specs}
+    rows = [r for r in read_results(results) if r["run_id"] in wanted]
+    summary = Table(title="dynaprune demo")
+    for col in ("model", "task", "recipe", "n", "metric", "value", "FLOPs kept", "seconds"):
+        summary.add_column(col)
+    for r in rows:
+        kept = (r.get("cost") or {}).get("flops_kept")
+        summary.add_row(r["model"], r["task"] + (f" ({r['extra'].get('protocol')})" if r["task"] == "lm" else ""),
+                        r.get("recipe") or "dense", str(r["n"]), r["metric"]["name"], f"{r['metric']['value']:.4f}",
+                        "-" if kept is None else f"{kept:.3f}", f"{r['seconds']:.1f}")
+    console.print(summary)
+    html = build_report([results], out, command=f"dynaprune demo --config {config}")
+    console.print(f"results: {results}\nreport: {html.resolve()}  ({time.perf_counter() - t0:.0f}s in all)")
+
+
+def _run_specs(specs, results: Path) -> int:
+    """Run every spec not yet in ``results`` (one model in memory at a time), with a progress bar."""
+    from dynaprune import load
+    from dynaprune.eval.sweep import run_sweep
+
     models: dict[str, object] = {}
 
     def run(spec) -> dict:
         if spec.model not in models:
-            models.clear()  # one model in memory at a time
+            models.clear()
             models[spec.model] = load(spec.model)
         opts = {k: Path(v) if k == "train_data" else v for k, v in spec.options.items()}
         result = run_task(spec.model, spec.task, data=Path(spec.data) if spec.data else None,
                           recipe=spec.recipe, model=models[spec.model], **opts)
-        return result.to_json()
+        row = result.to_json()
+        row["extra"] = {**row.get("extra", {}), **{k: v for k, v in spec.options.items() if k == "protocol"}}
+        return row
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console) as bar:
@@ -319,20 +316,23 @@ def sweep(
         def on_start(spec, i: int, n: int) -> None:
             bar.update(task, completed=i, total=n, description=spec.label())
 
-        ran = run_sweep(specs, results, run, on_start)
-    console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
+        return run_sweep(specs, results, run, on_start)
 
 
 @app.command()
-def report(
-    results: list[Path] = typer.Argument(..., help="results files (.jsonl from sweep, .json from eval --json)"),
-    out: Path = typer.Option(Path("report"), "--out", "-o", help="output folder"),
+def sweep(
+    config: Path = typer.Argument(..., help="sweep YAML (see configs/)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="results JSONL (default: the config's 'results')"),
 ) -> None:
-    """Build report.html (self-contained, figures embedded) and report.md from results files."""
-    from dynaprune.report.build import build_report
+    """Run a grid of (model x task x recipe) evaluations; one JSON line per run; resumes where it stopped."""
+    from dynaprune.eval.sweep import load_config
 
-    path = build_report(results, out, command="dynaprune report " + " ".join(map(str, results)))
-    console.print(f"report: {path.resolve()}")
+    header, specs = load_config(config, validate_recipe=_validate_recipe)
+    results = out or (Path(header["results"]) if header.get("results") else None)
+    if results is None:
+        raise DynapruneError(f"{config}: no 'results:' path in the config and no --out given")
+    ran = _run_specs(specs, results)
+    console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
 
 
 def _validate_recipe(recipe: str) -> None:
