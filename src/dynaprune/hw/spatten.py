@@ -24,14 +24,14 @@ adders) are not on the critical path and are not modelled.
 
 Overlap: each unit is a streaming stage (a stage starts when its input starts arriving and cannot
 end before its input ends); the DRAM system is one shared resource serving reads in issue order.
-Keys of the next queries of a layer are prefetched as soon as the Key SRAM has room for them
-(196 KB = two 1024-key heads at 12 bits, i.e. double buffering; more pruned heads fit), and a
-query's value request is issued after the key requests of the next ``value_issue_lag`` queries, so
-a value fetch that waits for its top-k does not block the key stream (the RTL arbitrates key and
-value requests round-robin; the fixed order keeps the schedule a max-plus system, see
-``simulate_spatten``). In generation (one row per (iteration, layer, head)) nothing is reused; in
-summarization (consecutive rows with the same (iteration, layer, head) are the queries of one
-prefill) the keys and values are fetched once and reused when they fit.
+The next query's keys are prefetched as soon as the Key SRAM has room (Section V-C: 196 KB =
+2 x 1024 x 64 x 12 bits, double buffering; ``prefetch_queries`` deepens it), and a query's value
+request is issued after the key requests of the next ``value_issue_lag`` queries, so a value fetch
+that waits for its top-k does not block the key stream (the RTL arbitrates key and value requests
+round-robin; a fixed order keeps the schedule a max-plus system, see ``simulate_spatten``).
+In generation (one row per (iteration, layer, head)) nothing is reused; in summarization
+(consecutive rows with the same (iteration, layer, head) are the queries of one prefill) the keys
+and values are fetched once and reused when they fit.
 With ``layer_barrier`` the next layer starts only when the current one is done (its queries depend on
 this layer's output through the FC layers, which are not modelled here).
 
@@ -90,10 +90,10 @@ class SpAttenConfig:
     value_sram_bytes: int = 196_608
     pv_multipliers: int = 512
     pv_latency: int = 5
-    # keys of up to this many next queries are fetched ahead, as far as the Key SRAM holds them;
-    # a query's values are requested after the keys of this many later queries (see the docstring)
-    prefetch_queries: int = 64
-    value_issue_lag: int = 2
+    # keys of this many next queries are fetched ahead when the Key SRAM holds them (1: double
+    # buffering); a query's values are requested after the keys of this many later queries
+    prefetch_queries: int = 1
+    value_issue_lag: int = 4
     # reading traces: bits fetched for a -1 ("not quantized") column; layer barrier; top-k pivot seed
     unquantized_bits: int = 12
     layer_barrier: bool = True
