@@ -62,9 +62,10 @@ def test_dse_grid(tiny, tmp_path):
     (["simulate", "{t}", "--param", "energy.bogus=1"], "unknown parameter 'energy.bogus'"),
     (["dse", "{t}", "--sweep", "topk_parallelism="], "has no values"),
     (["simulate", "missing.csv"], "not found"),
+    (["simulate", "{t}", "--json", "{d}"], "is a folder"),
 ])
 def test_bad_input_raises_one_clear_error(tiny, args, needle):
-    res = runner.invoke(app, [a.format(t=tiny) for a in args])
+    res = runner.invoke(app, [a.format(t=tiny, d=tiny.parent) for a in args])
     assert isinstance(res.exception, DynapruneError), res.output
     assert needle in str(res.exception)
 

@@ -40,8 +40,23 @@ def run_model(arch: str, trace: Trace, overrides: dict[str, Any]) -> SimResult:
 def _write_json(path: Path, payload: Any) -> None:
     from dynaprune.eval.result import write_json_atomic
 
-    write_json_atomic(path, payload)
+    try:
+        write_json_atomic(path, payload)
+    except OSError as e:
+        raise DynapruneError(f"cannot write --json {path}: {e.strerror or e}") from None
     console.print(f"json: {path}")
+
+
+def _writable(path: Path | None, flag: str) -> None:
+    """Fail before simulating when an output path cannot be written (a folder, a missing parent we cannot make)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise DynapruneError(f"{flag} {path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DynapruneError(f"cannot create the folder for {flag} {path}: {e.strerror or e}") from None
 
 
 def _fmt(v: Any) -> str:
@@ -60,6 +75,8 @@ def simulate(
 ) -> None:
     """Cycles, seconds, DRAM bytes, GFLOP/s, utilisation and energy of one trace on one accelerator."""
     overrides = parse_overrides(arch, param)
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
     tr = read_trace(trace)
     t0 = time.perf_counter()
     result = run_model(arch, tr, overrides)
@@ -107,6 +124,8 @@ def dse(
     """Design-space exploration (Fig. 19 style): simulate a grid of parameter values; speed-ups vs the first point."""
     config_class(arch)
     fixed = parse_overrides(arch, param)
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
     sweeps = _parse_sweeps(arch, sweep)
     tr = read_trace(trace)
     names = [k for k, _ in sweeps]
