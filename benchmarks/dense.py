@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel
 
 from benchmarks.common import median_seconds, save
 from dynaprune import load
@@ -40,13 +40,9 @@ def bench_encoder(repeats: int) -> dict:
 
 
 def _smollm2_pair():
-    from dynaprune.models.registry import fetch
-
-    path = fetch("smollm2-135m")
+    """Our SmolLM2 and transformers' LlamaForCausalLM holding the very same (dequantized) weights."""
     ours = load("smollm2-135m")
-    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                  torch_dtype=torch.float32).eval()
-    return ours, theirs
+    return ours, ours.to_transformers()
 
 
 def bench_prefill(ours, theirs, repeats: int) -> dict:
