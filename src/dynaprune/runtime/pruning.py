@@ -120,6 +120,7 @@ class PruningContext(RunContext):
             for key, value in counts.items():
                 stats.hdp[key] = stats.hdp.get(key, 0.0) + value
             probs = _probs(q, k, scale, mask) if self._needs_token_importance else None
+            self._last_hdp = hdp_stats
         else:
             probs = self._probs(q, k, v, scale, mask, stats)
             if recipe.quant is not None:
@@ -191,9 +192,13 @@ class PruningContext(RunContext):
                 self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
         if self.kv_budget is None:
             return
+        evicted = False
         for layer in range(cache.n_layers):
             if cache.lengths[layer] > self.kv_budget:
                 self._evict(cache, layer, self.kv_budget)
+                evicted = True
+        if evicted and self.trace_calls:  # the budget's top-k, after the last layer, for the next step
+            self.trace_calls[-1]["topk"] = self.kv_budget
 
     def _evict(self, cache, layer: int, budget: int) -> None:
         """Compact one layer's cache to ``budget`` tokens: sinks and recent tokens, then the most important."""
@@ -225,12 +230,20 @@ class PruningContext(RunContext):
             self.sequence_length = start + queries
         keys = [n_keys - (queries - 1 - i) if causal else n_keys for i in range(queries)]
         lsb = getattr(self, "_last_needs_lsb", None)
+        hdp = getattr(self, "_last_hdp", None)
+        if hdp is not None:  # HDP: per head, the share of pairs its blocks kept, and which heads survived
+            share = (hdp.pairs_kept[0].double() / hdp.pairs_valid[0].double().clamp(min=1)).tolist()
+            hdp_heads = {"kept_share": share, "head_kept": hdp.head_kept[0].tolist()}
+        else:
+            hdp_heads = None
+        self._last_hdp = None
         self.trace_calls.append({
             "iteration": self.iteration, "layer": layer, "D": head_dim, "L": self.sequence_length,
             "heads": heads[0].tolist() if heads is not None else list(range(self.shape.heads)),
             "keys_per_query": keys,
             "needs_lsb": lsb[0, :, -queries:].tolist() if lsb is not None and self.recipe.quant else None,
             "topk": None,
+            "hdp": hdp_heads,
         })
         self._last_needs_lsb = None
 

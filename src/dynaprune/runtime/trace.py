@@ -5,7 +5,9 @@ the heads computed, the keys each query attended (after cascade pruning and KV e
 needed their LSBs, and how many tokens the cascade kept after the layer. ``trace_rows`` turns that into
 one row per (iteration, layer, head, query): for a decode step a single query per head, for an encoder
 or a prefill (SpAtten's summarization stage) one row per query, consecutive, so the simulators reuse
-the fetched K/V across them.
+the fetched K/V across them. HDP runs: heads pruned early have no rows, block pruning shows as the kept
+share of each head's keys, and the fixed-point word I.F is written as I key bits plus F "LSB" bits.
+Rows are keyed by query head, so with GQA a K/V group is counted once per query head it serves.
 """
 
 from __future__ import annotations
@@ -26,12 +28,19 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
     total_bits = quant.total_bits if quant is not None else -1
     progressive = quant is not None and quant.progressive
     accumulate = recipe.prunes_tokens or recipe.kv is not None
+    if ctx.hdp is not None:  # HDP's fixed-point word: integer bits as "MSBs", fraction bits as "LSBs"
+        key_bits, total_bits = ctx.hdp.int_bits, ctx.hdp.int_bits + ctx.hdp.frac_bits
     rows: list[TraceRow] = []
     for call in ctx.trace_calls:
         last_head = len(call["heads"]) - 1
+        hdp = call.get("hdp")
         for slot, head in enumerate(call["heads"]):
+            if hdp is not None and not hdp["head_kept"][slot]:
+                continue  # pruned early by HDP: the simulator reads a missing head as pruned
             n_queries = len(call["keys_per_query"])
             for i, keys in enumerate(call["keys_per_query"]):
+                if hdp is not None:  # block pruning: the kept share of this head's pairs
+                    keys = max(1, round(hdp["kept_share"][slot] * keys))
                 values = keep_count(recipe.value, keys) if recipe.value is not None else keys
                 requant = bool(call["needs_lsb"][slot][i]) if call["needs_lsb"] is not None else False
                 topk_row = call["topk"] is not None and slot == last_head and i == n_queries - 1
