@@ -259,6 +259,28 @@ def generate(
 
 
 @app.command()
+def run(
+    model: str = typer.Argument(..., help="alias (see `dynaprune models`), checkpoint folder, .gguf file"),
+    text: str = typer.Option(..., "--text", "-t", help="ONE sentence or prompt to run"),
+    recipe: str = typer.Option("token=0.5", help="pruning recipe, e.g. 'token=0.4', 'token=0.3,head=0.8'"),
+    plot: Path | None = typer.Option(None, help="also draw the tokens x layers picture to this .png"),
+    chat: bool = typer.Option(False, help="decoders: wrap the text in the model's chat template"),
+) -> None:
+    """Run one text under a recipe and show which tokens survive each layer (SpAtten Fig. 22/23)."""
+    from dynaprune import load
+    from dynaprune.report.pruning_picture import plot_survival, render_terminal, trace_survival
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise DynapruneError(f"--plot {plot}: give a path ending in .png")
+    with status(f"loading {model}") as say:
+        m = load(model, say)
+    survival = trace_survival(m, text, recipe, chat=chat)
+    render_terminal(survival, console)
+    if plot is not None:
+        console.print(f"wrote {plot_survival(survival, plot)}")
+
+
+@app.command()
 def demo(
     config: Path = typer.Option(Path("configs/demo.yaml"), help="the sweep the demo runs"),
     out: Path = typer.Option(Path("report"), help="where the report goes"),
