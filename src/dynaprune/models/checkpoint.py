@@ -60,3 +60,23 @@ def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> d
                 break
         out[k] = v
     return out
+
+
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` (our parameter names) into ``model`` as its own fp32 tensors, every shape checked
+    first so a checkpoint that does not match its config is one clear error."""
+    want = model.state_dict()
+    for k, v in state.items():
+        if v.shape != want[k].shape:
+            expected = tuple(want[k].shape)
+            raise DynapruneError(f"{source}: tensor for {k} has shape {tuple(v.shape)}, expected {expected}")
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True, assign=True)
+
+
+def folder_tokenizer(folder: Path, files: tuple[str, ...]):
+    """The folder's tokenizer (transformers' AutoTokenizer) if any of ``files`` is there, else None."""
+    if not any((folder / f).exists() for f in files):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.checkpoint import read_config, read_safetensors, strip_prefix
+from dynaprune.models.checkpoint import assign_weights, folder_tokenizer, read_config, read_safetensors, strip_prefix
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -203,12 +203,7 @@ class GPT2(nn.Module):
             raise DynapruneError(f"{source}: unexpected tensors, e.g. {list(sd)[:3]} (not a GPT-2 checkpoint?)")
         with torch.device("meta"):
             model = cls(c, tokenizer=tokenizer, name=name)
-        want = model.state_dict()
-        for k, v in out.items():
-            if v.shape != want[k].shape:
-                raise DynapruneError(f"{source}: tensor for {k} has shape {tuple(v.shape)}, expected "
-                                     f"{tuple(want[k].shape)}")
-        model.load_state_dict({k: v.float().contiguous() for k, v in out.items()}, strict=True, assign=True)
+        assign_weights(model, out, source)
         if c.tie_embeddings:
             model.lm_head.weight = model.wte.weight
         return model.eval()
@@ -221,9 +216,5 @@ class GPT2(nn.Module):
             raise DynapruneError(f"{folder}: not a checkpoint folder")
         config = GPT2Config.from_hf(read_config(folder))
         state = read_safetensors(folder)
-        tokenizer = None
-        if any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = folder_tokenizer(folder, ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
         return cls.from_hf_state(config, state, tokenizer=tokenizer, name=folder.name, source=str(folder))

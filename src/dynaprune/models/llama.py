@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.checkpoint import read_config, read_safetensors, strip_prefix
+from dynaprune.models.checkpoint import assign_weights, folder_tokenizer, read_config, read_safetensors, strip_prefix
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -349,11 +349,7 @@ class Llama(nn.Module):
             raise DynapruneError(f"{source}: unexpected tensors, e.g. {leftover[:3]} (not a {c.arch} checkpoint?)")
         with torch.device("meta"):  # no random init: every weight comes from the checkpoint
             model = cls(c, tokenizer=tokenizer, name=name)
-        for k, v in out.items():
-            want = model.state_dict()[k].shape
-            if v.shape != want:
-                raise DynapruneError(f"{source}: tensor for {k} has shape {tuple(v.shape)}, expected {tuple(want)}")
-        model.load_state_dict({k: v.float().contiguous() for k, v in out.items()}, strict=True, assign=True)
+        assign_weights(model, out, source)
         if c.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         return model.eval()
@@ -366,11 +362,7 @@ class Llama(nn.Module):
             raise DynapruneError(f"{folder}: not a checkpoint folder")
         config = LlamaConfig.from_hf(read_config(folder))
         state = read_safetensors(folder)
-        tokenizer = None
-        if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = folder_tokenizer(folder, ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
         return cls.from_hf_state(config, state, tokenizer=tokenizer, name=folder.name, source=str(folder))
 
     @classmethod
