@@ -31,8 +31,9 @@ app = typer.Typer(
     help="Run-time attention pruning (SpAtten, Hybrid Dynamic Pruning) on real transformers.",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Wide tables when output goes to a file or a pipe (logs, CI) instead of wrapping at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 TASKS = ("sts", "classify", "sst2", "lm")
 

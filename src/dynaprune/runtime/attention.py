@@ -34,17 +34,26 @@ class WorkCounter:
     pairs: dict[int, int] = field(default_factory=dict)
     head_pairs: dict[int, int] = field(default_factory=dict)  # pairs x heads actually computed
     keys: dict[int, int] = field(default_factory=dict)  # real keys attended (the K/V read), summed over calls
+    # what the same calls would have attended with no K/V evicted (differs from pairs/keys under a KV budget)
+    dense_pairs: dict[int, int] = field(default_factory=dict)
+    dense_keys: dict[int, int] = field(default_factory=dict)
     heads: int = 0  # query heads of the model (for the dense figure)
 
-    def add(self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int) -> None:
+    def add(
+        self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int,
+        dense_pairs: int | None = None, dense_keys: int | None = None,
+    ) -> None:
         self.tokens[layer] = self.tokens.get(layer, 0) + tokens
         self.pairs[layer] = self.pairs.get(layer, 0) + pairs
         self.head_pairs[layer] = self.head_pairs.get(layer, 0) + pairs * heads_computed
         self.keys[layer] = self.keys.get(layer, 0) + keys
+        self.dense_pairs[layer] = self.dense_pairs.get(layer, 0) + (pairs if dense_pairs is None else dense_pairs)
+        self.dense_keys[layer] = self.dense_keys.get(layer, 0) + (keys if dense_keys is None else dense_keys)
 
     def merge(self, other: WorkCounter) -> None:
         for mine, theirs in ((self.tokens, other.tokens), (self.pairs, other.pairs),
-                             (self.head_pairs, other.head_pairs), (self.keys, other.keys)):
+                             (self.head_pairs, other.head_pairs), (self.keys, other.keys),
+                             (self.dense_pairs, other.dense_pairs), (self.dense_keys, other.dense_keys)):
             for layer, n in theirs.items():
                 mine[layer] = mine.get(layer, 0) + n
         self.heads = max(self.heads, other.heads)

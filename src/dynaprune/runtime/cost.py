@@ -109,8 +109,9 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
     """FLOPs per component and K/V bytes of the work a run really did, beside the dense figures.
 
     The dense reference is ``dense`` when given (e.g. the same inputs run without pruning), else the
-    first layer's work repeated over every layer: exact for encoder/prefill token and head pruning,
-    which never prune before the first layer.
+    first layer's work repeated over every layer, with its (query, key) pairs and keys counted as if no
+    K/V had been evicted: exact for token and head pruning, which never prune before the first layer,
+    and for KV budgets, which the counter tracks beside the real pairs.
     """
     layers = range(shape.layers)
     kv_row_bytes = 2 * 2 * shape.kv_heads * shape.head_dim  # K and V of one token, fp16
@@ -121,10 +122,14 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
         for layer in layers:
             src = 0 if replicate_first else layer
             tokens = counter.tokens.get(src, 0)
-            head_pairs = counter.pairs.get(src, 0) * shape.heads if replicate_first else counter.head_pairs.get(src, 0)
+            if replicate_first:  # the dense reference: layer 0 as if no K/V had been evicted, every head
+                head_pairs = counter.dense_pairs.get(0, 0) * shape.heads
+                keys = counter.dense_keys.get(0, 0)
+            else:
+                head_pairs, keys = counter.head_pairs.get(src, 0), counter.keys.get(src, 0)
             for key, value in _flops(shape, tokens, head_pairs).items():
                 flops[key] += value
-            kv_bytes += counter.keys.get(src, 0) * kv_row_bytes
+            kv_bytes += keys * kv_row_bytes
         flops["total"] = sum(flops.values())
         return {"flops": flops, "kv_bytes_read_fp16": kv_bytes,
                 "tokens_per_layer": [counter.tokens.get(0 if replicate_first else i, 0) for i in layers]}

@@ -153,8 +153,13 @@ class PruningContext(RunContext):
             self._trace(layer, heads, lq, k.shape[2], head_dim, key_padding_mask, causal, stats)
         tokens, pairs = count_pairs(lq, k.shape[2], key_padding_mask, causal, B)
         keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * k.shape[2]
+        dense_pairs = dense_keys = None
+        if self.cache is not None and self.prefilled:  # keys evicted so far would have been attended too
+            seen = self.cache.next_position.cpu() + (tokens // B)
+            dense_keys = int(seen.sum())
+            dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
         self.work.heads = n_heads
-        self.work.add(layer, tokens, pairs, out.shape[1], keys)
+        self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys)
         stats.tokens_in += tokens
         stats.heads_alive = out.shape[1]
         if heads is None:
