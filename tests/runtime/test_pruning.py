@@ -108,3 +108,34 @@ def test_head_pruning_zeroes_the_least_important_heads():
     expected = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :2].sort(dim=1).values
     assert torch.equal(ctx.head_index, expected)
     assert ctx.summary()["heads_per_layer"] == [4, 4, 4, 2]
+
+
+def tiny_llama():
+    from dynaprune.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab=50, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=48,
+                      max_positions=256)
+    return Llama(cfg).eval()
+
+
+def test_kv_budget_bounds_the_cache_and_reports_the_work_saved():
+    from dynaprune.runtime.cost import cost_shape, work_cost
+
+    model = tiny_llama()
+    prompt = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    dense, pruned = RunContext(), make_context("kv=10,sink=2,recent=3", model)
+    model.generate(prompt, max_new_tokens=120, stop_tokens=[], ctx=dense)
+    caches = []
+    original = model.new_cache
+    model.new_cache = lambda *a, **k: caches.append(original(*a, **k)) or caches[-1]
+    model.generate(prompt, max_new_tokens=120, stop_tokens=[], ctx=pruned)
+    cache = caches[0]
+    # generated 3x past the budget: every layer holds the budget, sinks are the first positions
+    assert cache.lengths == [10, 10]
+    assert cache.cached_positions(0)[0, :2].tolist() == [0, 1]
+    assert cache.bytes_held() == 2 * 2 * 2 * 10 * 16 * 4  # layers x (K, V) x kv heads x tokens x dim x fp32
+    shape = cost_shape(model)
+    ours, reference = work_cost(shape, pruned.work), work_cost(shape, dense.work)
+    assert ours["dense"]["flops"] == reference["actual"]["flops"]  # the same dense reference
+    assert ours["attention_flops_kept"] < 0.25 and ours["kv_bytes_kept"] < 0.25
