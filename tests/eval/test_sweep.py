@@ -103,3 +103,12 @@ def test_other_schema_refused(tmp_path):
         read_results(path)
     path.write_text(json.dumps({"schema": SCHEMA, "run_id": "x"}) + "\n")
     assert len(read_results(path)) == 1
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_validate(config):
+    from dynaprune.cli import _validate_recipe
+
+    header, specs = load_config(config, validate_recipe=_validate_recipe)
+    assert specs and header["results"].endswith(".jsonl")
