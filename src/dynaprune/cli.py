@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from dynaprune.errors import DynapruneError
+from dynaprune.eval.sweep import TASKS
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +36,6 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
-TASKS = ("sts", "classify", "sst2", "lm")
 
 
 @contextmanager
