@@ -83,3 +83,18 @@ def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
 def test_models_lists_aliases(monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, "models")
     assert code == 0 and "minilm-l6" in text and "smollm2-135m" in text
+
+
+def test_every_documented_command_exists(monkeypatch, capsys):
+    code, text = run_cli(monkeypatch, capsys, "--help")
+    for command in ("models", "fetch", "eval", "generate", "run", "demo", "sweep", "report", "hw"):
+        assert f" {command} " in text, command
+
+
+def test_report_command_on_an_empty_results_file(monkeypatch, capsys, tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text("")
+    code, text = run_cli(monkeypatch, capsys, "report", str(results), "-o", str(tmp_path / "out"))
+    assert code == 0 and (tmp_path / "out" / "report.html").exists()
+    code, text = run_cli(monkeypatch, capsys, "report", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "results file not found" in text

@@ -358,6 +358,18 @@ def sweep(
     console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
 
 
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="results files (.jsonl from sweep, .json from eval --json)"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="output folder"),
+) -> None:
+    """Build report.html (self-contained, figures embedded) and report.md from results files."""
+    from dynaprune.report.build import build_report
+
+    path = build_report(results, out, command="dynaprune report " + " ".join(map(str, results)))
+    console.print(f"report: {path.resolve()}")
+
+
 def _validate_recipe(recipe: str) -> None:
     if recipe not in ("", "dense"):
         try:
