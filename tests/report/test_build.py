@@ -24,7 +24,7 @@ def test_report_has_figure_and_table(tmp_path):
     assert html.count("data:image/png;base64,") == 1
     assert "token=0.5" in html and "+0.0070" in html  # drop vs dense
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| spatten | token=0.3 | 0.8400 | +0.0270 | 0.450 | 10 |" in md
+    assert "| spatten token | token=0.3 | 0.8400 | +0.0270 | 0.450 | 10 |" in md
     assert (tmp_path / "out" / "figures" / "minilm-l6-sts.png").stat().st_size > 1000
 
 
@@ -45,4 +45,6 @@ def test_foreign_schema_refused(tmp_path):
 def test_method_labels():
     assert method_of(None) == "dense"
     assert method_of("kv=0.25,score=h2o") == "h2o"
-    assert method_of("token=0.5,block=0.2") == "hdp+spatten"
+    assert method_of("token=0.5,block=0.2") == "hdp+spatten token"
+    assert method_of("token=0.5,head=0.8") == "spatten token+head"
+    assert method_of("kv=0.25") == "spatten kv"

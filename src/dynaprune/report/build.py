@@ -52,16 +52,22 @@ def load_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
+SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv")
+HDP_KEYS = ("block", "block_sparsity", "hdp_head", "fixed")
+
+
 def method_of(recipe: str | None) -> str:
-    """A short method label from a recipe string: 'dense', 'spatten', 'h2o', ..."""
+    """A series label from a recipe string: 'dense', a baseline ('h2o', 'random', ...) or the family and
+    the techniques on ('spatten token', 'spatten token+head', 'hdp', 'hdp+spatten token')."""
     if not recipe or recipe == "dense":
         return "dense"
     keys = dict(part.split("=", 1) for part in recipe.split(",") if "=" in part)
-    if "score" in keys:
+    if keys.get("score", "spatten") != "spatten":
         return keys["score"]
-    if any(k in keys for k in ("block", "block_sparsity", "hdp_head")):
-        return "hdp" + ("+spatten" if any(k in keys for k in ("token", "head")) else "")
-    return "spatten"
+    techniques = "+".join(dict.fromkeys(k.removesuffix("_schedule") for k in keys if k in SPATTEN_KEYS))
+    if any(k in keys for k in HDP_KEYS):
+        return "hdp" + (f"+spatten {techniques}" if techniques else "")
+    return f"spatten {techniques}" if techniques else "spatten"
 
 
 def _png(fig) -> str:
@@ -154,5 +160,6 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "") -> Path:
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
         os.replace(tmp, path)
     return html_path
