@@ -360,10 +360,7 @@ class PruningContext(RunContext):
             for i in layers:
                 for key, value in s[i].hdp.items():
                     totals[key] = totals.get(key, 0.0) + value
-            totals["block_sparsity"] = 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"])
-            totals["pair_sparsity"] = 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"])
-            totals["head_sparsity"] = 1 - totals["head_kept"] / max(1.0, totals["heads_total"])
-            out["hdp"] = totals
+            out["hdp"] = hdp_sparsities(totals)
         return out
 
 
@@ -421,6 +418,16 @@ def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
     return PruningContext(recipe, shape, **kwargs)
 
 
+def hdp_sparsities(totals: dict[str, float]) -> dict[str, float]:
+    """HDP count totals with the block, pair and head sparsities they imply added."""
+    return {
+        **totals,
+        "block_sparsity": 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"]),
+        "pair_sparsity": 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"]),
+        "head_sparsity": 1 - totals["head_kept"] / max(1.0, totals["heads_total"]),
+    }
+
+
 def merge_summaries(contexts: list[RunContext]) -> dict:
     """Summaries of the pruning contexts of one task run, merged: per-layer lists and counts summed,
     fractions weighted by the rows / keys they cover."""
@@ -440,8 +447,5 @@ def merge_summaries(contexts: list[RunContext]) -> dict:
     hdp = [s["hdp"] for s in summaries if "hdp" in s]
     if hdp:
         totals = {k: sum(h.get(k, 0.0) for h in hdp) for k in hdp[0] if not k.endswith("sparsity")}
-        totals["block_sparsity"] = 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"])
-        totals["pair_sparsity"] = 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"])
-        totals["head_sparsity"] = 1 - totals["head_kept"] / max(1.0, totals["heads_total"])
-        merged["hdp"] = totals
+        merged["hdp"] = hdp_sparsities(totals)
     return merged
