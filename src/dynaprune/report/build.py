@@ -1,165 +1,166 @@
 """The report: one self-contained HTML page (figures embedded) and a Markdown twin, from results files.
 
-Input: JSONL files written by ``dynaprune sweep`` (or JSON files from ``dynaprune eval --json``).
-Per (model, task): a trade-off figure (metric vs fraction of FLOPs kept, dense point and every
-method on the same axes) and a table (method, recipe, metric, drop vs dense, work kept); then the
-provenance of every number (command, versions, date).
+Per comparable group of results (same model, task, protocol, data and n; ``report/results.py``):
+trade-off curves of the metric against the fraction of FLOPs kept, of K/V bytes kept and of K/V bits
+fetched (``report/axes.py``, ``report/tradeoff.py``), the tokens and heads alive per layer
+(``report/layers.py``) and a table (method, recipe, metric, drop vs dense, work kept, run id). Then
+the pruning pictures when asked (``report/pictures.py``) and the provenance of every number
+(``report/provenance.py``). An empty results set makes a report that says so.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import os
 import tempfile
-from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
+from dynaprune.report.axes import SHORT, work_axes
+from dynaprune.report.layers import layers_png
+from dynaprune.report.pictures import Picture
+from dynaprune.report.provenance import describe_sources, report_build, run_ref
+from dynaprune.report.results import HIGHER_IS_BETTER, Group, group_rows, load_rows, method_of
+from dynaprune.report.tradeoff import tradeoff_png
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+__all__ = ["build_report", "load_rows", "method_of", "table"]
 
-from dynaprune.errors import DynapruneError  # noqa: E402
-from dynaprune.eval.sweep import SCHEMA, read_results  # noqa: E402
-
-HIGHER_IS_BETTER = {"spearman": True, "accuracy": True, "perplexity": False, "rouge_l": True}
-
-
-def load_rows(paths: list[Path]) -> list[dict]:
-    rows: list[dict] = []
-    for path in paths:
-        if not path.exists():
-            raise DynapruneError(f"results file not found: {path}")
-        if path.suffix == ".json":
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DynapruneError(f"{path}: not valid JSON ({e})") from None
-            for row in obj if isinstance(obj, list) else [obj]:
-                if "schema" in row and row["schema"] != SCHEMA:
-                    raise DynapruneError(
-                        f"{path}: results of schema {row['schema']!r}; this dynaprune reads {SCHEMA!r}"
-                    )
-                if "metric" not in row or "task" not in row:
-                    raise DynapruneError(f"{path}: not a dynaprune result (no 'task'/'metric')")
-                rows.append(row)
-        else:
-            rows.extend(read_results(path))
-    return rows
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1120px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+    "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:nth-child(2){text-align:left}"
+    "img{max-width:100%;display:block;margin:.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
+    "code{background:#f6f6f6}.note{color:#555}"
+)
+EMPTY = "**No results:** the given results files hold no result lines. Run a sweep first (`dynaprune sweep`)."
 
 
-SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv")
-HDP_KEYS = ("block", "block_sparsity", "hdp_head", "fixed")
-
-
-def method_of(recipe: str | None) -> str:
-    """A series label from a recipe string: 'dense', a baseline ('h2o', 'random', ...) or the family and
-    the techniques on ('spatten token', 'spatten token+head', 'hdp', 'hdp+spatten token')."""
-    if not recipe or recipe == "dense":
-        return "dense"
-    keys = dict(part.split("=", 1) for part in recipe.split(",") if "=" in part)
-    if keys.get("score", "spatten") != "spatten":
-        return keys["score"]
-    techniques = "+".join(dict.fromkeys(k.removesuffix("_schedule") for k in keys if k in SPATTEN_KEYS))
-    if any(k in keys for k in HDP_KEYS):
-        return "hdp" + (f"+spatten {techniques}" if techniques else "")
-    return f"spatten {techniques}" if techniques else "spatten"
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def tradeoff_figure(title: str, rows: list[dict], x_key: str = "flops_kept") -> str:
-    """Metric vs fraction of work kept, one series per method, dense as a star. Returns base64 PNG."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_method: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-    for row in rows:
-        x = (row.get("cost") or {}).get(x_key, 1.0)
-        by_method[method_of(row.get("recipe"))].append((x, row["metric"]["value"], row.get("recipe") or "dense"))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        if method == "dense":
-            ax.scatter(xs, ys, marker="*", s=160, color="black", label="dense", zorder=5)
-        else:
-            ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xlabel({"flops_kept": "fraction of FLOPs kept (real, gathered work)",
-                   "kv_bytes_kept": "fraction of K/V bytes kept"}.get(x_key, x_key))
-    ax.set_ylabel(rows[0]["metric"]["name"])
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    dense = next((r for r in rows if method_of(r.get("recipe")) == "dense"), None)
-    name = rows[0]["metric"]["name"]
+def table(group: Group) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a group's table: drop vs dense is positive when the metric got worse."""
+    dense = group.dense
+    name = group.rows[0]["metric"]["name"]
     sign = 1 if HIGHER_IS_BETTER.get(name, True) else -1
-    header = ["method", "recipe", name, "drop vs dense", "FLOPs kept", "n"]
+    header = ["method", "recipe", name, "drop vs dense", *SHORT.values(), "n", "run"]
     body = []
-    for r in sorted(rows, key=lambda r: (method_of(r.get("recipe")) != "dense", r.get("recipe") or "")):
+    for r in group.rows:
         value = r["metric"]["value"]
         drop = "" if dense is None else f"{sign * (dense['metric']['value'] - value):+.4f}"
-        kept = (r.get("cost") or {}).get("flops_kept")
+        kept = work_axes(r) if r.get("cost") else {}
         body.append([method_of(r.get("recipe")), r.get("recipe") or "dense", f"{value:.4f}", drop,
-                     "" if kept is None else f"{kept:.3f}", str(r.get("n", ""))])
+                     *(f"{kept[k]:.3f}" if k in kept else "" for k in SHORT), str(r.get("n", "")), run_ref(r)])
     return header, body
 
 
-def build_report(paths: list[Path], out_dir: Path, command: str = "") -> Path:
-    """Write report.html and report.md into ``out_dir``; returns the HTML path."""
+class _Page:
+    """The HTML page and its Markdown twin, written side by side."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.figures = out_dir / "figures"
+        self.h: list[str] = ["<!doctype html><html><head><meta charset='utf-8'><title>dynaprune report</title>"
+                             f"<style>{STYLE}</style></head><body><h1>dynaprune report</h1>"]
+        self.md: list[str] = ["# dynaprune report", ""]
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.h.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md += ["#" * level + " " + text, ""]
+
+    def para(self, markdown: str, html_text: str | None = None) -> None:
+        self.h.append(f"<p>{html_text if html_text is not None else _code_spans(markdown)}</p>")
+        self.md += [markdown, ""]
+
+    def figure(self, name: str, png: bytes, alt: str, caption: str = "") -> None:
+        self.figures.mkdir(parents=True, exist_ok=True)
+        (self.figures / name).write_bytes(png)
+        data = base64.b64encode(png).decode()
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        self.h.append(f"<figure><img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{data}'>"
+                      f"{cap}</figure>")
+        self.md += [f"![{alt}](figures/{name})", ""] + ([f"*{caption}*", ""] if caption else [])
+
+    def table(self, header: list[str], body: list[list[str]]) -> None:
+        self.h.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
+                      + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                      + "</table>")
+        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body] + [""]
+
+    def items(self, lines: list[str]) -> None:
+        """A bullet list; each line is Markdown with `code` spans."""
+        self.h.append("<ul>" + "".join(f"<li>{_code_spans(line)}</li>" for line in lines) + "</ul>")
+        self.md += [f"- {line}" for line in lines] + [""]
+
+    def write(self) -> Path:
+        self.h.append("</body></html>")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        html_path = self.out_dir / "report.html"
+        for path, text in ((html_path, "\n".join(self.h)), (self.out_dir / "report.md", "\n".join(self.md))):
+            _write_atomic(path, text)
+        return html_path
+
+
+def build_report(paths: list[Path], out_dir: Path, command: str = "",
+                 pictures: list[Picture] | None = None) -> Path:
+    """Write report.html and report.md (and figures/*.png) into ``out_dir``; returns the HTML path."""
+    paths = [Path(p) for p in paths]
     rows = load_rows(paths)
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row.get("model", "?"), row["task"])].append(row)
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    h = ["<!doctype html><html><head><meta charset='utf-8'><title>dynaprune report</title><style>"
-         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-         "text-align:right}th{background:#f3f3f3}img{max-width:100%}code{background:#f6f6f6}"
-         "</style></head><body><h1>dynaprune report</h1>",
-         f"<p>{len(rows)} result(s) from {len(paths)} file(s), built {now}.</p>"]
-    md = ["# dynaprune report", "", f"{len(rows)} result(s) from {len(paths)} file(s), built {now}.", ""]
+    groups = group_rows(rows)
+    build = report_build(command)
+    page = _Page(Path(out_dir))
+    page.para(f"{len(rows)} result(s) from {len(paths)} file(s) in {len(groups)} group(s), built {build['built']}.")
     if not rows:
-        h.append("<p><b>No results:</b> the given results files are empty. Run a sweep first.</p>")
-        md.append("**No results:** the given results files are empty. Run a sweep first.")
-    figures = out_dir / "figures"
-    for (model, task), group in sorted(groups.items()):
-        title = f"{model} · {task}"
-        png = tradeoff_figure(title, group)
-        figures.mkdir(parents=True, exist_ok=True)
-        fig_name = f"{model}-{task}.png".replace("/", "_")
-        (figures / fig_name).write_bytes(base64.b64decode(png))
-        header, body = _table(group)
-        h.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)} trade-off' "
-                 f"src='data:image/png;base64,{png}'>")
-        h.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
-                 + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-                 + "</table>")
-        md += [f"## {title}", "", f"![{title}](figures/{fig_name})", "",
-               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(r) + " |" for r in body] + [""]
-    versions = sorted({json.dumps(r.get("versions", {}), sort_keys=True) for r in rows})
-    h.append("<h2>Provenance</h2><ul>" + (f"<li>command: <code>{html.escape(command)}</code></li>" if command else "")
-             + "".join(f"<li>{html.escape(Path(p).name)}</li>" for p in paths)
-             + "".join(f"<li>versions: <code>{html.escape(v)}</code></li>" for v in versions) + "</ul></body></html>")
-    md += ["## Provenance", ""] + ([f"- command: `{command}`"] if command else [])
-    md += [f"- results: {Path(p).name}" for p in paths] + [f"- versions: `{v}`" for v in versions]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    html_path = out_dir / "report.html"
-    for path, text in ((html_path, "\n".join(h)), (out_dir / "report.md", "\n".join(md) + "\n")):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+        page.para(EMPTY, "<b>No results:</b> the given results files hold no result lines. Run a sweep first "
+                  "(<code>dynaprune sweep</code>).")
+    if groups:
+        page.para("Work kept: FLOPs really done, K/V bytes read and K/V bits fetched, each as a fraction of "
+                  "the dense model on the same inputs (see dynaprune/report/axes.py). Drop vs dense is "
+                  "positive when the metric got worse.")
+    for group in groups:
+        page.heading(group.title)
+        page.figure(f"{group.slug}-tradeoff.png", tradeoff_png(group), f"{group.title}: trade-off curves")
+        per_layer = layers_png(group)
+        if per_layer is not None:
+            page.figure(f"{group.slug}-layers.png", per_layer, f"{group.title}: tokens and heads alive per layer")
+        page.table(*table(group))
+    if pictures:
+        page.heading("Pruning pictures")
+        page.para("Which tokens each layer computed (grey: pruned), coloured by cumulative importance "
+                  "(SpAtten Fig. 22/23); bold labels are the tokens the last layer kept.")
+        for picture in pictures:
+            page.figure(picture.path.name, picture.path.read_bytes(), f"pruning picture: {picture.path.stem}",
+                        picture.caption)
+    _provenance(page, paths, rows, build)
+    return page.write()
+
+
+def _provenance(page: _Page, paths: list[Path], rows: list[dict], build: dict[str, str]) -> None:
+    page.heading("Provenance")
+    page.items([f"report: `{build['command']}` on {build['built']} (dynaprune {build['dynaprune']}, "
+                f"Python {build['python']})"])
+    for src in describe_sources(paths, rows):
+        page.heading(Path(src.path).name, 3)
+        lines = [f"file: `{src.path}` (sha256 {src.sha256}…, {src.rows} result(s))",
+                 f"run dates (UTC): {src.dates}"]
+        lines += [f"command: `{c}`" for c in src.commands]
+        lines += [f"versions: `{v}`" for v in src.versions]
+        page.items(lines)
+    page.para("Every table row names its run id: the `run_id` of its line in the results file, a hash of "
+              "model, task, data, recipe and options (the config line it came from in brackets).")
+
+
+def _code_spans(markdown: str) -> str:
+    """Escape a line and turn its `code` spans into <code> elements."""
+    parts = markdown.split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(text + "\n")
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
         os.replace(tmp, path)
-    return html_path
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,51 @@
+"""The three measures of work kept that the report plots a metric against, read from one result row.
+
+- ``flops_kept``: FLOPs really done / dense FLOPs (``runtime/cost.py`` ``work_cost``, gathered work).
+- ``kv_bytes_kept``: K/V bytes read / dense K/V bytes, both at 16 bits (``work_cost``).
+- ``bits_kept``: K/V *bits fetched* / dense fp16 K/V bits: the K/V bytes kept, scaled by what the
+  pruning summary says the other SpAtten techniques saved on top of the tokens (DRAM traffic):
+  the share of heads computed (token-weighted over layers; multi-head models only: with grouped K/V
+  heads a pruned query head need not spare its K/V), the key bits fetched per key with progressive
+  quantization (``key_bits_fetched_vs_fp16``), and the value rows fetched with value pruning
+  (``value_rows_kept``). K and V weigh the same (same shape); what a technique does not touch counts
+  at 16 bits. Block pruning (HDP) skips score blocks, not K/V fetches, so it leaves this axis alone.
+
+A result without a cost record (a dense run on an old file) counts as 1.0 on every axis.
+"""
+
+from __future__ import annotations
+
+AXES: dict[str, str] = {
+    "flops_kept": "fraction of FLOPs kept (real, gathered work)",
+    "kv_bytes_kept": "fraction of K/V bytes kept (fp16)",
+    "bits_kept": "K/V bits fetched (fraction of dense fp16)",
+}
+SHORT: dict[str, str] = {"flops_kept": "FLOPs kept", "kv_bytes_kept": "K/V bytes kept", "bits_kept": "bits fetched"}
+
+
+def head_share(cost: dict) -> float:
+    """Share of (token, head) work left by head pruning: sum over layers of tokens x heads alive,
+    over the same with every head; 1.0 without head counts or with grouped K/V heads."""
+    pruning = cost.get("pruning") or {}
+    tokens = pruning.get("tokens_per_layer") or []
+    heads = pruning.get("heads_per_layer_last_call") or pruning.get("heads_per_layer") or []
+    shape = cost.get("shape") or {}
+    n_heads, kv_heads = shape.get("heads"), shape.get("kv_heads")
+    if not tokens or len(heads) != len(tokens) or not n_heads or kv_heads != n_heads:
+        return 1.0
+    total = sum(tokens) * n_heads
+    return sum(t * h for t, h in zip(tokens, heads, strict=True)) / total if total else 1.0
+
+
+def work_axes(row: dict) -> dict[str, float]:
+    """``{"flops_kept", "kv_bytes_kept", "bits_kept"}`` of one result row (see the module docstring)."""
+    cost = row.get("cost") or {}
+    pruning = cost.get("pruning") or {}
+    kv = float(cost.get("kv_bytes_kept", 1.0))
+    key_bits = float(pruning.get("key_bits_fetched_vs_fp16", 1.0))
+    value_rows = float(pruning.get("value_rows_kept", 1.0))
+    return {
+        "flops_kept": float(cost.get("flops_kept", 1.0)),
+        "kv_bytes_kept": kv,
+        "bits_kept": kv * head_share(cost) * (key_bits + value_rows) / 2,
+    }
