@@ -41,8 +41,14 @@ SpAtten keys (Wang et al., HPCA 2021, Sec. III):
 
 Hybrid Dynamic Pruning keys (reserved here, implemented in ``prune/hdp.py``): ``block=RHO`` (threshold
 ratio, any real), ``block_sparsity=S`` (target sparsity in [0, 1) to calibrate RHO; excludes
-``block``), ``block_size=b`` (>= 1), ``hdp_head=TAU`` (>= 0), ``approx=on|off``, ``fixed=I.F``
-(integer and fraction bits, each 1..16, I + F <= 16).
+``block``), ``block_size=b`` (>= 1), ``block_score=abs_sum|sum|max`` (block importance from its integer
+scores; default abs_sum, the paper's), ``block_keep_first=on|off`` (always keep the first key block,
+[CLS]), ``hdp_head=TAU`` (>= 0), ``approx=on|off``, ``fixed=I.F`` (integer and fraction bits, each
+1..16, I + F <= 16).
+
+Recipe files: ``@PATH`` anywhere a recipe string is accepted reads the recipe from a text file (what
+``dynaprune calibrate`` writes): ``#`` starts a comment, blank lines are skipped, and the remaining
+lines are joined with commas, so one ``key=value`` a line works as well as one line with all of them.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import torch
 from dynaprune.errors import DynapruneError
 
 SCORES = ("spatten", "h2o", "streaming", "random", "instant")
+BLOCK_SCORES = ("abs_sum", "sum", "max")  # the same names as prune.hdp.BLOCK_SCORES
 HEAD_UNITS = ("query", "kv")
 PAPER_QUANT_SETTINGS = ((4, 4), (6, 4), (8, 4), (10, 4), (12, 4))
 
@@ -133,6 +140,8 @@ class Recipe:
     block: float | None = None
     block_sparsity: float | None = None
     block_size: int | None = None
+    block_score: str = "abs_sum"
+    block_keep_first: bool = False
     hdp_head: float | None = None
     approx: bool = False
     fixed: tuple[int, int] | None = None
@@ -170,6 +179,9 @@ class Recipe:
             put("block_sparsity", value)
         if self.block_size is not None:
             put("block_size", _check_min("block_size", _as_int("block_size", self.block_size), 1))
+        put("block_score", _check_choice("block_score", self.block_score, BLOCK_SCORES))
+        if not isinstance(self.block_keep_first, bool):
+            raise _err("block_keep_first", f"must be on or off, got {self.block_keep_first!r}")
         if self.hdp_head is not None:
             put("hdp_head", _check_min("hdp_head", _as_float("hdp_head", self.hdp_head), 0.0))
         if not isinstance(self.approx, bool):
@@ -207,8 +219,12 @@ class Recipe:
             raise _err("score", f"score={self.score} ranks tokens; it needs token, token_schedule or kv")
         if self.block is not None and self.block_sparsity is not None:
             raise _err("block_sparsity", "set either block (a threshold ratio) or block_sparsity (a target)")
-        if self.block_size is not None and self.block is None and self.block_sparsity is None:
+        no_blocks = self.block is None and self.block_sparsity is None
+        if self.block_size is not None and no_blocks:
             raise _err("block_size", "block_size needs block or block_sparsity")
+        for name, default in (("block_score", "abs_sum"), ("block_keep_first", False)):
+            if getattr(self, name) != default and no_blocks:
+                raise _err(name, f"{name} tunes block pruning; it needs block or block_sparsity")
 
     def _check_protected_fit(self, budget: int) -> None:
         protected = (self.sink or 0) + (self.recent or 0)
@@ -334,6 +350,8 @@ class Recipe:
         """Parse ``"token=0.5,head=0.9,quant=4+4@0.1"``; ``""`` or ``"dense"`` is the dense recipe."""
         if not isinstance(text, str):
             raise DynapruneError(f"a recipe is a string like 'token=0.5,quant=4+4@0.1', got {text!r}")
+        if text.strip().startswith("@"):
+            text = read_recipe_file(text.strip()[1:])
         stripped = text.strip()
         if stripped in ("", "dense"):
             return cls()
@@ -372,7 +390,7 @@ class Recipe:
         for key, value in self.to_items():
             if key in ("token_schedule", "head_schedule"):
                 out[key] = [[layer, fraction] for layer, fraction in value]
-            elif key in ("quant", "fixed", "approx"):
+            elif key in ("quant", "fixed", "approx", "block_keep_first"):
                 out[key] = _format_value(value)
             else:
                 out[key] = value
@@ -408,6 +426,28 @@ class Recipe:
         except (TypeError, ValueError) as exc:
             raise DynapruneError(f"recipe JSON does not parse: {exc}") from None
         return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------- recipe files
+def read_recipe_file(path: str) -> str:
+    """The recipe text of a recipe file (``@PATH``): comments (``#``) and blank lines dropped, the other
+    lines joined with commas. Unreadable, empty or nested (``@`` inside) files raise DynapruneError."""
+    if not path.strip():
+        raise DynapruneError("recipe '@' needs a file path: --recipe @recipe.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise DynapruneError(f"recipe file {path!r} cannot be read: {reason}") from None
+    items = [line.split("#", 1)[0].strip().strip(",") for line in lines]
+    items = [item for item in items if item]
+    if not items:
+        raise DynapruneError(f"recipe file {path!r} holds no recipe (only comments or blank lines)")
+    text = ",".join(items)
+    if text.startswith("@") or ",@" in text:
+        raise DynapruneError(f"recipe file {path!r} names another recipe file; write the keys themselves")
+    return text
 
 
 # ---------------------------------------------------------------------- helpers: schedules
@@ -649,6 +689,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "block": _parse_float,
     "block_sparsity": _parse_float,
     "block_size": _parse_int,
+    "block_score": _parse_word,
+    "block_keep_first": _parse_onoff,
     "hdp_head": _parse_float,
     "approx": _parse_onoff,
     "fixed": _parse_fixed,

@@ -114,7 +114,8 @@ class PruningContext(RunContext):
 
         if self.hdp is not None:
             out, hdp_stats = hdp_attention(q, k, v, self.hdp, scale=scale, causal=causal,
-                                           key_padding_mask=key_padding_mask, measure_error=False)
+                                           key_padding_mask=key_padding_mask, query_padding_mask=query_mask,
+                                           measure_error=False)
             counts = {name: float(getattr(hdp_stats, name).sum()) for name in HDP_COUNTS}
             counts["heads_total"] = float(hdp_stats.head_kept.numel())
             for key, value in counts.items():
@@ -387,6 +388,8 @@ def _hdp_config(recipe: Recipe) -> HDPConfig | None:
         block_sparsity=recipe.block_sparsity,
         head_threshold=recipe.hdp_head,
         approx=recipe.approx,
+        block_score=recipe.block_score,
+        keep_first_block=recipe.block_keep_first,
     )
 
 
