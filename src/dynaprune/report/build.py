@@ -28,7 +28,8 @@ __all__ = ["build_report", "load_rows", "method_of", "table"]
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:1120px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
-    "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:nth-child(2){text-align:left}"
+    "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:nth-child(-n+2){text-align:left}"
+    "td:last-child{font-size:12px;white-space:nowrap;color:#555}"
     "img{max-width:100%;display:block;margin:.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
     "code{background:#f6f6f6}.note{color:#555}"
 )
