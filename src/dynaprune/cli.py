@@ -103,7 +103,8 @@ def run_task(
     model_name: str, task: str, *, data: Path | None = None, train_data: Path | None = None,
     max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
     window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
-    batch_size: int = 32, recipe: str | None = None, model=None,
+    batch_size: int | None = None, recipe: str | None = None, model=None, stream_tokens: int = 4096,
+    max_new_tokens: int = 128,
 ):
     """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
     from dynaprune.paths import default_data
@@ -112,7 +113,8 @@ def run_task(
         raise DynapruneError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     for name, value in (("--max-examples", max_examples), ("--max-train", max_train),
                         ("--max-tokens", max_tokens), ("--window", window), ("--batch-size", batch_size),
-                        ("--context", context), ("--continuation", continuation)):
+                        ("--context", context), ("--continuation", continuation),
+                        ("--stream-tokens", stream_tokens), ("--max-new-tokens", max_new_tokens)):
         _positive(name, value)
     from dynaprune.prune.recipe import Recipe
 
@@ -146,7 +148,7 @@ def run_task(
             from dynaprune.eval.sts import evaluate_sts
 
             _require_encoder(model, task)
-            result = evaluate_sts(model, data, max_examples=max_examples, batch_size=batch_size,
+            result = evaluate_sts(model, data, max_examples=max_examples, batch_size=batch_size or 32,
                                   progress=progress, ctx_factory=ctx_factory)
         elif task in ("classify", "sst2"):
             from dynaprune.eval.classify import evaluate_classify
@@ -155,8 +157,15 @@ def run_task(
             if train_data is None or not Path(train_data).is_file():
                 raise DynapruneError(f"training data file not found: {train_data}")
             result = evaluate_classify(model, data, train_data, max_train=max_train,
-                                       max_examples=max_examples, batch_size=batch_size, progress=progress,
+                                       max_examples=max_examples, batch_size=batch_size or 32, progress=progress,
                                        ctx_factory=ctx_factory)
+        elif task == "generate":
+            from dynaprune.eval.mtbench import evaluate_generate
+
+            if not hasattr(model, "generate"):
+                raise DynapruneError(f"task generate needs a decoder model; {model_name} is an encoder")
+            result = evaluate_generate(model, data, max_new_tokens=max_new_tokens, max_examples=max_examples,
+                                       batch_size=batch_size or 16, progress=progress, ctx_factory=ctx_factory)
         else:
             from dynaprune.eval.lm import evaluate_lm
 
@@ -164,7 +173,8 @@ def run_task(
                 raise DynapruneError(f"task lm needs a decoder model; {model_name} is an encoder")
             result = evaluate_lm(model, data, protocol=protocol, window=window, max_tokens=max_tokens,
                                  context=context, continuation=continuation, max_examples=max_examples,
-                                 progress=progress, ctx_factory=ctx_factory)
+                                 progress=progress, ctx_factory=ctx_factory, stream_tokens=stream_tokens,
+                                 batch_size=batch_size or 8)
     work = WorkCounter()
     for c in contexts:
         work.merge(c.work)
@@ -202,18 +212,22 @@ def eval_cmd(
     task: str = typer.Argument(..., help=(
         "sts: STS-B Spearman of sentence embeddings (mean pooling over real tokens, L2 normalisation, "
         "truncation at the model's max_seq_length, 256 for all-MiniLM-L6-v2, as sentence-transformers "
-        "defines it). classify / sst2: logistic-regression probe on frozen embeddings. lm: perplexity.")),
+        "defines it). classify / sst2: logistic-regression probe on frozen embeddings. lm: perplexity. "
+        "generate: MT-Bench answers, agreement with the dense answers (ROUGE-L, first-32-token match).")),
     data: Path | None = typer.Option(None, help="data file (default: the task's file in ../shared/data)"),
     train_data: Path | None = typer.Option(None, help="classify: training TSV (text<TAB>label)"),
     json_path: Path | None = typer.Option(None, "--json", help="write the result as JSON here"),
     max_examples: int | None = typer.Option(None, help="evaluate at most N examples / chunks"),
     max_train: int | None = typer.Option(None, help="classify: train the probe on N random examples"),
     max_tokens: int | None = typer.Option(None, help="lm: read at most N tokens of the text"),
-    protocol: str = typer.Option("window", help="lm: window (non-overlapping windows) or continue"),
+    protocol: str = typer.Option("window", help="lm: window (non-overlapping windows), continue or stream"),
     window: int = typer.Option(1024, help="lm window: tokens per window"),
     context: int = typer.Option(1536, help="lm continue: context tokens prefilled"),
     continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
-    batch_size: int = typer.Option(32, help="encoder batch size"),
+    stream_tokens: int = typer.Option(4096, help="lm stream: tokens per stream, decoded one at a time"),
+    max_new_tokens: int = typer.Option(128, help="generate: new tokens per answer (greedy)"),
+    batch_size: int | None = typer.Option(None, help=(
+        "encoder batch size (default 32); generate: prompts per batch (16); lm stream: streams side by side (8)")),
     recipe: str | None = typer.Option(None, help=(
         "pruning recipe, e.g. 'token=0.5,head=0.8', 'quant=4+4@0.1', 'kv=0.25,score=h2o', 'block=0.2' "
         "(see README); nothing or 'dense' = the dense model")),
@@ -223,7 +237,8 @@ def eval_cmd(
 
     result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
                       max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
-                      context=context, continuation=continuation, batch_size=batch_size, recipe=recipe)
+                      context=context, continuation=continuation, batch_size=batch_size, recipe=recipe,
+                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens)
     print_result(result)
     if json_path:
         write_json_atomic(json_path, result.to_json())

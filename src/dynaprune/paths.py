@@ -23,4 +23,5 @@ def default_data(task: str) -> dict[str, Path]:
         "sst2": {"data": root / "sst2" / "dev.tsv", "train_data": root / "sst2" / "train.tsv"},
         "classify": {"data": root / "sst2" / "dev.tsv", "train_data": root / "sst2" / "train.tsv"},
         "lm": {"data": root / "wikitext2" / "test.txt"},
+        "generate": {"data": root / "mt-bench" / "questions.jsonl"},
     }.get(task, {})

@@ -1,4 +1,4 @@
-"""The lm task: window and continue perplexity protocols, errors; SmolLM2 against transformers."""
+"""The lm task: window, continue and stream perplexity protocols, errors; SmolLM2 against transformers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dynaprune.errors import DynapruneError
 from dynaprune.eval.lm import evaluate_lm
 from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.runtime.attention import RunContext
+from dynaprune.runtime.pruning import make_context
 
 
 class CharTokenizer:
@@ -104,6 +105,136 @@ def test_bad_input(tiny, tmp_path, text):
         evaluate_lm(tiny, text, protocol="continue", context=80, continuation=40, max_tokens=100)
     with pytest.raises(DynapruneError, match="unknown lm protocol"):
         evaluate_lm(tiny, text, protocol="sliding")
+
+
+class WindowMaskContext(RunContext):
+    """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
+    first forward (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
+
+    def __init__(self, budget: int, sink: int, first: int = 1):
+        super().__init__()
+        self.budget, self.sink, self.first = budget, sink, first
+
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+        n = q.shape[2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def contexts_of(recipe, model):
+    made = []
+
+    def factory():
+        made.append(make_context(recipe, model))
+        return made[-1]
+
+    return made, factory
+
+
+@pytest.mark.parametrize("prefill", [1, 7])
+def test_dense_stream_equals_the_window_protocol(tiny, text, prefill):
+    ids = CharTokenizer()(text.read_text()).input_ids
+    res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, prefill=prefill, max_examples=2)
+    expected = (nll_sum(tiny, ids[:60]) + nll_sum(tiny, ids[60:120])) / 118
+    assert res.n == 2 and res.metric["tokens"] == 118
+    assert math.isclose(res.metric["nll"], expected, rel_tol=1e-5)
+    window = evaluate_lm(tiny, text, window=60, max_tokens=120)
+    assert math.isclose(res.metric["value"], window.metric["value"], rel_tol=1e-5)
+    assert res.extra["kv_budget_tokens"] is None and res.extra["cache_capacity"] == 60
+
+
+def test_stream_with_nothing_pruned_is_dense(tiny, text):
+    dense = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1)
+    same = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1,
+                       ctx_factory=lambda: make_context("dense", tiny))
+    assert same.metric == dense.metric  # the dense recipe is the plain RunContext: bit-identical
+    made, factory = contexts_of("kv=60,score=h2o", tiny)  # a budget of the whole stream evicts nothing
+    whole = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1, ctx_factory=factory)
+    assert math.isclose(whole.metric["nll"], dense.metric["nll"], rel_tol=1e-5)
+    assert whole.extra["kv_budget_tokens"] == 60 and made[0].cache.lengths == [59, 59]
+
+
+def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text):
+    """kv=0.25 of a 100-token stream is 25 tokens; StreamingLLM keeps 2 sinks + the 23 newest keys."""
+    ids = CharTokenizer()(text.read_text()).input_ids
+    made, factory = contexts_of("kv=0.25,sink=2,score=streaming", tiny)
+    res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, ctx_factory=factory)
+    oracle = 0.0
+    for start in (0, 100):
+        piece = torch.tensor([ids[start:start + 100]])
+        with torch.inference_mode():
+            logits = tiny(piece, ctx=WindowMaskContext(budget=25, sink=2))[0]
+        oracle += float(F.cross_entropy(logits[:-1], piece[0, 1:], reduction="sum"))
+    assert math.isclose(res.metric["nll"], oracle / 198, rel_tol=1e-5)
+    assert res.extra["kv_budget_tokens"] == 25 and res.extra["cache_capacity"] == 26
+    assert len(made) == 1 and made[0].cache.capacity == 26 and made[0].cache.lengths == [25, 25]
+    assert made[0].cache.k[0].shape[0] == 2  # the two streams side by side, evicted per row
+    made, factory = contexts_of("kv=0.25,sink=2,score=streaming", tiny)
+    alone = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, batch_size=1,
+                        ctx_factory=factory)
+    assert len(made) == 2 and math.isclose(alone.metric["nll"], oracle / 198, rel_tol=1e-5)
+    dense = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2)
+    assert res.metric["nll"] != dense.metric["nll"]  # the budget really evicted
+
+
+@pytest.mark.parametrize("recipe", ["kv=10,score=h2o", "kv=0.1,score=spatten", "kv=10,score=random"])
+def test_stream_budget_holds_for_every_score(tiny, text, recipe):
+    made, factory = contexts_of(recipe, tiny)
+    res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, ctx_factory=factory)
+    assert res.extra["kv_budget_tokens"] == 10 and made[0].cache.capacity == 11
+    assert made[0].cache.lengths == [10, 10] and math.isfinite(res.metric["value"])
+    assert made[0].cache.next_position.tolist() == [99, 99]  # every token but the last was fed
+    if "random" not in recipe:  # eviction is per row: two streams side by side = each alone
+        alone = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, batch_size=1,
+                            ctx_factory=lambda: make_context(recipe, tiny))
+        assert math.isclose(alone.metric["nll"], res.metric["nll"], rel_tol=1e-5)
+
+
+def test_stream_bad_input(tiny, text):
+    with pytest.raises(DynapruneError, match="stream of 129 tokens exceeds the model's 128 positions"):
+        evaluate_lm(tiny, text, protocol="stream", stream_tokens=129)
+    with pytest.raises(DynapruneError, match="stream_tokens must be >= 2"):
+        evaluate_lm(tiny, text, protocol="stream", stream_tokens=1)
+    with pytest.raises(DynapruneError, match="prefill must be in"):
+        evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, prefill=0)
+    with pytest.raises(DynapruneError, match="fewer than the 100"):
+        evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_tokens=99)
+    with pytest.raises(DynapruneError, match="kv=120 tokens is larger"):
+        evaluate_lm(tiny, text, protocol="stream", stream_tokens=100,
+                    ctx_factory=lambda: make_context("kv=120", tiny))
+
+
+def test_cli_stream_and_its_errors(tiny, text, monkeypatch, capsys):
+    """The CLI runs the stream protocol (model loading stubbed with the tiny model); bad input is one
+    line and exit code 2."""
+    import sys
+
+    import dynaprune
+    from dynaprune.cli import main
+
+    monkeypatch.setattr(dynaprune, "load", lambda name, say=None: tiny)
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["dynaprune", "eval", "tiny", "lm", "--data", str(text), *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, out = cli("--protocol", "stream", "--stream-tokens", "40", "--max-examples", "1", "--recipe",
+                    "kv=0.25,score=h2o")
+    assert code == 0 and "perplexity" in out
+    for args, message in ((("--protocol", "sliding"), "unknown lm protocol"),
+                          (("--protocol", "stream", "--stream-tokens", "200"), "exceeds the model's 128"),
+                          (("--protocol", "stream", "--stream-tokens", "0"), "--stream-tokens")):
+        code, out = cli(*args)
+        assert code == 2 and message in out and "Traceback" not in out
 
 
 @pytest.mark.models

@@ -7,6 +7,15 @@ Two protocols:
   (where pruning of the prompt acts), then the continuation is teacher-forced on that cache at its
   original positions, and perplexity is measured over the continuation only. ``stepwise=True`` feeds
   the continuation one token at a time, as generation does (slower; same numbers when dense).
+- ``stream``: token-by-token decoding over streams of ``stream_tokens`` tokens, as H2O and
+  StreamingLLM evaluate: a first forward of ``prefill`` tokens (default 1), then one forward per
+  token, each followed by the context's KV eviction; perplexity over every predicted token (all but
+  the first of each stream). ``batch_size`` streams are decoded side by side (one context per batch,
+  eviction per row): decoding one token is memory-bound on the weights, so a batch of B streams costs
+  little more per step than one. The KV budget holds throughout: ``kv=F`` with F < 1 is a fraction of the
+  stream length (``keep_count(F, stream_tokens)``), ``kv=N`` is N tokens. The cache is allocated for
+  budget + 1 tokens (the whole stream without a budget), so memory is bounded for any stream length.
+  Dense, it equals ``window`` with ``window=stream_tokens`` over the same tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ import torch.nn.functional as F
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.result import TaskResult
 from dynaprune.runtime.attention import RunContext
+from dynaprune.runtime.generate import cache_capacity, kv_budget
+
+PROTOCOLS = ("window", "continue", "stream")
 
 
 def read_tokens(model: Any, text_path: str | Path, max_tokens: int | None) -> list[int]:
@@ -46,6 +58,28 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
 
 
+def _stream_nll(
+    model: Any, streams: torch.Tensor, ctx: RunContext | None, prefill: int
+) -> tuple[float, int | None, int]:
+    """Summed NLL of ``streams[:, 1:]`` (B, N) decoding the streams token by token, side by side,
+    under ``ctx`` (its KV eviction acting after every forward), with the budget fixed from the stream
+    length; returns (nll, budget in tokens or None, cache capacity in tokens)."""
+    b, n = streams.shape
+    budget = kv_budget(ctx, n)
+    if budget is not None:
+        ctx.kv_budget = budget  # of the whole stream, not of the first forward
+    capacity = cache_capacity(n, prefill, 1, budget)
+    cache = model.new_cache(b, capacity)
+    logits = model(streams[:, :prefill], cache=cache, ctx=ctx)  # (B, prefill, V)
+    total = _nll(logits[:, :-1].reshape(-1, logits.shape[-1]), streams[:, 1:prefill].reshape(-1))
+    last = logits[:, -1]
+    for i in range(prefill, n):  # one forward per token: the stream itself
+        total += _nll(last, streams[:, i])
+        if i < n - 1:
+            last = model(streams[:, i:i + 1], cache=cache, ctx=ctx)[:, -1]
+    return total, budget, capacity
+
+
 def evaluate_lm(
     model: Any,
     text_path: str | Path,
@@ -59,11 +93,15 @@ def evaluate_lm(
     ctx_factory: Callable[[], RunContext] | None = None,
     progress: Callable[[int, int], None] | None = None,
     stepwise: bool = False,
+    stream_tokens: int = 4096,
+    prefill: int = 1,
+    batch_size: int = 8,
 ) -> TaskResult:
     """Perplexity of ``model`` on the text at ``text_path``; ``ctx_factory`` makes one fresh RunContext
-    per window/chunk (None: dense); ``progress(done, total)`` is called after each one."""
-    if protocol not in ("window", "continue"):
-        raise DynapruneError(f"unknown lm protocol {protocol!r} (window or continue)")
+    per window/chunk/stream (None: dense); ``progress(done, total)`` is called after each one
+    (see the module docstring for the protocols)."""
+    if protocol not in PROTOCOLS:
+        raise DynapruneError(f"unknown lm protocol {protocol!r} ({', '.join(PROTOCOLS)})")
     if max_tokens is not None and max_tokens <= 0:
         raise DynapruneError(f"max_tokens must be > 0 (got {max_tokens})")
     if max_examples is not None and max_examples <= 0:
@@ -74,6 +112,15 @@ def evaluate_lm(
             raise DynapruneError(f"window must be >= 2 tokens (got {window})")
         if window > limit:
             raise DynapruneError(f"window of {window} tokens exceeds the model's {limit} positions")
+    elif protocol == "stream":
+        if stream_tokens < 2:
+            raise DynapruneError(f"stream_tokens must be >= 2 (got {stream_tokens})")
+        if stream_tokens > limit:
+            raise DynapruneError(f"a stream of {stream_tokens} tokens exceeds the model's {limit} positions")
+        if not 1 <= prefill <= stream_tokens:
+            raise DynapruneError(f"prefill must be in [1, stream_tokens={stream_tokens}] (got {prefill})")
+        if batch_size < 1:
+            raise DynapruneError(f"batch_size must be >= 1 (got {batch_size})")
     else:
         if context < 1 or continuation < 1:
             raise DynapruneError(f"context and continuation must be >= 1 (got {context}, {continuation})")
@@ -89,42 +136,59 @@ def evaluate_lm(
     if protocol == "window":
         pieces = [tokens[i:i + window] for i in range(0, len(tokens), window)]
         pieces = [p for p in pieces if len(p) >= 2]  # a last window of 1 token predicts nothing
+    elif protocol == "stream":
+        pieces = [tokens[i:i + stream_tokens] for i in range(0, len(tokens) - stream_tokens + 1, stream_tokens)]
     else:
         size = context + continuation
         pieces = [tokens[i:i + size] for i in range(0, len(tokens) - size + 1, size)]
     if max_examples is not None:
         pieces = pieces[:max_examples]
     if not pieces:
-        need = 2 if protocol == "window" else context + continuation
+        need = {"window": 2, "stream": stream_tokens}.get(protocol, context + continuation)
         raise DynapruneError(f"{text_path}: {len(ids)} tokens, fewer than the {need} one example needs")
 
     nll, count = 0.0, 0
+    budget = capacity = None
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for done, piece in enumerate(pieces, 1):
-            ctx = new_ctx()
-            if protocol == "window":
-                logits = model(piece[None], ctx=ctx)[0]
-                nll += _nll(logits[:-1], piece[1:])
-                count += len(piece) - 1
-            else:
-                prompt, cont = piece[:context], piece[context:]
-                cache = model.new_cache(1, len(piece))
-                last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
-                if stepwise:
-                    rest = [model(cont[None, i:i + 1], cache=cache, ctx=ctx)[0] for i in range(len(cont) - 1)]
-                else:  # teacher forcing: all continuation tokens in one pass over the cache
-                    rest = [model(cont[None, :-1], cache=cache, ctx=ctx)[0]] if len(cont) > 1 else []
-                logits = torch.cat([last, *rest])
-                nll += _nll(logits, cont)
-                count += len(cont)
-            if progress is not None:
-                progress(done, len(pieces))
+        if protocol == "stream":  # batches of streams side by side, one context per batch
+            for start in range(0, len(pieces), batch_size):
+                batch = torch.stack(pieces[start:start + batch_size])
+                batch_nll, budget, capacity = _stream_nll(model, batch, new_ctx(), prefill)
+                nll += batch_nll
+                count += batch.numel() - len(batch)
+                if progress is not None:
+                    progress(start + len(batch), len(pieces))
+        else:
+            for done, piece in enumerate(pieces, 1):
+                ctx = new_ctx()
+                if protocol == "window":
+                    logits = model(piece[None], ctx=ctx)[0]
+                    nll += _nll(logits[:-1], piece[1:])
+                    count += len(piece) - 1
+                else:
+                    prompt, cont = piece[:context], piece[context:]
+                    cache = model.new_cache(1, len(piece))
+                    last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
+                    if stepwise:
+                        rest = [model(cont[None, i:i + 1], cache=cache, ctx=ctx)[0] for i in range(len(cont) - 1)]
+                    else:  # teacher forcing: all continuation tokens in one pass over the cache
+                        rest = [model(cont[None, :-1], cache=cache, ctx=ctx)[0]] if len(cont) > 1 else []
+                    logits = torch.cat([last, *rest])
+                    nll += _nll(logits, cont)
+                    count += len(cont)
+                if progress is not None:
+                    progress(done, len(pieces))
     seconds = time.perf_counter() - t0
     mean = nll / count
     extra: dict[str, Any] = {"protocol": protocol, "tokens_read": len(ids)}
     if protocol == "window":
         extra["window"] = window
+    elif protocol == "stream":
+        steps = -(-len(pieces) // batch_size) * (stream_tokens - prefill + 1)  # forwards, all batches
+        extra.update(stream_tokens=stream_tokens, prefill=prefill, batch_size=batch_size, kv_budget_tokens=budget,
+                     cache_capacity=capacity, seconds_per_token=seconds / (len(pieces) * stream_tokens),
+                     seconds_per_step=seconds / steps)
     else:
         extra.update(context=context, continuation=continuation, stepwise=stepwise)
     return TaskResult(

@@ -6,7 +6,7 @@ Config (YAML)::
     results: results/minilm-token.jsonl      # optional, the CLI's --out wins
     runs:
       - model: minilm-l6                     # or a list of models
-        task: sts                            # sts | classify | sst2 | lm
+        task: sts                            # sts | classify | sst2 | lm | generate
         data: ../shared/data/stsb/dev.tsv    # optional: the task's default data otherwise
         options: {max_examples: 500}         # any `dynaprune eval` option
         recipes: [dense, "token=0.5"]        # one run per recipe
@@ -32,10 +32,11 @@ import yaml
 from dynaprune.errors import DynapruneError
 
 SCHEMA = "dynaprune.result/1"
-TASKS = ("sts", "classify", "sst2", "lm")
+TASKS = ("sts", "classify", "sst2", "lm", "generate")
 OPTIONS = {
     "max_examples": int, "max_train": int, "max_tokens": int, "window": int, "protocol": str,
     "context": int, "continuation": int, "batch_size": int, "train_data": str,
+    "stream_tokens": int, "max_new_tokens": int,
 }
 
 

@@ -76,6 +76,27 @@ def encode_prompts(model: Any, prompt: Any, chat: bool) -> tuple[list[list[int]]
     return out, batched
 
 
+def kv_budget(ctx: RunContext | None, context_len: int) -> int | None:
+    """The KV budget in tokens a context will hold the cache to after a prompt of ``context_len`` tokens:
+    the budget already set on the context (``ctx.kv_budget``), else the recipe's ``kv`` for that prompt;
+    None when the context has no budget (dense, or a recipe without ``kv``)."""
+    recipe = getattr(ctx, "recipe", None)
+    if recipe is None or getattr(recipe, "kv", None) is None:
+        return None
+    preset = getattr(ctx, "kv_budget", None)
+    return int(preset) if preset is not None else recipe.kv_budget_tokens(context_len)
+
+
+def cache_capacity(total: int, first: int, step: int, budget: int | None) -> int:
+    """Slots a KV cache needs for ``total`` tokens fed as a first forward of ``first`` tokens then
+    forwards of at most ``step`` tokens, when every forward ends with eviction to ``budget`` tokens
+    (None: nothing is evicted, so every token needs a slot). Bounded by the budget, not by ``total``:
+    the cache stores each token's original position beside it, so slots are reused after compaction."""
+    if budget is None:
+        return total
+    return min(total, max(first, budget + step))
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     """Next token per row from (B, V) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature == 0.0:
@@ -106,6 +127,8 @@ def generate(
     Greedy at ``temperature`` 0, else sampling (nucleus when ``top_p`` < 1) from a generator seeded
     with ``seed``. ``stop_tokens`` default to the tokenizer's EOS and chat end-of-turn tokens;
     ``chat`` applies the tokenizer's chat template (one user turn, generation prompt added).
+    Under a ``ctx`` with a KV budget (``kv=`` recipe) the cache is allocated for the budget plus one
+    token, not for the whole generation: its memory is bounded for any ``max_new_tokens``.
     """
     if max_new_tokens < 1:
         raise DynapruneError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
@@ -134,7 +157,9 @@ def generate(
     steps = 0
     with torch.inference_mode():
         t0 = time.perf_counter()
-        cache = model.new_cache(b, longest + max_new_tokens)
+        # under a KV budget the cache never holds more than budget + the one token a step adds
+        capacity = cache_capacity(longest + max_new_tokens, longest, 1, kv_budget(ctx, longest))
+        cache = model.new_cache(b, capacity)
         logits = model(ids, cache=cache, ctx=ctx, attention_mask=mask, last_only=True)
         t1 = time.perf_counter()
         for i in range(max_new_tokens):

@@ -5,6 +5,10 @@ tokens in some layers only, layers hold different numbers of tokens. K is stored
 the original position id of every cached token, so ``compact`` can drop pruned tokens with a plain
 gather and the survivors keep their rotation. ``next_position`` (B,) counts the positions consumed by
 the sequence so far and is independent of how many tokens a layer still holds.
+
+Slots are not positions: ``max_len`` is the capacity in tokens held at once, and a sequence may run to
+any position (the model's limit) as long as compaction keeps each layer within it. Decoding under a KV
+budget therefore allocates budget + step slots (``generate.cache_capacity``), not the whole length.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class KVCache:
         self.lengths = [0] * n_layers
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each layer can hold at once (``max_len``), whatever the positions they carry."""
+        return self.max_len
 
     @property
     def n_layers(self) -> int:
@@ -119,6 +128,7 @@ class KVCache:
         return total
 
     def bytes_allocated(self) -> int:
+        """Bytes of the preallocated K and V buffers (capacity, not use)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
