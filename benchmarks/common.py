@@ -2,18 +2,96 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dynaprune.errors import DynapruneError
 from dynaprune.eval.result import versions, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The flags every speed benchmark takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-compile", action="store_true", help="do not use torch.compile where it would be used")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/NAME.json)")
+    return p
+
+
+def setup_threads(threads: int | None) -> int:
+    """One intra-op thread per core (2 here): more threads than cores only adds contention."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the machine can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(need_bytes: int, what: str, available: int | None = None) -> None:
+    """Stop before any work when ``what`` needs more memory than the machine has available."""
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need_bytes > available:
+        raise DynapruneError(
+            f"{what} needs about {need_bytes / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB is available; "
+            "use smaller sizes (or --quick)"
+        )
+
+
+def load_average() -> str:
+    """``uptime``'s load averages, for the record (timings on a shared machine are noisy)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Median seconds of each function, the variants run round-robin (dense, pruned, dense, ...) so
+    that load changes on a shared machine hit every variant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+            for name, ts in times.items()}
+
+
+def wikitext_ids(tokenizer, n: int, split: str = "test", offset_chars: int = 0) -> list[int]:
+    """The first ``n`` token ids of WikiText-2 (from ``offset_chars`` into the split)."""
+    from dynaprune.paths import shared_data_dir
+
+    text = (shared_data_dir() / "wikitext2" / f"{split}.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text[offset_chars: offset_chars + n * 12], add_special_tokens=False)["input_ids"]
+    if len(ids) < n:
+        raise DynapruneError(f"WikiText-2 {split} has fewer than {n} tokens from character {offset_chars}")
+    return ids[:n]
 
 
 def machine() -> dict:
@@ -42,7 +120,8 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def save(name: str, payload: dict, subdir: str = "") -> Path:
-    path = RESULTS / subdir / f"{name}.json"
-    write_json_atomic(path, {"benchmark": name, "machine": machine(), "versions": versions(), **payload})
+def save(name: str, payload: dict, subdir: str = "", path: Path | None = None) -> Path:
+    path = path or RESULTS / subdir / f"{name}.json"
+    write_json_atomic(path, {"benchmark": name, "machine": machine(), "versions": versions(),
+                             "load": load_average(), **payload})
     return path

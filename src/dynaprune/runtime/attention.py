@@ -97,6 +97,82 @@ def expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """Attention through SDPA's fused kernels when no probabilities are needed (GQA without copying K/V).
+
+    An all-real padding mask is dropped, so a causal prefill takes SDPA's mask-free causal kernel."""
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    lq, lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if causal and key_padding_mask is None and lq == lk and lq > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention_with_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    query_mask: torch.Tensor | None = None,
+    block_bytes: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention that returns the outputs (B, Hq, Lq, D) and the attention each key received,
+    summed over heads and real queries (B, Lk) fp32 — SpAtten's token importance of this call — without
+    keeping the full (B, H, Lq, Lk) probabilities.
+
+    Same numbers as ``probs = softmax(q k^T * scale)`` with masked keys at -inf, fully masked rows at 0,
+    ``out = probs @ v`` and ``received = probs.sum(heads, real queries)`` (masked keys get 0). Queries
+    are processed in blocks of about ``block_bytes`` of scores; a causal block only reads the keys its
+    last query can see (half the work of a full score matrix). GQA: each K/V group serves its query
+    heads through a reshape, never a copy of K/V.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    q5 = q.reshape(B, Hkv, G, Lq, D)
+    out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
+    received = torch.zeros(B, Lk, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    rows = max(1, block_bytes // max(1, B * Hq * Lk * q.element_size()))
+    key_ok = key_padding_mask[:, None, None, None, :].to(torch.bool) if key_padding_mask is not None else None
+    for q0 in range(0, Lq, rows):
+        q1 = min(Lq, q0 + rows)
+        n = q1 - q0
+        end = Lk - (Lq - q1) if causal else Lk  # keys the block's last query can see
+        scores = (q5[:, :, :, q0:q1].reshape(B, Hkv, G * n, D) @ k[:, :, :end].transpose(-1, -2))
+        scores = scores.view(B, Hkv, G, n, end).mul_(scale)
+        ok = key_ok[..., :end] if key_ok is not None else None
+        if causal and n > 1:  # within the block, query i sees keys up to i + (Lk - Lq)
+            tri = torch.arange(end, device=q.device) <= torch.arange(q0, q1, device=q.device)[:, None] + (Lk - Lq)
+            ok = tri if ok is None else ok & tri
+        if ok is not None:
+            scores.masked_fill_(~ok, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if ok is not None:
+            dead = ~ok.any(dim=-1, keepdim=True)  # queries that see no key: rows of 0, not NaN
+            if bool(dead.any()):
+                probs.masked_fill_(dead, 0.0)
+        out[:, :, :, q0:q1] = (probs.view(B, Hkv, G * n, end) @ v[:, :, :end]).view(B, Hkv, G, n, D)
+        per_query = probs.sum(dim=(1, 2), dtype=received.dtype)  # (B, n, end)
+        if query_mask is not None:
+            per_query = per_query * query_mask[:, q0:q1, None].to(per_query.dtype)
+        received[:, :end] += per_query.sum(dim=1)
+    if key_padding_mask is not None:
+        received = received.masked_fill(~key_padding_mask.to(torch.bool), 0.0)
+    return out.view(B, Hq, Lq, D), received
+
+
 @dataclass
 class RunContext:
     """State of one forward/generate call. Dense by default.

@@ -31,7 +31,14 @@ from dynaprune.prune.quant import progressive_attention_probs, quantized_attenti
 from dynaprune.prune.recipe import Recipe, keep_counts
 from dynaprune.prune.tokens import accumulate_token_importance, edge_token_mask, gather_tokens, select_tokens_to_keep
 from dynaprune.prune.values import local_value_attention
-from dynaprune.runtime.attention import RunContext, build_mask, count_pairs, expand_kv
+from dynaprune.runtime.attention import (
+    RunContext,
+    attention_with_received,
+    build_mask,
+    count_pairs,
+    expand_kv,
+    sdpa,
+)
 from dynaprune.runtime.cost import CostShape, cost_shape
 
 HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
@@ -79,6 +86,7 @@ class PruningContext(RunContext):
         self.head_importance: torch.Tensor | None = None  # (B, Hq)
         self.head_index: torch.Tensor | None = None  # (B, Hk) query heads alive, None = all
         self.token_keep_after: list[torch.Tensor] | None = None  # per layer, (B,) counts
+        self.last_token_layer = shape.layers - 1  # the last layer after which tokens are pruned (planned)
         self.layer_stats: dict[int, LayerStats] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.hdp = _hdp_config(recipe)
@@ -105,14 +113,26 @@ class PruningContext(RunContext):
         scale = head_dim**-0.5 if scale is None else scale
         if self.token_keep_after is None and recipe.prunes_tokens:
             self._plan_tokens(key_padding_mask, q.shape[0], k.shape[2])
-        k, v = expand_kv(q, k, v)
         heads = self.head_index
+        explicit = self.hdp is not None or recipe.quant is not None or recipe.value is not None or self.record_probs
+        if heads is not None or explicit:  # these paths work on one K/V head per query head
+            k, v = expand_kv(q, k, v)
         if heads is not None:  # cascade head pruning: only the alive heads are computed
             q, k, v = (_gather_heads(t, heads) for t in (q, k, v))
-        mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device)
         query_mask = key_padding_mask if (key_padding_mask is not None and lq == k.shape[2]) else None
+        mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device) if explicit else None
+        received = None  # attention each key received in this call (B, Lk), when importance is needed
 
-        if self.hdp is not None:
+        if not explicit:
+            # Fast paths. No probabilities needed (dense layers, layers after the last token-pruning
+            # layer): SDPA's fused kernel on the gathered tensors. Else one blocked pass gives the
+            # outputs and the column sums of the probabilities, never the whole probability tensor.
+            probs = None
+            if self._needs_importance(layer):
+                out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, query_mask)
+            else:
+                out = sdpa(q, k, v, key_padding_mask, causal, scale)
+        elif self.hdp is not None:
             out, hdp_stats = hdp_attention(q, k, v, self.hdp, scale=scale, causal=causal,
                                            key_padding_mask=key_padding_mask, query_padding_mask=query_mask,
                                            measure_error=False)
@@ -134,18 +154,20 @@ class PruningContext(RunContext):
             else:
                 out = probs @ v
 
-        if self.cache is not None and self.recipe.kv is not None and probs is not None:
-            self._track_cache_importance(layer, probs, key_padding_mask)
-        if self._needs_token_importance and probs is not None and not self.prefilled:
+        if probs is not None and self._needs_importance(layer):
+            received = accumulate_token_importance(None, probs, key_padding_mask, query_mask=query_mask)
+        # In a decoder the padding queries (left padding) see no key, so their rows are 0 and ``received``
+        # with the query mask is also what every query gave the cached keys.
+        if self.cache is not None and self.recipe.kv is not None and received is not None:
+            self._track_cache_importance(layer, received)
+        if self._needs_token_importance and received is not None and not self.prefilled:
             if recipe.score == "instant":  # PoWER-BERT style: this layer's attention only
                 self.token_importance = None
-            self.token_importance = accumulate_token_importance(
-                self.token_importance, probs, key_padding_mask, query_mask=query_mask
-            )
+            self.token_importance = _accumulate(self.token_importance, received)
         if recipe.prunes_heads:
-            received = accumulate_head_importance(None, out, query_mask)
-            full = torch.zeros(B, n_heads, dtype=received.dtype, device=received.device)
-            full = full.scatter(1, heads, received) if heads is not None else received
+            per_head = accumulate_head_importance(None, out, query_mask)
+            full = torch.zeros(B, n_heads, dtype=per_head.dtype, device=per_head.device)
+            full = full.scatter(1, heads, per_head) if heads is not None else per_head
             self.head_importance = full if self.head_importance is None else self.head_importance + full
         if self.record_probs and probs is not None:
             self._record(layer, probs, out)
@@ -168,8 +190,16 @@ class PruningContext(RunContext):
         full_out = torch.zeros(B, n_heads, lq, head_dim, dtype=out.dtype, device=out.device)
         return full_out.scatter(1, heads[:, :, None, None].expand(-1, -1, lq, head_dim), out)
 
-    def _track_cache_importance(self, layer: int, probs: torch.Tensor, key_mask: torch.Tensor | None) -> None:
-        received = accumulate_token_importance(None, probs, key_mask)  # (B, Lk): what each cached key got
+    def _needs_importance(self, layer: int) -> bool:
+        """Whether this call's attention probabilities feed an importance score: the cascade's token
+        importance up to the last layer that prunes tokens, or the KV budget's eviction score."""
+        if self._needs_token_importance and not self.prefilled and layer <= self.last_token_layer:
+            return True
+        return self.cache is not None and self.recipe.kv is not None and self.recipe.score in ("spatten", "h2o",
+                                                                                                "instant")
+
+    def _track_cache_importance(self, layer: int, received: torch.Tensor) -> None:
+        """``received`` (B, Lk): the attention each cached key got in this call."""
         score = self.recipe.score
         if score == "spatten":  # one score per token (by position) over layers, heads and decode steps
             positions = self.cache.cached_positions(layer)
@@ -182,7 +212,7 @@ class PruningContext(RunContext):
             self.position_importance.scatter_add_(1, positions.cpu(), received.cpu())
         elif score in ("h2o", "instant"):
             previous = self.layer_importance.get(layer) if score == "h2o" else None
-            self.layer_importance[layer] = accumulate_token_importance(previous, probs, key_mask)
+            self.layer_importance[layer] = _accumulate(previous, received)
 
     def begin_forward(self, cache) -> None:
         self.cache = cache
@@ -194,7 +224,7 @@ class PruningContext(RunContext):
             return
         if not self.prefilled:
             self.prefilled = True
-            if self.recipe.kv is not None and self.kv_budget is None:  # a caller may set it (lm stream)
+            if self.recipe.kv is not None:
                 self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
         if self.kv_budget is None:
             return
@@ -282,6 +312,9 @@ class PruningContext(RunContext):
             torch.stack([keep_counts(per_row[b][layer], real[b : b + 1])[0] for b in range(batch)])
             for layer in range(self.shape.layers)
         ]
+        alive = [real.long(), *self.token_keep_after]
+        pruning = [i for i in range(self.shape.layers) if bool((alive[i + 1] < alive[i]).any())]
+        self.last_token_layer = max(pruning, default=-1)  # importance is needed up to this layer only
 
     def between_layers(self, layer, hidden, keep):
         if self.recipe.prunes_heads:
@@ -370,6 +403,11 @@ def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).nan_to_num(0.0)  # padding queries see no key: rows of 0, not NaN
+
+
+def _accumulate(cumulative: torch.Tensor | None, received: torch.Tensor) -> torch.Tensor:
+    """``cumulative`` + ``received`` (B, Lk); a shorter ``cumulative`` (new decode keys) is zero-extended."""
+    return accumulate_token_importance(cumulative, received[:, None, None, :])
 
 
 def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
