@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynaprune.errors import DynapruneError
 from dynaprune.models.llama import Llama, LlamaConfig
-from dynaprune.runtime.generate import default_stop_tokens
+from dynaprune.runtime.attention import RunContext
+from dynaprune.runtime.generate import cache_capacity, default_stop_tokens
+from dynaprune.runtime.pruning import make_context
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +125,74 @@ def test_smollm2_greedy_equals_transformers_on_mt_bench(smol, shared_data):
         assert ours.new_ids == out[0, ids.shape[1]:].tolist(), q
         assert ours.text == tok.decode(ours.new_ids, skip_special_tokens=True)
         assert ours.stop_reason in ("stop_token", "max_new_tokens") and len(ours.new_ids) <= 64
+
+
+# ---- a KV budget bounds the cache's memory for any generation length --------------------------------
+
+
+class WindowMaskContext(RunContext):
+    """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
+    prompt (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
+
+    def __init__(self, budget: int, sink: int, first: int):
+        super().__init__()
+        self.budget, self.sink, self.first = budget, sink, first
+
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+        n = q.shape[2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.fixture(scope="module")
+def tiny_long():
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab=50, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, intermediate=48,
+                      max_positions=512)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(20)
+    return model
+
+
+def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long):
+    """kv=8 on a 16-token prompt: the cache holds 8 tokens + the one a step adds, whether 20 or 120
+    tokens are generated; the tokens are those of the StreamingLLM oracle (recompute-everything)."""
+    prompt = [(7 * i + 3) % 50 for i in range(16)]
+    # independent count: layers x (K, V) x batch x KV heads x (budget + 1) slots x head_dim x 4 bytes
+    bound = 2 * 2 * 1 * 2 * (8 + 1) * 8 * 4
+    held = {}
+    for n in (20, 120):
+        ctx = make_context("kv=8,sink=2,score=streaming", tiny_long)
+        out = tiny_long.generate(prompt, max_new_tokens=n, stop_tokens=[], ctx=ctx)
+        assert len(out.new_ids) == n and ctx.cache.capacity == 16  # the prompt's prefill needs 16 slots
+        held[n] = ctx.cache.bytes_held()
+        assert ctx.cache.bytes_allocated() == 2 * 2 * 1 * 2 * 16 * 8 * 4 and held[n] <= bound
+    assert held[20] == held[120] == 2 * 2 * 1 * 2 * 8 * 8 * 4  # 8 tokens held after the last step
+    dense = tiny_long.new_cache(1, 16 + 120).bytes_allocated()  # what an unbounded cache would take
+    assert dense > 8 * ctx.cache.bytes_allocated()
+    ids = list(prompt)
+    with torch.inference_mode():  # greedy, recomputing everything under the eviction's attention pattern
+        for _ in range(40):
+            logits = tiny_long(torch.tensor([ids]), ctx=WindowMaskContext(budget=8, sink=2, first=16))
+            ids.append(int(logits[0, -1].argmax()))
+    assert out.new_ids[:40] == ids[16:]
+
+
+def test_kv_budget_of_the_whole_prompt_and_batches(tiny_long):
+    """A budget of the whole prompt needs budget + 1 slots; a left-padded batch evicts per row."""
+    ctx = make_context("kv=16,score=h2o", tiny_long)
+    tiny_long.generate(list(range(1, 17)), max_new_tokens=40, stop_tokens=[], ctx=ctx)
+    assert ctx.cache.capacity == 17 and ctx.cache.lengths == [16, 16]
+    prompts = [list(range(1, 17)), list(range(5, 15))]
+    ctx = make_context("kv=6,sink=2,score=streaming", tiny_long)
+    batch = tiny_long.generate(prompts, max_new_tokens=20, stop_tokens=[], ctx=ctx)
+    assert ctx.cache.capacity == 16 and ctx.cache.lengths == [6, 6]
+    alone = [tiny_long.generate(p, max_new_tokens=20, stop_tokens=[],
+                                ctx=make_context("kv=6,sink=2,score=streaming", tiny_long)).new_ids for p in prompts]
+    assert batch.new_ids == alone
+    assert cache_capacity(316, 16, 1, None) == 316 and cache_capacity(316, 16, 1, 8) == 16
+    assert cache_capacity(316, 16, 1, 24) == 25 and cache_capacity(10, 4, 1, 24) == 10

@@ -105,3 +105,24 @@ def test_model_decode_on_compacted_cache_equals_masking_the_dropped_keys():
     assert (la - lb).abs().max() <= 1e-5
     assert a.lengths == [6, 6] and a.next_position.tolist() == [13, 13]
     assert a.cached_positions(0)[:, -1].tolist() == [12, 12]  # the new token got its true position
+
+
+def test_slots_are_not_positions_a_small_cache_streams_far_past_its_capacity():
+    """Capacity 5: append one token at a time and compact to the 2 oldest + 2 newest after each, for 100
+    positions; the positions held are those of the kept tokens (the oracle keeps them in a list)."""
+    cache = KVCache(1, 1, 1, 2, 5)
+    assert cache.capacity == 5
+    held: list[int] = []  # oracle: original positions of the tokens held
+    for p in range(100):
+        k = torch.full((1, 1, 1, 2), float(p))
+        cache.update(0, k, k + 0.5)
+        cache.next_position += 1
+        held.append(p)
+        if cache.lengths[0] > 4:
+            keep = [0, 1, cache.lengths[0] - 2, cache.lengths[0] - 1]
+            cache.compact(0, torch.tensor([keep]))
+            held = [held[i] for i in keep]
+        assert cache.cached_positions(0)[0].tolist() == held
+        assert cache.k[0][0, 0, : cache.lengths[0], 0].tolist() == [float(x) for x in held]
+    assert held == [0, 1, 98, 99] and int(cache.next_position[0]) == 100
+    assert cache.bytes_allocated() == 2 * 5 * 2 * 4 and cache.bytes_held() == 2 * 4 * 2 * 4

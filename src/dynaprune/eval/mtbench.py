@@ -258,6 +258,7 @@ def evaluate_generate(
         seconds=seconds,
         extra={
             "max_new_tokens": max_new_tokens, "batch_size": batch_size, "rouge_on": "token ids",
+            "batches": len(length_batches([len(p) for p in prompts], batch_size)),
             "match_prefix": MATCH_PREFIX, "reference_cached": cached,
             "reference_seconds": round(reference_seconds, 3),
             "seconds_per_token": seconds / max(1, generated),
