@@ -125,3 +125,37 @@ def save(name: str, payload: dict, subdir: str = "", path: Path | None = None) -
     write_json_atomic(path, {"benchmark": name, "machine": machine(), "versions": versions(),
                              "load": load_average(), **payload})
     return path
+
+
+def token_flops_kept(shape, recipe, length: int) -> float:
+    """FLOPs a ``token=`` recipe keeps on one sequence of ``length`` tokens, from its schedule (the
+    same count ``runtime.cost`` makes from a run's work): every layer's projections, attention and FFN
+    on the tokens entering it."""
+    from dynaprune.runtime.cost import _flops
+
+    def layer(n: int) -> int:
+        pairs = n * (n + 1) // 2 if shape.causal else n * n
+        return sum(_flops(shape, n, pairs * shape.heads).values())
+
+    counts = recipe.token_keep_counts(shape.layers, length)
+    entering = [length, *counts[:-1]]
+    return sum(layer(n) for n in entering) / (shape.layers * layer(length))
+
+
+def token_recipe_for(shape, length: int, flops_kept: float, extra: str = ""):
+    """The ``token=K`` recipe (K to 3 decimals, bisected) whose schedule keeps about ``flops_kept`` of
+    the dense FLOPs at ``length`` tokens; the lowest K when even that keeps more."""
+    from dynaprune.prune.recipe import Recipe
+
+    def make(k: float) -> Recipe:
+        return Recipe.parse(f"token={k:.3f}{extra}")
+
+    lo, hi = 0.001, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if token_flops_kept(shape, make(mid), length) > flops_kept:
+            hi = mid
+        else:
+            lo = mid
+    best = min((lo, hi), key=lambda k: abs(token_flops_kept(shape, make(k), length) - flops_kept))
+    return make(best)

@@ -68,3 +68,35 @@ def test_work_cost_of_a_dense_encoder_equals_the_formula():
     cost = work_cost(shape, ctx.work)
     assert cost["actual"]["flops"] == dense_cost(shape, lengths)["dense_flops"]
     assert cost["flops_kept"] == 1.0
+
+
+def test_blocked_attention_with_column_sums_equals_brute_force():
+    """attention_with_received (blocked, GQA without copies, causal blocks on visible keys only) gives
+    the outputs and the attention each key received of the materialised softmax, padding included."""
+    from dynaprune.prune.tokens import accumulate_token_importance
+    from dynaprune.runtime.attention import attention_with_received, build_mask, expand_kv, sdpa
+
+    torch.manual_seed(0)
+    cases = [(2, 4, 2, 7, 7, True, True), (2, 4, 4, 9, 9, False, True), (1, 6, 2, 1, 13, True, False),
+             (3, 4, 2, 5, 12, True, True), (2, 2, 1, 33, 33, True, False)]
+    for b, hq, hkv, lq, lk, causal, pad in cases:
+        q, k, v = torch.randn(b, hq, lq, 8), torch.randn(b, hkv, lk, 8), torch.randn(b, hkv, lk, 8)
+        kpm = None
+        if pad:
+            kpm = torch.ones(b, lk, dtype=torch.bool)
+            kpm[0, :3] = False  # left padding: the first queries see no key at all
+            kpm[-1, -2:] = False
+        qm = kpm if (kpm is not None and lq == lk) else None
+        ke, ve = expand_kv(q, k, v)
+        mask = build_mask(lq, lk, kpm, causal, q.device)
+        scores = (q @ ke.transpose(-1, -2)) * 0.3
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).nan_to_num(0.0)
+        expected = accumulate_token_importance(None, probs, kpm, query_mask=qm)
+        for block_bytes in (1 << 25, 64):  # one block, and one query row per block
+            out, received = attention_with_received(q, k, v, 0.3, kpm, causal, qm, block_bytes=block_bytes)
+            torch.testing.assert_close(out, probs @ ve)
+            torch.testing.assert_close(received, expected)
+        if not pad:
+            torch.testing.assert_close(sdpa(q, k, v, kpm, causal, 0.3), probs @ ve, atol=1e-5, rtol=1e-5)

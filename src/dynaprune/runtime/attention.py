@@ -141,7 +141,9 @@ def attention_with_received(
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    q5 = q.reshape(B, Hkv, G, Lq, D)
+    # once: a strided Q/K/V would be copied by every block's matmul
+    q5, k, v = q.contiguous().view(B, Hkv, G, Lq, D), k.contiguous(), v.contiguous()
+    weight = torch.ones(B, Lq, dtype=q.dtype, device=q.device) if query_mask is None else query_mask.to(q.dtype)
     out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
     received = torch.zeros(B, Lk, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     rows = max(1, block_bytes // max(1, B * Hq * Lk * q.element_size()))
@@ -164,10 +166,9 @@ def attention_with_received(
             if bool(dead.any()):
                 probs.masked_fill_(dead, 0.0)
         out[:, :, :, q0:q1] = (probs.view(B, Hkv, G * n, end) @ v[:, :, :end]).view(B, Hkv, G, n, D)
-        per_query = probs.sum(dim=(1, 2), dtype=received.dtype)  # (B, n, end)
-        if query_mask is not None:
-            per_query = per_query * query_mask[:, q0:q1, None].to(per_query.dtype)
-        received[:, :end] += per_query.sum(dim=1)
+        # column sums over heads and real queries as one batched GEMV: (B, 1, Hq n) @ (B, Hq n, end)
+        w = weight[:, None, None, q0:q1].expand(B, Hkv, G, n).reshape(B, 1, Hq * n)
+        received[:, :end] += (w @ probs.view(B, Hq * n, end)).squeeze(1).to(received.dtype)
     if key_padding_mask is not None:
         received = received.masked_fill(~key_padding_mask.to(torch.bool), 0.0)
     return out.view(B, Hq, Lq, D), received
