@@ -253,6 +253,7 @@ def test_cli_generate_task_and_errors(tiny, questions, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.models
+@pytest.mark.slow
 def test_smollm2_dense_agrees_with_itself_on_two_prompts(smollm2_path, shared_data):
     """SmolLM2-Instruct, two MT-Bench prompts x 8 tokens: dense against its cached dense answers is 1.0
     and the answers are the real model's greedy chat answers."""

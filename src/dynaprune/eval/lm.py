@@ -1,6 +1,6 @@
 """Language-modelling task: perplexity of a decoder on a text file.
 
-Two protocols:
+Three protocols:
 - ``window``: the text's tokens (no special tokens) cut into non-overlapping windows of ``window``
   tokens, each scored independently (loss on every position but the first of each window).
 - ``continue``: chunks of ``context + continuation`` tokens; the context is prefilled into a KV cache
@@ -185,10 +185,10 @@ def evaluate_lm(
     if protocol == "window":
         extra["window"] = window
     elif protocol == "stream":
-        steps = -(-len(pieces) // batch_size) * (stream_tokens - prefill + 1)  # forwards, all batches
+        steps = -(-len(pieces) // batch_size) * (stream_tokens - prefill)  # forwards, all batches
         extra.update(stream_tokens=stream_tokens, prefill=prefill, batch_size=batch_size, kv_budget_tokens=budget,
                      cache_capacity=capacity, seconds_per_token=seconds / (len(pieces) * stream_tokens),
-                     seconds_per_step=seconds / steps)
+                     seconds_per_step=seconds / max(1, steps))
     else:
         extra.update(context=context, continuation=continuation, stepwise=stepwise)
     return TaskResult(
