@@ -129,3 +129,11 @@ def test_method_labels():
     assert method_of("token=0.5,block=0.2") == "hdp+spatten token"
     assert method_of("token=0.5,head=0.8") == "spatten token+head"
     assert method_of("kv=0.25") == "spatten kv"
+
+
+def test_probes_of_another_size_are_another_group(tmp_path):
+    rows = [{**row("dense", 0.79, 1.0, task="classify"), "extra": {"n_train": 5000}, "run_id": "a"},
+            {**row("dense", 0.78, 1.0, task="classify"), "extra": {"n_train": 2000}, "run_id": "b"}]
+    build_report([write(tmp_path / "r.jsonl", rows)], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "classify (probe on 5000)" in md and "classify (probe on 2000)" in md

@@ -65,7 +65,7 @@ def method_of(recipe: str | None) -> str:
 
 @dataclass
 class Group:
-    """Results that share a figure: same model, task, protocol, data and n."""
+    """Results that share a figure: same model, task, protocol (lm) or probe size (classify), data and n."""
 
     model: str
     task: str
@@ -96,18 +96,22 @@ def _order(row: dict) -> tuple:
 
 
 def group_rows(rows: list[dict]) -> list[Group]:
-    """Comparable groups, sorted by title; a run in several files (same run_id) counts once (the last)."""
+    """Comparable groups by model and task, the fullest first; a run in several files (same run_id)
+    counts once (the last)."""
     unique: dict[str, dict] = {}
     for i, row in enumerate(rows):
         unique[row.get("run_id") or f"row{i}"] = row
     groups: dict[tuple, Group] = {}
     members: dict[tuple, list[dict]] = defaultdict(list)
     for row in unique.values():
-        protocol = (row.get("extra") or {}).get("protocol") if row["task"] == "lm" else None
+        extra = row.get("extra") or {}
+        protocol = extra.get("protocol") if row["task"] == "lm" else None
+        if extra.get("n_train"):  # a probe trained on fewer examples is another baseline
+            protocol = f"probe on {extra['n_train']}"
         data = Path(str(row.get("data") or "?")).name
         key = (row.get("model", "?"), row["task"], protocol, data, row.get("n", "?"))
         groups.setdefault(key, Group(*key))
         members[key].append(row)
     for key, group in groups.items():
         group.rows = sorted(members[key], key=_order)
-    return sorted(groups.values(), key=lambda g: g.title)
+    return sorted(groups.values(), key=lambda g: (g.model, g.task, -len(g.rows), g.title))  # fullest first
