@@ -42,7 +42,8 @@ def test_plan_errors(tmp_path, body, message):
 def test_shipped_demo_configs_are_valid(monkeypatch):
     monkeypatch.chdir(REPO)
     full = sweep_configs("configs/demo-full.yaml")
-    assert {"spatten-minilm.yaml", "hdp-minilm.yaml", "spatten-smollm2-kv.yaml"} <= {p.name for p in full}
+    assert [p.name for p in full] == ["spatten-minilm.yaml", "hdp-minilm.yaml", "spatten-smollm2-kv.yaml",
+                                      "smollm2-generate.yaml", "smollm2-stream.yaml"]
     for path in [*full, *sweep_configs("configs/demo.yaml")]:
         _, specs = load_config(path)
         assert specs
