@@ -73,8 +73,11 @@ def test_importance_is_what_the_pruner_ranks(tiny_bert):
     recorder = SurvivalRecorder(ctx, 16)
     with torch.inference_mode():
         tiny_bert(batch, ctx=ctx)
-    alive, importance = recorder.alive[-1], recorder.importance[-1]
-    # The context's own cumulative scores, aligned with its survivors, equal ours for those tokens.
+    # The context accumulates importance up to the last layer that prunes tokens (none is needed after
+    # it); there its own cumulative scores, aligned with its survivors, equal ours for those tokens.
+    last = ctx.last_token_layer
+    assert 0 <= last < len(recorder.alive) - 1
+    alive, importance = recorder.alive[-1], recorder.importance[last]
     assert torch.allclose(importance[alive], ctx.token_importance[0].float(), atol=1e-4)
 
 
