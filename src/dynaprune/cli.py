@@ -414,6 +414,53 @@ def report(
     console.print(f"report: {path.resolve()}")
 
 
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="alias (see `dynaprune models`), checkpoint folder, .gguf file"),
+    target_sparsity: float = typer.Option(..., help="HDP block sparsity to reach, in [0, 1)"),
+    out: Path = typer.Option(..., "--out", "-o", help="recipe file to write (read back with --recipe @FILE)"),
+    target_head_sparsity: float | None = typer.Option(None, help="also calibrate tau_H for this head sparsity"),
+    data: Path | None = typer.Option(None, help=(
+        "calibration text: a train split (default: SST-2 train for encoders, WikiText-2 valid for decoders)")),
+    examples: int | None = typer.Option(None, help="sentences (encoders, default 64) or windows (decoders, 2)"),
+    window: int = typer.Option(1024, help="decoders: tokens per calibration window"),
+    recipe: str | None = typer.Option(None, help="base recipe calibrated under, e.g. 'token=0.6' or 'approx=on'"),
+    block_size: int = typer.Option(2, help="b x b blocks"),
+    block_score: str = typer.Option("abs_sum", help="block importance: abs_sum (paper), sum or max"),
+    keep_first_block: bool = typer.Option(False, help="always keep key block 0 ([CLS] column)"),
+    fixed: str = typer.Option("8.8", help="fixed-point integer.fraction bits of Q and K"),
+) -> None:
+    """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples; save a recipe file."""
+    from dynaprune.paths import shared_data_dir
+    from dynaprune.prune.hdp import parse_fixed_bits
+    from dynaprune.prune.hdp_calibrate import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
+
+    int_bits, frac_bits = parse_fixed_bits(fixed)
+    spec = CalibrationSpec(target_sparsity, target_head_sparsity, block_size, block_score, keep_first_block,
+                           int_bits, frac_bits)
+    if data is not None:
+        _check_data_file(data)
+    from dynaprune import load
+
+    with status(f"loading {model}") as say:
+        m = load(model, say)
+    if data is None:
+        root = shared_data_dir()
+        data = root / "sst2" / "train.tsv" if hasattr(m, "embed") else root / "wikitext2" / "valid.txt"
+    with progress_bar(f"calibrating on {data.name}") as progress:
+        result = calibrate_model(m, data, spec, base_recipe=recipe, examples=examples, window=window,
+                                 progress=progress)
+    head = "" if result.head is None else (
+        f"; head sparsity {result.head.achieved:.4f} (target {result.head.target:g}, tau_H = {result.head.value:g})")
+    summary = (f"block sparsity {result.block.achieved:.4f} (target {result.block.target:g}, "
+               f"rho_B = {result.block.value:.6f}) over {result.blocks} blocks{head}")
+    command = f"dynaprune calibrate {model} --target-sparsity {target_sparsity:g}" + (
+        f" --target-head-sparsity {target_head_sparsity:g}" if target_head_sparsity is not None else "")
+    path = write_recipe_file(out, result.recipe, [
+        command, f"calibrated on {result.examples} examples of {data} ({result.calls} attention calls)", summary])
+    console.print(f"{summary}\nrecipe: {result.recipe}\nwrote {path} (use --recipe @{path})")
+
+
 def _validate_recipe(recipe: str) -> None:
     if recipe not in ("", "dense"):
         try:

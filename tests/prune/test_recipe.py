@@ -360,3 +360,46 @@ def test_head_schedule_monotone(n_layers: int, n_heads: int, k: float) -> None:
     assert len(heads) == n_layers
     assert all(1 <= b <= a <= n_heads for a, b in zip([n_heads, *heads], heads, strict=False))
     assert heads[-1] == keep_count(k, n_heads)
+
+
+# ---------------------------------------------------------------------- recipe files (@PATH) and HDP keys
+def test_recipe_file_comments_lines_and_round_trip(tmp_path):
+    path = tmp_path / "r.txt"
+    path.write_text("# calibrated\nblock=0.25, # rho_B\n\nblock_size=2\nblock_score=max,fixed=8.8\n")
+    recipe = Recipe.parse(f"@{path}")
+    assert recipe == Recipe(block=0.25, block_size=2, block_score="max", fixed=(8, 8))
+    assert Recipe.parse(str(recipe)) == recipe
+    assert Recipe.parse(f"  @{path} ") == recipe
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no recipe"),
+    ("# only a comment\n\n", "holds no recipe"),
+    ("@other.txt\n", "names another recipe file"),
+])
+def test_recipe_file_bad_content(tmp_path, content, message):
+    path = tmp_path / "r.txt"
+    path.write_text(content)
+    with pytest.raises(DynapruneError, match=message):
+        Recipe.parse(f"@{path}")
+
+
+def test_recipe_file_unreadable(tmp_path):
+    with pytest.raises(DynapruneError, match="cannot be read"):
+        Recipe.parse(f"@{tmp_path / 'missing.txt'}")
+    with pytest.raises(DynapruneError, match="cannot be read"):
+        Recipe.parse(f"@{tmp_path}")  # a folder
+    with pytest.raises(DynapruneError, match="needs a file path"):
+        Recipe.parse("@")
+
+
+def test_block_score_and_keep_first_keys():
+    recipe = Recipe.parse("block=0.3,block_score=sum,block_keep_first=on")
+    assert recipe.block_score == "sum" and recipe.block_keep_first is True
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(DynapruneError, match="block_score"):
+        Recipe.parse("block=0.3,block_score=mean")
+    with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
+        Recipe.parse("block_score=max")
+    with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
+        Recipe.parse("block_keep_first=on")

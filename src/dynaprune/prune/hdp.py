@@ -409,6 +409,8 @@ def row_thresholds(importance: torch.Tensor, block_ratio: float, valid_blocks: t
         theta = mean + block_ratio * (top - mean)
     else:
         theta = mean + block_ratio * (mean - bottom)
+    if block_ratio in (-1.0, 1.0):  # the ends exactly (mean +- (mean - min) can round above the min)
+        theta = bottom if block_ratio < 0 else top
     theta = torch.minimum(torch.maximum(theta, bottom), top)  # rounding must not pass the row's max
     return theta.masked_fill(count == 0, math.inf)
 
@@ -718,10 +720,10 @@ def hdp_attention(
     q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H a multiple of Hkv (K/V groups repeated, as in
     ``runtime.attention``); ``scale`` is the softmax scale (default D**-0.5); key_padding_mask (B, Lk)
     True for real keys; query_padding_mask (B, Lq) True for real queries (padding rows take no part
-    in any decision or count and output zeros). Pruned blocks are -inf before the softmax; pruned heads output zeros; a query
-    row with no kept key outputs zeros. Computed in float64, returned in v's dtype. ``measure_error``
-    adds the exact float64 scores and two more softmaxes (about double the cost) for the error stats.
-    Scores are ``units * (q.scale * k.scale * scale)`` with one combined factor.
+    in any decision or count and output zeros). Pruned blocks are -inf before the softmax; pruned heads
+    output zeros; a query row with no kept key outputs zeros. Computed in float64, returned in v's
+    dtype. ``measure_error`` adds the exact float64 scores and two more softmaxes (about double the
+    cost) for the error stats. Scores are ``units * (q.scale * k.scale * scale)`` with one combined factor.
     """
     _check_shapes(q, k, v, key_padding_mask)
     b, h, lq, d = q.shape
