@@ -139,3 +139,19 @@ def test_kv_budget_bounds_the_cache_and_reports_the_work_saved():
     ours, reference = work_cost(shape, pruned.work), work_cost(shape, dense.work)
     assert ours["dense"]["flops"] == reference["actual"]["flops"]  # the same dense reference
     assert ours["attention_flops_kept"] < 0.25 and ours["kv_bytes_kept"] < 0.25
+
+
+def test_a_large_kv_budget_evicts_in_chunks_and_never_holds_more_than_the_budget():
+    from dynaprune.runtime.pruning import EVICT_SLACK
+
+    model = tiny_llama()
+    prompt = torch.randint(0, 50, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    ctx = make_context("kv=128", model)
+    held = []
+    ends = ctx.end_forward
+    ctx.end_forward = lambda cache: (ends(cache), held.append(list(cache.lengths)))
+    model.generate(prompt, max_new_tokens=30, stop_tokens=[], ctx=ctx)
+    floor = 128 - int(128 * EVICT_SLACK)
+    assert all(floor <= n <= 128 for lengths in held for n in lengths)
+    assert held[0] == [floor, floor]  # the prompt is cut to the chunk's floor at once
+    assert [128, 128] in held  # and the cache grows back to the budget before the next compaction

@@ -44,6 +44,11 @@ from dynaprune.runtime.cost import CostShape, cost_shape
 HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
               "qk_frac_mults", "skipped_by_head", "skipped_by_block", "skipped_by_near_zero", "frac_frac_dropped",
               "pv_mults")
+# A KV budget of at least CHUNKED_EVICTION_MIN_BUDGET tokens evicts down to (1 - EVICT_SLACK) x budget
+# when a layer goes over it: one compaction (a copy of the layer's cache) per budget / 16 decode steps.
+# Smaller budgets, where the copy is cheap, evict one token per step and hold exactly the budget.
+EVICT_SLACK = 1 / 16
+CHUNKED_EVICTION_MIN_BUDGET = 64
 
 
 @dataclass
@@ -75,6 +80,7 @@ class PruningContext(RunContext):
         seed: int = 0,
         keep_pruned_states: bool = True,
         trace: bool = False,
+        evict_slack: float = EVICT_SLACK,
     ) -> None:
         super().__init__(record_probs=record_probs)
         self.recipe = recipe
@@ -101,6 +107,7 @@ class PruningContext(RunContext):
         self.position_importance: torch.Tensor | None = None  # (B, P) spatten: over layers, heads, steps
         self.layer_importance: dict[int, torch.Tensor] = {}  # h2o / instant: per layer, aligned with cache
         self.kv_budget: int | None = None
+        self.evict_slack = evict_slack  # share of the budget freed per eviction (0: one token per step)
         # Workload trace of the first input of the batch (runtime/trace.py turns it into CSV rows).
         self.trace_calls: list[dict] | None = [] if trace else None
         self.iteration = 0
@@ -224,17 +231,22 @@ class PruningContext(RunContext):
             return
         if not self.prefilled:
             self.prefilled = True
-            if self.recipe.kv is not None and self.kv_budget is None:  # a caller may set it (lm stream)
+            if self.recipe.kv is not None:
                 self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
         if self.kv_budget is None:
             return
         evicted = False
+        # Evict in chunks: a layer over the budget drops to budget - slack, so the compaction (a copy of
+        # the whole layer cache) runs once every ``slack`` steps instead of at every step. The cache
+        # never holds more than the budget after a forward either way.
+        slack = int(self.kv_budget * self.evict_slack) if self.kv_budget >= CHUNKED_EVICTION_MIN_BUDGET else 0
+        target = self.kv_budget - slack
         for layer in range(cache.n_layers):
             if cache.lengths[layer] > self.kv_budget:
-                self._evict(cache, layer, self.kv_budget)
+                self._evict(cache, layer, target)
                 evicted = True
         if evicted and self.trace_calls:  # the budget's top-k, after the last layer, for the next step
-            self.trace_calls[-1]["topk"] = self.kv_budget
+            self.trace_calls[-1]["topk"] = target
 
     def _evict(self, cache, layer: int, budget: int) -> None:
         """Compact one layer's cache to ``budget`` tokens: sinks and recent tokens, then the most important."""
