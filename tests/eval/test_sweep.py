@@ -109,6 +109,10 @@ def test_other_schema_refused(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_configs_validate(config):
     from dynaprune.cli import _validate_recipe
+    from dynaprune.report.plan import sweep_configs
 
-    header, specs = load_config(config, validate_recipe=_validate_recipe)
-    assert specs and header["results"].endswith(".jsonl")
+    root = Path(__file__).resolve().parents[2]
+    # A demo list (``configs:``) stands for sweep configs; each of those must validate.
+    for sweep in sweep_configs(config, base=root):
+        header, specs = load_config(root / sweep, validate_recipe=_validate_recipe)
+        assert specs and header["results"].endswith(".jsonl")
