@@ -99,6 +99,8 @@ def run_case(model, batch: int, context: int, new_tokens: int, budgets: list[flo
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per variant")
+    p.add_argument("--cases", default=None, help="BATCHxCONTEXT,... (default 1x1024,1x4096,8x1024,8x4096)")
+    p.add_argument("--budgets", default=None, help="kv budgets, comma-separated (default 0.5,0.25,0.125)")
     args = p.parse_args(argv)
     threads = setup_threads(args.threads)
     model = load("smollm2-135m")
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         cases, new_tokens, budgets = [(1, 64)], 4, [0.25]
     else:
         cases, new_tokens, budgets = [(1, 1024), (1, 4096), (8, 1024), (8, 4096)], args.new_tokens, BUDGETS
+    if args.cases:
+        cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    if args.budgets:
+        budgets = [float(b) for b in args.budgets.split(",")]
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     for batch, context in cases:
         # every variant's cache preallocated at the full length, plus the prefill's activations
