@@ -231,7 +231,7 @@ class PruningContext(RunContext):
             return
         if not self.prefilled:
             self.prefilled = True
-            if self.recipe.kv is not None:
+            if self.recipe.kv is not None and self.kv_budget is None:  # a caller may set it (lm stream)
                 self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
         if self.kv_budget is None:
             return
