@@ -41,11 +41,14 @@ class WorkCounter:
 
     def add(
         self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int,
-        dense_pairs: int | None = None, dense_keys: int | None = None,
+        dense_pairs: int | None = None, dense_keys: int | None = None, head_pairs: int | None = None,
     ) -> None:
+        """``head_pairs``: the (query, key, head) scores really computed, when fewer than
+        ``pairs * heads_computed`` (HDP's block and early head pruning skip some inside a head)."""
         self.tokens[layer] = self.tokens.get(layer, 0) + tokens
         self.pairs[layer] = self.pairs.get(layer, 0) + pairs
-        self.head_pairs[layer] = self.head_pairs.get(layer, 0) + pairs * heads_computed
+        computed = pairs * heads_computed if head_pairs is None else head_pairs
+        self.head_pairs[layer] = self.head_pairs.get(layer, 0) + computed
         self.keys[layer] = self.keys.get(layer, 0) + keys
         self.dense_pairs[layer] = self.dense_pairs.get(layer, 0) + (pairs if dense_pairs is None else dense_pairs)
         self.dense_keys[layer] = self.dense_keys.get(layer, 0) + (keys if dense_keys is None else dense_keys)

@@ -3,7 +3,8 @@
 FLOPs count a multiply-add as 2. Per layer and sequence of L tokens (d = hidden size, Hq query heads,
 Hkv KV heads, h = head dim, f = FFN width):
   projections  2 L d (Hq h) [Q] + 2 * 2 L d (Hkv h) [K, V] + 2 L (Hq h) d [O]
-  attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended:
+  attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended (under HDP only
+               the pairs of kept blocks of kept heads; its integer pass is counted in its own stats):
                L^2 for an encoder, L (L + 1) / 2 for a causal decoder (plus the cached keys).
   ffn          2 L d f per matrix (2 matrices for BERT/GPT-2, 3 for Llama's gated MLP)
 K/V bytes: what the K and V cache of those tokens holds at 16 bits (the accelerators' dense baseline).

@@ -129,6 +129,7 @@ class PruningContext(RunContext):
         query_mask = key_padding_mask if (key_padding_mask is not None and lq == k.shape[2]) else None
         mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device) if explicit else None
         received = None  # attention each key received in this call (B, Lk), when importance is needed
+        hdp_head_pairs = None  # HDP: the scores computed in full precision (kept blocks of kept heads)
 
         if not explicit:
             # Fast paths. No probabilities needed (dense layers, layers after the last token-pruning
@@ -145,6 +146,7 @@ class PruningContext(RunContext):
                                            measure_error=False)
             counts = {name: float(getattr(hdp_stats, name).sum()) for name in HDP_COUNTS}
             counts["heads_total"] = float(hdp_stats.head_kept.numel())
+            hdp_head_pairs = int(counts["pairs_kept"])
             for key, value in counts.items():
                 stats.hdp[key] = stats.hdp.get(key, 0.0) + value
             probs = _probs(q, k, scale, mask) if self._needs_token_importance else None
@@ -189,7 +191,7 @@ class PruningContext(RunContext):
             dense_keys = int(seen.sum())
             dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
         self.work.heads = n_heads
-        self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys)
+        self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys, hdp_head_pairs)
         stats.tokens_in += tokens
         stats.heads_alive = out.shape[1]
         if heads is None:
