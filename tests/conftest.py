@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dynaprune.models.registry import fetch
+from dynaprune.runtime.attention import RunContext
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -29,3 +30,28 @@ def minilm_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return fetch("smollm2-135m")
+
+
+
+class StreamingMaskContext(RunContext):
+    """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
+    first forward (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
+
+    def __init__(self, budget: int, sink: int, first: int = 1):
+        super().__init__()
+        self.budget, self.sink, self.first = budget, sink, first
+
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+        n = q.shape[2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.fixture
+def streaming_oracle() -> type[StreamingMaskContext]:
+    """``streaming_oracle(budget=B, sink=S, first=F)``: a run context applying StreamingLLM's attention
+    pattern in one full forward (the oracle of the KV-budget eviction with score=streaming)."""
+    return StreamingMaskContext

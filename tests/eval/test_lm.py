@@ -107,22 +107,6 @@ def test_bad_input(tiny, tmp_path, text):
         evaluate_lm(tiny, text, protocol="sliding")
 
 
-class WindowMaskContext(RunContext):
-    """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
-    first forward (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
-
-    def __init__(self, budget: int, sink: int, first: int = 1):
-        super().__init__()
-        self.budget, self.sink, self.first = budget, sink, first
-
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
-        n = q.shape[2]
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
 
 def contexts_of(recipe, model):
     made = []
@@ -157,7 +141,7 @@ def test_stream_with_nothing_pruned_is_dense(tiny, text):
     assert whole.extra["kv_budget_tokens"] == 60 and made[0].cache.lengths == [59, 59]
 
 
-def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text):
+def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text, streaming_oracle):
     """kv=0.25 of a 100-token stream is 25 tokens; StreamingLLM keeps 2 sinks + the 23 newest keys."""
     ids = CharTokenizer()(text.read_text()).input_ids
     made, factory = contexts_of("kv=0.25,sink=2,score=streaming", tiny)
@@ -166,7 +150,7 @@ def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text):
     for start in (0, 100):
         piece = torch.tensor([ids[start:start + 100]])
         with torch.inference_mode():
-            logits = tiny(piece, ctx=WindowMaskContext(budget=25, sink=2))[0]
+            logits = tiny(piece, ctx=streaming_oracle(budget=25, sink=2))[0]
         oracle += float(F.cross_entropy(logits[:-1], piece[0, 1:], reduction="sum"))
     assert math.isclose(res.metric["nll"], oracle / 198, rel_tol=1e-5)
     assert res.extra["kv_budget_tokens"] == 25 and res.extra["cache_capacity"] == 26

@@ -6,11 +6,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dynaprune.errors import DynapruneError
 from dynaprune.models.llama import Llama, LlamaConfig
-from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.generate import cache_capacity, default_stop_tokens
 from dynaprune.runtime.pruning import make_context
 
@@ -130,22 +128,6 @@ def test_smollm2_greedy_equals_transformers_on_mt_bench(smol, shared_data):
 # ---- a KV budget bounds the cache's memory for any generation length --------------------------------
 
 
-class WindowMaskContext(RunContext):
-    """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
-    prompt (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
-
-    def __init__(self, budget: int, sink: int, first: int):
-        super().__init__()
-        self.budget, self.sink, self.first = budget, sink, first
-
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
-        n = q.shape[2]
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
 
 @pytest.fixture(scope="module")
 def tiny_long():
@@ -158,7 +140,7 @@ def tiny_long():
     return model
 
 
-def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long):
+def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long, streaming_oracle):
     """kv=8 on a 16-token prompt: the cache holds 8 tokens + the one a step adds, whether 20 or 120
     tokens are generated; the tokens are those of the StreamingLLM oracle (recompute-everything)."""
     prompt = [(7 * i + 3) % 50 for i in range(16)]
@@ -177,7 +159,7 @@ def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long):
     ids = list(prompt)
     with torch.inference_mode():  # greedy, recomputing everything under the eviction's attention pattern
         for _ in range(40):
-            logits = tiny_long(torch.tensor([ids]), ctx=WindowMaskContext(budget=8, sink=2, first=16))
+            logits = tiny_long(torch.tensor([ids]), ctx=streaming_oracle(budget=8, sink=2, first=16))
             ids.append(int(logits[0, -1].argmax()))
     assert out.new_ids[:40] == ids[16:]
 
