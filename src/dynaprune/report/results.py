@@ -15,7 +15,7 @@ from pathlib import Path
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.sweep import SCHEMA, read_results
 
-HIGHER_IS_BETTER = {"spearman": True, "accuracy": True, "perplexity": False, "rouge_l": True}
+HIGHER_IS_BETTER = {"spearman": True, "accuracy": True, "perplexity": False, "rouge_l_f1": True}
 SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv")
 HDP_KEYS = ("block", "block_sparsity", "hdp_head", "fixed")
 
