@@ -32,7 +32,6 @@ def smollm2_path() -> Path:
     return fetch("smollm2-135m")
 
 
-
 class StreamingMaskContext(RunContext):
     """Oracle of StreamingLLM eviction in one full forward: query i sees key j <= i only when i is in the
     first forward (i < first), j is a sink (j < sink) or j is among the budget - sink newest keys."""
