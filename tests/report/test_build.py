@@ -18,7 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def row(recipe, value, kept, task="sts", n=10, pruning=None, **extra):
-    cost = {"flops_kept": kept, "kv_bytes_kept": kept, "shape": {"heads": 4, "kv_heads": 4}}
+    cost = {"flops_kept": kept, "attention_flops_kept": kept / 2, "kv_bytes_kept": kept, "shape": {"heads": 4, "kv_heads": 4}}
     if pruning:
         cost["pruning"] = pruning
     return {"schema": SCHEMA, "run_id": f"{task}-{recipe}-{n}", "model": "minilm-l6", "task": task, "n": n,
@@ -69,7 +69,7 @@ def test_report_has_figures_tables_and_provenance(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     # bits fetched: 0.45 K/V bytes x head share (100*4+70*4+50*3)/(220*4) x (0.5 + 1) / 2
     bits = 0.45 * (830 / 880) * 0.75
-    assert f"| spatten token | token=0.3 | 0.8400 | +0.0270 | 0.450 | 0.450 | {bits:.3f} | 10 | sts-token=0.3-10 |" \
+    assert f"| spatten token | token=0.3 | 0.8400 | +0.0270 | 0.450 | 0.225 | 0.450 | {bits:.3f} | 10 | sts-token=0.3-10 |" \
         in md
     assert "## minilm-l6 · sts · dev.tsv (n=10)" in md
     for text in ("dynaprune report r.jsonl", "dynaprune sweep configs/x.yaml", "not recorded",
@@ -126,7 +126,9 @@ def test_foreign_input_refused(tmp_path, name, text, message):
 def test_method_labels():
     assert method_of(None) == "dense"
     assert method_of("kv=0.25,score=h2o") == "h2o"
-    assert method_of("token=0.5,block=0.2") == "hdp+spatten token"
+    assert method_of("token=0.5,block=0.2") == "hdp blocks (abs_sum)+spatten token"
+    assert method_of("block=0.2,block_score=max,hdp_head=10,approx=on,fixed=8.8") == "hdp blocks+heads+approx (max)"
+    assert method_of("fixed=8.8") == "hdp fixed-point"
     assert method_of("token=0.5,head=0.8") == "spatten token+head"
     assert method_of("kv=0.25") == "spatten kv"
 

@@ -50,13 +50,14 @@ def test_shipped_demo_configs_are_valid(monkeypatch):
 
 
 def test_work_axes():
-    assert work_axes({"metric": {}}) == {"flops_kept": 1.0, "kv_bytes_kept": 1.0, "bits_kept": 1.0}
-    cost = {"flops_kept": 0.7, "kv_bytes_kept": 0.8, "shape": {"heads": 4, "kv_heads": 4},
+    assert work_axes({"metric": {}}) == {"flops_kept": 1.0, "attention_kept": 1.0, "kv_bytes_kept": 1.0,
+                                         "bits_kept": 1.0}
+    cost = {"flops_kept": 0.7, "attention_flops_kept": 0.4, "kv_bytes_kept": 0.8, "shape": {"heads": 4, "kv_heads": 4},
             "pruning": {"tokens_per_layer": [10, 10], "heads_per_layer_last_call": [4, 2],
                         "key_bits_fetched_vs_fp16": 0.25, "value_rows_kept": 0.5}}
     assert head_share(cost) == pytest.approx(0.75)
     assert work_axes({"cost": cost}) == pytest.approx(
-        {"flops_kept": 0.7, "kv_bytes_kept": 0.8, "bits_kept": 0.8 * 0.75 * (0.25 + 0.5) / 2})
+        {"flops_kept": 0.7, "attention_kept": 0.4, "kv_bytes_kept": 0.8, "bits_kept": 0.8 * 0.75 * (0.25 + 0.5) / 2})
     gqa = {**cost, "shape": {"heads": 4, "kv_heads": 2}}  # a pruned query head may not spare its K/V
     assert head_share(gqa) == 1.0
 

@@ -1,6 +1,8 @@
-"""The three measures of work kept that the report plots a metric against, read from one result row.
+"""The four measures of work kept that the report plots a metric against, read from one result row.
 
 - ``flops_kept``: FLOPs really done / dense FLOPs (``runtime/cost.py`` ``work_cost``, gathered work).
+- ``attention_kept``: attention FLOPs (QK^T and PV) really done / dense (``work_cost``): where HDP's
+  block and head pruning show (on short inputs attention is a small share of all FLOPs).
 - ``kv_bytes_kept``: K/V bytes read / dense K/V bytes, both at 16 bits (``work_cost``).
 - ``bits_kept``: K/V *bits fetched* / dense fp16 K/V bits: the K/V bytes kept, scaled by what the
   pruning summary says the other SpAtten techniques saved on top of the tokens (DRAM traffic):
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 AXES: dict[str, str] = {
     "flops_kept": "fraction of FLOPs kept (real, gathered work)",
+    "attention_kept": "fraction of attention FLOPs kept (QK, PV)",
     "kv_bytes_kept": "fraction of K/V bytes kept (fp16)",
     "bits_kept": "K/V bits fetched (fraction of dense fp16)",
 }
-SHORT: dict[str, str] = {"flops_kept": "FLOPs kept", "kv_bytes_kept": "K/V bytes kept", "bits_kept": "bits fetched"}
+SHORT: dict[str, str] = {"flops_kept": "FLOPs kept", "attention_kept": "attention kept",
+                         "kv_bytes_kept": "K/V bytes kept", "bits_kept": "bits fetched"}
 
 
 def head_share(cost: dict) -> float:
@@ -38,7 +42,8 @@ def head_share(cost: dict) -> float:
 
 
 def work_axes(row: dict) -> dict[str, float]:
-    """``{"flops_kept", "kv_bytes_kept", "bits_kept"}`` of one result row (see the module docstring)."""
+    """``{"flops_kept", "attention_kept", "kv_bytes_kept", "bits_kept"}`` of one result row (see the module
+    docstring)."""
     cost = row.get("cost") or {}
     pruning = cost.get("pruning") or {}
     kv = float(cost.get("kv_bytes_kept", 1.0))
@@ -46,6 +51,7 @@ def work_axes(row: dict) -> dict[str, float]:
     value_rows = float(pruning.get("value_rows_kept", 1.0))
     return {
         "flops_kept": float(cost.get("flops_kept", 1.0)),
+        "attention_kept": float(cost.get("attention_flops_kept", 1.0)),
         "kv_bytes_kept": kv,
         "bits_kept": kv * head_share(cost) * (key_bits + value_rows) / 2,
     }

@@ -1,8 +1,8 @@
 """The report: one self-contained HTML page (figures embedded) and a Markdown twin, from results files.
 
 Per comparable group of results (same model, task, protocol, data and n; ``report/results.py``):
-trade-off curves of the metric against the fraction of FLOPs kept, of K/V bytes kept and of K/V bits
-fetched (``report/axes.py``, ``report/tradeoff.py``), the tokens and heads alive per layer
+trade-off curves of the metric against the fraction of FLOPs kept, of attention FLOPs kept, of K/V
+bytes kept and of K/V bits fetched (``report/axes.py``, ``report/tradeoff.py``), the tokens and heads alive per layer
 (``report/layers.py``) and a table (method, recipe, metric, drop vs dense, work kept, run id). Then
 the pruning pictures when asked (``report/pictures.py``) and the provenance of every number
 (``report/provenance.py``). An empty results set makes a report that says so.
@@ -113,7 +113,8 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "",
         page.para(EMPTY, "<b>No results:</b> the given results files hold no result lines. Run a sweep first "
                   "(<code>dynaprune sweep</code>).")
     if groups:
-        page.para("Work kept: FLOPs really done, K/V bytes read and K/V bits fetched, each as a fraction of "
+        page.para("Work kept: FLOPs really done (all, and attention's QK/PV alone), K/V bytes read and K/V "
+                  "bits fetched, each as a fraction of "
                   "the dense model on the same inputs (see dynaprune/report/axes.py). Drop vs dense is "
                   "positive when the metric got worse.")
     for group in groups:

@@ -51,7 +51,8 @@ def load_rows(paths: list[Path]) -> list[dict]:
 
 def method_of(recipe: str | None) -> str:
     """A series label from a recipe string: 'dense', a baseline ('h2o', 'random', ...) or the family and
-    the techniques on ('spatten token', 'spatten token+head', 'hdp', 'hdp+spatten token')."""
+    the techniques on ('spatten token', 'spatten token+head', 'hdp blocks+heads (max)', 'hdp blocks (abs_sum)+spatten
+    token')."""
     if not recipe or recipe == "dense":
         return "dense"
     keys = dict(part.split("=", 1) for part in recipe.split(",") if "=" in part)
@@ -59,7 +60,13 @@ def method_of(recipe: str | None) -> str:
         return keys["score"]
     techniques = "+".join(dict.fromkeys(k.removesuffix("_schedule") for k in keys if k in SPATTEN_KEYS))
     if any(k in keys for k in HDP_KEYS):
-        return "hdp" + (f"+spatten {techniques}" if techniques else "")
+        parts = [name for key, name in (("block", "blocks"), ("block_sparsity", "blocks"), ("hdp_head", "heads"))
+                 if key in keys]
+        parts += ["approx"] if keys.get("approx") == "on" else []
+        hdp = "hdp " + "+".join(dict.fromkeys(parts)) if parts else "hdp fixed-point"
+        if "blocks" in parts:  # the block importance changes the curve completely (prune/hdp.py)
+            hdp += f" ({keys.get('block_score', 'abs_sum')})"
+        return hdp + (f"+spatten {techniques}" if techniques else "")
     return f"spatten {techniques}" if techniques else "spatten"
 
 
