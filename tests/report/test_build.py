@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def row(recipe, value, kept, task="sts", n=10, pruning=None, **extra):
-    cost = {"flops_kept": kept, "attention_flops_kept": kept / 2, "kv_bytes_kept": kept, "shape": {"heads": 4, "kv_heads": 4}}
+    cost = {"flops_kept": kept, "attention_flops_kept": kept / 2, "kv_bytes_kept": kept,
+            "shape": {"heads": 4, "kv_heads": 4}}
     if pruning:
         cost["pruning"] = pruning
     return {"schema": SCHEMA, "run_id": f"{task}-{recipe}-{n}", "model": "minilm-l6", "task": task, "n": n,
@@ -69,8 +70,8 @@ def test_report_has_figures_tables_and_provenance(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     # bits fetched: 0.45 K/V bytes x head share (100*4+70*4+50*3)/(220*4) x (0.5 + 1) / 2
     bits = 0.45 * (830 / 880) * 0.75
-    assert f"| spatten token | token=0.3 | 0.8400 | +0.0270 | 0.450 | 0.225 | 0.450 | {bits:.3f} | 10 | sts-token=0.3-10 |" \
-        in md
+    assert ("| spatten token | token=0.3 | 0.8400 | +0.0270 | 0.450 | 0.225 | 0.450 | "
+            f"{bits:.3f} | 10 | sts-token=0.3-10 |") in md
     assert "## minilm-l6 · sts · dev.tsv (n=10)" in md
     for text in ("dynaprune report r.jsonl", "dynaprune sweep configs/x.yaml", "not recorded",
                  "2026-11-23 10:00:00 UTC .. 2026-11-23 10:05:00 UTC", '{"torch": "x"}', "sha256"):
