@@ -143,7 +143,7 @@ def token_flops_kept(shape, recipe, length: int) -> float:
 
     def layer(n: int) -> int:
         pairs = n * (n + 1) // 2 if shape.causal else n * n
-        return sum(_flops(shape, n, pairs * shape.heads).values())
+        return sum(_flops(shape, n, pairs * shape.heads, n * shape.heads, n * shape.kv_heads).values())
 
     counts = recipe.token_keep_counts(shape.layers, length)
     entering = [length, *counts[:-1]]

@@ -103,9 +103,14 @@ class Block(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, layer: int, ctx: RunContext
     ) -> torch.Tensor:
         B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        plan = ctx.head_plan()  # pruned heads: their projections are skipped
+        if plan is None:
+            q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = plan.qkv(x, self.qkv)
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=mask)  # (B, H, L, D)
-        x = self.ln1(x + self.proj(y.transpose(1, 2).reshape(B, L, d)))
+        projected = self.proj(y.transpose(1, 2).reshape(B, L, d)) if plan is None else plan.output(y, self.proj)
+        x = self.ln1(x + projected)
         return self.ln2(x + self.fc2(self.act(self.fc1(x))))
 
 

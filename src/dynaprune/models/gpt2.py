@@ -93,14 +93,18 @@ class Block(nn.Module):
     def forward(self, x, layer, positions, mask, cache, ctx):
         b, n, _ = x.shape
         h, d = self.c.heads, self.c.head_dim
-        q, k, v = self.c_attn(self.ln_1(x)).split(self.c.hidden, dim=-1)
-        q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in (q, k, v))
+        plan = ctx.head_plan()  # pruned heads: their projections are skipped
+        if plan is None:
+            q, k, v = self.c_attn(self.ln_1(x)).split(self.c.hidden, dim=-1)
+            q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = plan.qkv(self.ln_1(x), self.c_attn)
         key_mask = mask
         if cache is not None:
             k, v = cache.update(layer, k, v, positions=positions, mask=mask)
             key_mask = cache.key_mask(layer)
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=key_mask, causal=True, scale=self.scale)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(b, n, -1))
+        x = x + (self.c_proj(y.transpose(1, 2).reshape(b, n, -1)) if plan is None else plan.output(y, self.c_proj))
         return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
 
 

@@ -154,10 +154,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, layer, positions, mask, cache, ctx):
         b, n, _ = x.shape
         c = self.c
-        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
-        q = q.view(b, n, c.heads, c.head_dim).transpose(1, 2)
-        k = k.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
+        plan = ctx.head_plan()  # pruned heads: their projections are skipped
+        if plan is None:
+            q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
+            q = q.view(b, n, c.heads, c.head_dim).transpose(1, 2)
+            k = k.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
+            v = v.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
+        else:
+            q, k, v = plan.qkv(x, self.wqkv)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         key_mask = mask
@@ -170,6 +174,8 @@ class Attention(nn.Module):
                 "which dynaprune does not implement"
             )
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=key_mask, causal=True)
+        if plan is not None:
+            return plan.output(y, self.wo)
         return self.wo(y.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dynaprune.runtime.head_skipping import HeadPlan
+
 
 @dataclass
 class AttentionRecord:
@@ -37,26 +39,38 @@ class WorkCounter:
     # what the same calls would have attended with no K/V evicted (differs from pairs/keys under a KV budget)
     dense_pairs: dict[int, int] = field(default_factory=dict)
     dense_keys: dict[int, int] = field(default_factory=dict)
+    # query heads x tokens and KV heads x tokens whose projections ran (pruned heads skip theirs)
+    q_head_tokens: dict[int, int] = field(default_factory=dict)
+    kv_head_tokens: dict[int, int] = field(default_factory=dict)
     heads: int = 0  # query heads of the model (for the dense figure)
 
     def add(
         self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int,
         dense_pairs: int | None = None, dense_keys: int | None = None, head_pairs: int | None = None,
+        kv_heads_computed: int | None = None, projected_heads: int | None = None,
     ) -> None:
         """``head_pairs``: the (query, key, head) scores really computed, when fewer than
-        ``pairs * heads_computed`` (HDP's block and early head pruning skip some inside a head)."""
+        ``pairs * heads_computed`` (HDP's block and early head pruning skip some inside a head).
+        ``projected_heads`` / ``kv_heads_computed``: query and KV heads whose projections ran (default:
+        ``heads_computed`` and the model's KV heads, i.e. only attention skips pruned heads)."""
         self.tokens[layer] = self.tokens.get(layer, 0) + tokens
         self.pairs[layer] = self.pairs.get(layer, 0) + pairs
         computed = pairs * heads_computed if head_pairs is None else head_pairs
         self.head_pairs[layer] = self.head_pairs.get(layer, 0) + computed
         self.keys[layer] = self.keys.get(layer, 0) + keys
+        q_heads = heads_computed if projected_heads is None else projected_heads
+        self.q_head_tokens[layer] = self.q_head_tokens.get(layer, 0) + tokens * q_heads
+        if kv_heads_computed is not None:
+            self.kv_head_tokens[layer] = self.kv_head_tokens.get(layer, 0) + tokens * kv_heads_computed
         self.dense_pairs[layer] = self.dense_pairs.get(layer, 0) + (pairs if dense_pairs is None else dense_pairs)
         self.dense_keys[layer] = self.dense_keys.get(layer, 0) + (keys if dense_keys is None else dense_keys)
 
     def merge(self, other: WorkCounter) -> None:
         for mine, theirs in ((self.tokens, other.tokens), (self.pairs, other.pairs),
                              (self.head_pairs, other.head_pairs), (self.keys, other.keys),
-                             (self.dense_pairs, other.dense_pairs), (self.dense_keys, other.dense_keys)):
+                             (self.dense_pairs, other.dense_pairs), (self.dense_keys, other.dense_keys),
+                             (self.q_head_tokens, other.q_head_tokens),
+                             (self.kv_head_tokens, other.kv_head_tokens)):
             for layer, n in theirs.items():
                 mine[layer] = mine.get(layer, 0) + n
         self.heads = max(self.heads, other.heads)
@@ -240,6 +254,10 @@ class RunContext:
                     head_outputs.detach() if self.record_head_outputs else None,
                 )
             )
+
+    def head_plan(self) -> HeadPlan | None:
+        """The heads the next attention computes (models project only those), None = every head."""
+        return None
 
     def between_layers(
         self, layer: int, hidden: torch.Tensor, keep: dict[str, torch.Tensor]

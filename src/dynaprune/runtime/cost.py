@@ -2,7 +2,8 @@
 
 FLOPs count a multiply-add as 2. Per layer and sequence of L tokens (d = hidden size, Hq query heads,
 Hkv KV heads, h = head dim, f = FFN width):
-  projections  2 L d (Hq h) [Q] + 2 * 2 L d (Hkv h) [K, V] + 2 L (Hq h) d [O]
+  projections  2 L d (Hq h) [Q] + 2 * 2 L d (Hkv h) [K, V] + 2 L (Hq h) d [O]; a pruned head's Q and O
+               are skipped, and its K and V when its whole KV group is pruned (runtime/head_skipping.py)
   attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended (under HDP only
                the pairs of kept blocks of kept heads; its integer pass is counted in its own stats):
                L^2 for an encoder, L (L + 1) / 2 for a causal decoder (plus the cached keys).
@@ -96,10 +97,10 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
     }
 
 
-def _flops(shape: CostShape, tokens: int, head_pairs: int) -> dict[str, int]:
-    qdim, kvdim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+def _flops(shape: CostShape, tokens: int, head_pairs: int, q_head_tokens: int, kv_head_tokens: int) -> dict[str, int]:
+    """``q_head_tokens`` / ``kv_head_tokens``: tokens x query (KV) heads whose projections ran."""
     return {
-        "proj_qkvo": 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim),
+        "proj_qkvo": 2 * shape.hidden * shape.head_dim * (2 * q_head_tokens + 2 * kv_head_tokens),
         "attn_qk": 2 * shape.head_dim * head_pairs,
         "attn_pv": 2 * shape.head_dim * head_pairs,
         "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
@@ -126,9 +127,13 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
             if replicate_first:  # the dense reference: layer 0 as if no K/V had been evicted, every head
                 head_pairs = counter.dense_pairs.get(0, 0) * shape.heads
                 keys = counter.dense_keys.get(0, 0)
+                q_head_tokens, kv_head_tokens = tokens * shape.heads, tokens * shape.kv_heads
             else:
                 head_pairs, keys = counter.head_pairs.get(src, 0), counter.keys.get(src, 0)
-            for key, value in _flops(shape, tokens, head_pairs).items():
+                # pruned heads skip their projections; a counter without these figures ran every head
+                q_head_tokens = counter.q_head_tokens.get(src, tokens * shape.heads)
+                kv_head_tokens = counter.kv_head_tokens.get(src, tokens * shape.kv_heads)
+            for key, value in _flops(shape, tokens, head_pairs, q_head_tokens, kv_head_tokens).items():
                 flops[key] += value
             kv_bytes += keys * kv_row_bytes
         flops["total"] = sum(flops.values())

@@ -5,7 +5,8 @@ the plain ``RunContext`` (so "nothing pruned" is bit-identical to dense by const
 ``PruningContext`` that
 
 - in ``attend`` computes attention explicitly for the heads still alive (cascade head pruning,
-  SpAtten Sec. III-B: pruned heads are gathered out, not computed, and output zero), with progressive
+  SpAtten Sec. III-B: pruned heads are gathered out, not computed, and output zero; ``head_plan`` tells
+  the models which heads to project, so their QKV and output projections are skipped as well), with progressive
   or static quantization of Q/K/V (Sec. III-D), local value pruning (Sec. III-C) or HDP's integer
   block/head pruning with its approximation (``prune/hdp.py``), and accumulates the cumulative token
   importance (sum of attention probabilities received, Alg. 2) and head importance (sum of
@@ -40,6 +41,7 @@ from dynaprune.runtime.attention import (
     sdpa,
 )
 from dynaprune.runtime.cost import CostShape, cost_shape
+from dynaprune.runtime.head_skipping import HeadPlan
 
 HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
               "qk_frac_mults", "skipped_by_head", "skipped_by_block", "skipped_by_near_zero", "frac_frac_dropped",
@@ -91,6 +93,8 @@ class PruningContext(RunContext):
         self.token_importance: torch.Tensor | None = None  # (B, L) aligned with the current tokens
         self.head_importance: torch.Tensor | None = None  # (B, Hq)
         self.head_index: torch.Tensor | None = None  # (B, Hk) query heads alive, None = all
+        self._head_plan: HeadPlan | None = None  # the same heads, for the models' projections
+        self._plan_given: HeadPlan | None = None  # the plan the model asked for in this layer
         self.token_keep_after: list[torch.Tensor] | None = None  # per layer, (B,) counts
         self.last_token_layer = shape.layers - 1  # the last layer after which tokens are pruned (planned)
         self.layer_stats: dict[int, LayerStats] = {}
@@ -191,7 +195,10 @@ class PruningContext(RunContext):
             dense_keys = int(seen.sum())
             dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
         self.work.heads = n_heads
-        self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys, hdp_head_pairs)
+        plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
+        self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys, hdp_head_pairs,
+                      kv_heads_computed=plan.kv_computed if plan is not None else self.shape.kv_heads,
+                      projected_heads=plan.query.shape[1] if plan is not None else n_heads)
         stats.tokens_in += tokens
         stats.heads_alive = out.shape[1]
         if heads is None:
@@ -369,6 +376,11 @@ class PruningContext(RunContext):
             dead = torch.ones_like(importance, dtype=torch.bool).scatter(1, self.head_index, False)
             importance = importance.masked_fill(dead, float("-inf"))
         self.head_index = select_heads_to_keep(importance, n_keep, self.group_size)
+        self._head_plan = HeadPlan.make(self.head_index, self.shape.heads, self.shape.kv_heads, self.shape.head_dim)
+
+    def head_plan(self) -> HeadPlan | None:
+        self._plan_given = self._head_plan  # the work counter counts the projections the model ran
+        return self._head_plan
 
     def final_states(self, hidden: torch.Tensor, keep: dict[str, torch.Tensor]):
         """The last hidden state of every original token: survivors from ``hidden``, pruned tokens from
