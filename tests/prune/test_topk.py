@@ -2,9 +2,13 @@
 
 Property tests total 10,000 hypothesis examples (see ``EXAMPLES``); values are drawn from a small
 integer range half of the time so duplicates, all-equal rows and ties at the threshold are common.
+The fast path has two implementations (numpy for CPU tensors, torch for the rest); every fast-path
+property test checks both against the same oracle.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynaprune.errors import DynapruneError
+from dynaprune.prune import topk as topk_module
 from dynaprune.prune.topk import (
     TopkEngineConfig,
     expected_quickselect_elements,
@@ -70,6 +75,24 @@ def earliest_among_ties(vals: list[float], k: int) -> list[int]:
     return sorted(sorted(range(len(vals)), key=lambda i: (-vals[i], i))[:k])
 
 
+@contextmanager
+def torch_path():
+    """Run the fast path's torch implementation (the one for non-CPU tensors) on CPU tensors."""
+    saved, topk_module.NUMPY_MAX_N = topk_module.NUMPY_MAX_N, 0
+    try:
+        yield
+    finally:
+        topk_module.NUMPY_MAX_N = saved
+
+
+@contextmanager
+def numpy_path():
+    yield
+
+
+PATHS = {"numpy": numpy_path, "torch": torch_path}
+
+
 @_settings("ref_vs_torch")
 @given(values_and_k(), st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 3, 16, 64]))
 def test_reference_selects_torch_topk_set_up_to_ties(case, seed, parallelism):
@@ -91,11 +114,13 @@ def test_fast_path_equals_reference(case, seed):
     vals, k = case
     ref = topk_reference(vals, k, seed=seed)
     t = torch.tensor(vals, dtype=torch.float32)
-    assert topk_indices(t, k).tolist() == list(ref.indices)
-    mask = topk_mask(t, k)
-    assert mask.nonzero().flatten().tolist() == list(ref.indices)
-    # a per-row tensor k gives the same answer as the scalar
-    assert topk_indices(t.unsqueeze(0), torch.tensor([k])).tolist() == [list(ref.indices)]
+    for path in PATHS.values():
+        with path():
+            assert topk_indices(t, k).tolist() == list(ref.indices)
+            mask = topk_mask(t, k)
+            assert mask.nonzero().flatten().tolist() == list(ref.indices)
+            # a per-row tensor k gives the same answer as the scalar
+            assert topk_indices(t.unsqueeze(0), torch.tensor([k])).tolist() == [list(ref.indices)]
 
 
 @_settings("batched")
@@ -107,15 +132,86 @@ def test_batched_per_row_k(rows, n, mode, seed, kseed):
     ks = krng.integers(0, n + 1, rows).tolist()
     t = torch.tensor(vals, dtype=torch.float32).reshape(rows, 1, n)  # an extra batch dim
     kk = torch.tensor(ks).reshape(rows, 1)
-    mask, idx = topk_mask(t, kk), topk_indices(t, kk)
-    assert idx.shape == (rows, 1, max(ks))
     same_k = int(krng.integers(0, n + 1))
-    idx2 = topk_indices(t, same_k)
-    for r in range(rows):
-        want = earliest_among_ties(vals[r], ks[r])
-        assert mask[r, 0].nonzero().flatten().tolist() == want
-        assert idx[r, 0].tolist() == want + [-1] * (max(ks) - ks[r])
-        assert idx2[r, 0].tolist() == earliest_among_ties(vals[r], same_k)
+    for path in PATHS.values():
+        with path():
+            mask, idx = topk_mask(t, kk), topk_indices(t, kk)
+            idx2 = topk_indices(t, same_k)
+        assert idx.shape == (rows, 1, max(ks))
+        for r in range(rows):
+            want = earliest_among_ties(vals[r], ks[r])
+            assert mask[r, 0].nonzero().flatten().tolist() == want
+            assert idx[r, 0].tolist() == want + [-1] * (max(ks) - ks[r])
+            assert idx2[r, 0].tolist() == earliest_among_ties(vals[r], same_k)
+
+
+def _oracle_rows(x: np.ndarray, k: np.ndarray) -> list[list[int]]:
+    """Brute force for big rows: stable descending order (position breaks ties), first k, ascending."""
+    rows = x.reshape(-1, x.shape[-1])
+    return [sorted(np.lexsort((np.arange(row.size), -row.astype(np.float64)))[:kr].tolist())
+            for row, kr in zip(rows, np.broadcast_to(k, x.shape[:-1]).reshape(-1), strict=True)]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("n", [3, 64, 1000, 5000, 70_000])
+def test_both_paths_small_and_large_n_with_ties(path, n):
+    """Both implementations at small and large n against brute force: rows with ties at the threshold
+    (few distinct values), all-equal rows, distinct floats and +-inf; scalar and per-row k (0 and n
+    included), several dtypes, a transposed input and one that requires grad."""
+    rng = np.random.default_rng(n)
+    rows = [rng.integers(-3, 4, n).astype(np.float32),  # many ties at every threshold
+            np.full(n, 2.0, np.float32),
+            rng.standard_normal(n).astype(np.float32),
+            np.where(rng.random(n) < 0.3, np.float32(np.inf), rng.integers(0, 3, n)).astype(np.float32)]
+    rows[2][rng.integers(0, n, max(1, n // 8))] = -np.inf
+    x = np.stack(rows)
+    ks = [1, n // 4, n // 2 + 1, n]
+    per_row = np.array([0, n, max(1, n // 3), n // 2])
+    with PATHS[path]():
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.int64):
+            xt = torch.from_numpy(np.nan_to_num(x, posinf=7, neginf=-7) if dtype == torch.int64 else x).to(dtype)
+            xv = xt.numpy().astype(np.float64)  # what the dtype holds (float16 rounds)
+            for k in [*ks, torch.from_numpy(per_row)]:
+                kn = k.numpy() if isinstance(k, torch.Tensor) else np.full(len(rows), k)
+                want = _oracle_rows(xv, kn)
+                mask, idx = topk_mask(xt, k), topk_indices(xt, k)
+                for r, w in enumerate(want):
+                    assert mask[r].nonzero().flatten().tolist() == w
+                    assert idx[r].tolist() == w + [-1] * (idx.shape[-1] - len(w))
+        # a transposed (non-contiguous) batch, a 1-D row and a tensor that requires grad
+        xt = torch.from_numpy(x.T.copy()).T
+        assert not xt.is_contiguous()
+        assert topk_indices(xt, n // 4).tolist() == _oracle_rows(x, np.full(len(rows), n // 4))
+        assert topk_indices(xt[0], n // 4).tolist() == _oracle_rows(x[:1], np.array([n // 4]))[0]
+        g = torch.from_numpy(x[2:3].copy()).requires_grad_(True)  # distinct floats: no tie fix-up needed
+        assert topk_mask(g, n // 4)[0].nonzero().flatten().tolist() == _oracle_rows(x[2:3], np.array([n // 4]))[0]
+        assert topk_indices(g, torch.tensor([n // 3])).tolist() == _oracle_rows(x[2:3], np.array([n // 3]))
+
+
+@pytest.mark.parametrize("n", [5, 300])
+def test_both_paths_agree_on_nan(n):
+    """NaN: the numpy path hands every NaN input to the torch path, so both raise (or not) alike."""
+    rng = np.random.default_rng(n)
+    x = torch.from_numpy(rng.integers(0, 3, (3, n)).astype(np.float32))
+    x[1, 2] = float("nan")
+    cases = [(x, 1), (x, n), (x, torch.tensor([1, 0, 1])), (x, torch.tensor([0, 2, 0])), (x, torch.tensor([0, 0, n])),
+             (x[1], 1), (x, 0)]
+    for scores, k in cases:
+        outcome = {}
+        for name, path in PATHS.items():
+            with path():
+                try:
+                    outcome[name] = (topk_mask(scores, k).tolist(), topk_indices(scores, k).tolist())
+                except DynapruneError as err:
+                    outcome[name] = str(err)
+        assert outcome["numpy"] == outcome["torch"], (k, outcome)
+    with pytest.raises(DynapruneError, match="NaN"):
+        topk_indices(x, 2)
+
+
+def test_bfloat16_takes_the_torch_path():
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    assert topk_indices(x, 2).tolist() == [[1, 2]] and topk_mask(x, 4).tolist() == [[False, True, True, True, True]]
 
 
 @_settings("eliminator")

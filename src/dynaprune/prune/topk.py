@@ -400,13 +400,21 @@ def _prepare(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor 
 def topk_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """Boolean mask (..., n) of Algorithm 3's selection: the k largest, earliest positions among ties.
 
-    ``k`` is an int or an integer tensor broadcastable to ``scores.shape[:-1]`` (per-row k). Cost for a
-    scalar k: the (k+1)-th largest (torch.kthvalue, or torch.topk for small k), one comparison and one
-    count; per-row k: one sorted torch.topk of max(k) + 1 and one comparison; an exact path with a
-    cumsum tie fix-up runs only when some row's k-th largest value also occurs outside its top k.
+    ``k`` is an int or an integer tensor broadcastable to ``scores.shape[:-1]`` (per-row k). CPU tensors
+    take the numpy path (``_numpy_topk``: one partition, a comparison, a count). The torch path (other
+    devices, NaN, bfloat16), for a scalar k: the (k+1)-th largest (torch.kthvalue, or torch.topk for
+    small k), one comparison and one count; per-row k: one sorted torch.topk of max(k) + 1 and one
+    comparison. Either path runs an exact tie fix-up (a cumsum over the elements equal to the k-th
+    largest) only when some row's k-th largest value also occurs outside its top k.
     """
+    out = _numpy_topk(scores, k, False)
+    return _torch_mask(scores, k) if out is None else out
+
+
+def _torch_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """``topk_mask`` in torch ops (any device; every NaN input and every error goes through here)."""
     if scores.dim() == 1:  # one row: the batched code path with a unit batch
-        return topk_mask(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
+        return _torch_mask(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
     kk, kmax = _prepare(scores, k)
     return _mask(scores, kk, kmax)
 
@@ -449,8 +457,14 @@ def topk_indices(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
 
     With a per-row k the last dimension is max(k) and shorter rows are padded with -1 at the end.
     """
+    out = _numpy_topk(scores, k, True)
+    return _torch_indices(scores, k) if out is None else out
+
+
+def _torch_indices(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """``topk_indices`` in torch ops (any device; every NaN input and every error goes through here)."""
     if scores.dim() == 1:
-        return topk_indices(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
+        return _torch_indices(scores.unsqueeze(0), k.reshape(1) if isinstance(k, torch.Tensor) else k)[0]
     kk, kmax = _prepare(scores, k)
     lead = scores.shape[:-1]
     if kmax == 0:
@@ -467,3 +481,123 @@ def _indices_from_mask(mask: torch.Tensor, kmax: int) -> torch.Tensor:
     out = torch.full((*mask.shape[:-1], kmax + 1), -1, dtype=torch.long, device=mask.device)
     pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(slot)
     return out.scatter_(-1, slot, pos)[..., :kmax]
+
+
+# -------------------------------------------------------------------- fast path on the CPU: numpy
+
+# CPU tensors go through numpy (``_numpy_topk``) when a row holds at most NUMPY_MAX_N scores (None: any
+# n). There a call is a few operations of about a microsecond each where a torch op costs 3-5 us of
+# dispatch, no host sync is needed (the arrays are already on the host), and ``np.partition``
+# (introselect) finds the threshold several times faster than torch.topk / torch.kthvalue. Measured by
+# ``python -m benchmarks.topk`` (it times both paths at every n): the numpy path was the faster one at
+# every n from 64 to 65,536, one row and eight, so there is no size limit; the torch path remains for
+# other devices, NaN inputs and dtypes numpy lacks (bfloat16). Tests set it to 0 to run the torch path.
+NUMPY_MAX_N: int | None = None
+
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                           torch.int32, torch.int64})
+_INTP_IS_INT64 = np.dtype(np.intp) == np.dtype(np.int64)  # nonzero / argsort positions are intp
+
+
+def _numpy_topk(scores: torch.Tensor, k: int | torch.Tensor, indices: bool) -> torch.Tensor | None:
+    """``topk_indices`` (``indices``) or ``topk_mask`` through numpy, or None where it does not apply.
+
+    It applies to a strided CPU tensor of a dtype both libraries order alike, with 1 <= n (<=
+    ``NUMPY_MAX_N`` when set) and max k >= 1, and holding no NaN; everything else (other devices,
+    NaN, k = 0, a k tensor on another device or one that does not broadcast) returns None for the torch
+    path, which decides and raises exactly as before. Bad k values raise here with the same errors as ``_row_k``.
+
+    Common case: one ``np.partition`` gives each row's (k+1)-th largest w, and ``x > w`` keeps at most
+    k per row (NaN, which both libraries rank above everything, never compares greater); a count over
+    the whole batch equal to the sum of the k's means every row kept exactly k, i.e. no tie at the
+    threshold and no NaN, so the mask is exact. Otherwise (a tie at the threshold, a NaN, or k = n in
+    some row): NaN goes to the torch path; ties are settled as ``_fix_ties`` does, from the k-th largest
+    (a second partition) and a cumsum over the equal elements (the earliest kept, as Algorithm 3's
+    filter keeps them).
+    """
+    if not scores.is_cpu or scores.dtype not in _NUMPY_DTYPES or scores.layout != torch.strided:
+        return None
+    shape = scores.shape
+    if not shape:
+        return None
+    n = shape[-1]
+    if n == 0 or (NUMPY_MAX_N is not None and n > NUMPY_MAX_N):
+        return None
+    if isinstance(k, torch.Tensor):
+        kk = _numpy_row_k(k, shape)
+        if kk is None:
+            return None
+        kmax = int(kk.max())
+        if int(kk.min()) < 0 or kmax > n:
+            raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
+    else:
+        if int(k) != k or not 0 <= k <= n:
+            raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={n}")
+        kk, kmax = None, int(k)
+    if kmax == 0:
+        return None
+    a = (scores.detach() if scores.requires_grad else scores).numpy()
+    if kmax < n:
+        if kk is None:
+            mask = a > np.partition(a, n - kmax - 1, axis=-1)[..., n - kmax - 1, None]
+            total = mask.size // n * kmax
+        else:
+            pos = n - 1 - kk  # ascending position of each row's (k+1)-th largest; n - 1 (the max) at k = 0
+            part = np.partition(a, np.unique(pos), axis=-1)
+            mask = a > np.take_along_axis(part, pos[..., None], axis=-1)
+            total = int(kk.sum())
+        if indices:  # the count is the number of positions found
+            flat = mask.ravel().nonzero()[0]  # 1-D nonzero: several times faster than an N-D one
+            if flat.size == total:
+                return torch.from_numpy(_numpy_columns(flat, mask.shape, kk, kmax))
+        elif np.count_nonzero(mask) == total:
+            return torch.from_numpy(mask)
+    if a.dtype.kind == "f" and np.isnan(a).any():
+        return None
+    # exact (as _fix_ties): keep what is above each row's k-th largest v and its earliest copies of v
+    if kk is None:
+        want: int | np.ndarray = kmax
+        v = np.partition(a, n - kmax, axis=-1)[..., n - kmax, None]
+    else:
+        want = kk[..., None]
+        pos = n - np.maximum(kk, 1)  # a row with k = 0 compares with its max: nothing above, none wanted
+        v = np.take_along_axis(np.partition(a, np.unique(pos), axis=-1), pos[..., None], axis=-1)
+    gt, eq = a > v, a == v
+    mask = gt | (eq & (np.cumsum(eq, axis=-1) <= want - gt.sum(axis=-1, keepdims=True)))
+    if indices:
+        return torch.from_numpy(_numpy_columns(mask.ravel().nonzero()[0], mask.shape, kk, kmax))
+    return torch.from_numpy(mask)
+
+
+def _numpy_row_k(k: torch.Tensor, shape: torch.Size) -> np.ndarray | None:
+    """Per-row k as int64 numpy broadcast to the rows, or None to leave it to ``_row_k``."""
+    if k.dtype.is_floating_point or k.dtype == torch.bool:
+        raise DynapruneError("per-row k must be an integer tensor")
+    if not k.is_cpu or k.dtype not in _NUMPY_DTYPES or k.layout != torch.strided:
+        return None
+    kn, lead = k.numpy(), shape[:-1]
+    if not lead:  # one row: k must hold one value (the torch path reshapes it to (1,))
+        if kn.size != 1:
+            return None
+        kn = kn.reshape(())
+    try:
+        kk = np.broadcast_to(kn, lead).astype(np.int64)
+    except ValueError:
+        return None
+    return kk if kk.size else None
+
+
+def _numpy_columns(flat: np.ndarray, shape: tuple[int, ...], kk: np.ndarray | None, kmax: int) -> np.ndarray:
+    """Kept positions per row in input order, (..., kmax) int64, from the flat positions of the kept
+    lanes (row by row, in order; exactly k in each row); rows with a smaller per-row k padded with -1."""
+    n, lead = shape[-1], shape[:-1]
+    flat = flat if _INTP_IS_INT64 else flat.astype(np.int64)
+    if kk is None:
+        if flat.size == kmax:  # one row: flat positions are the columns
+            return flat.reshape(*lead, kmax)
+        if flat.size <= 1024:  # flat position -> column: one op, cheaper for few positions
+            return (flat % n).reshape(*lead, kmax)
+        return (flat.reshape(-1, kmax) - np.arange(0, flat.size // kmax * n, n)[:, None]).reshape(*lead, kmax)
+    out = np.full((*lead, kmax), -1, dtype=np.int64)
+    out[np.arange(kmax) < kk[..., None]] = flat % n  # boolean assignment fills row by row, in order
+    return out
