@@ -64,38 +64,37 @@ def padded_batch(seed: int = 1):
     return ids, mask
 
 
-def test_plan_projects_exactly_the_alive_heads_and_zeros_the_rest():
+def test_plan_projects_the_heads_alive_in_any_row_and_zeros_the_rest():
     torch.manual_seed(0)
-    heads, kv_heads, dim, hidden = 6, 2, 4, 16
+    heads, kv_heads, dim, hidden = 6, 3, 4, 16
     qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * dim)
     out = nn.Linear(heads * dim, hidden)
     x = torch.randn(2, 5, hidden)
-    alive = torch.tensor([[0, 1, 2], [3, 4, 5]])  # whole KV groups, different per row
+    alive = torch.tensor([[0, 1, 4], [0, 1, 5]])  # rows differ: heads 0, 1, 4, 5 run, KV groups 0 and 2
     plan = HeadPlan.make(alive, heads, kv_heads, dim)
-    assert not plan.uniform and plan.kv.tolist() == [[0], [1]] and plan.kv_computed == 1
+    assert plan.projected.tolist() == [0, 1, 4, 5] and plan.kv.tolist() == [0, 2] and plan.kv_computed == 2
     q, k, v = plan.qkv(x, qkv)
     full_q, full_k, full_v = qkv(x).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-    for row in range(2):
-        for h in range(heads):
-            expected = full_q[row, :, h * dim:(h + 1) * dim] if h in alive[row] else torch.zeros(5, dim)
-            torch.testing.assert_close(q[row, h], expected, **TOL)
-        group = int(plan.kv[row, 0])
-        for g in range(kv_heads):
-            for got, full in ((k, full_k), (v, full_v)):
-                expected = full[row, :, g * dim:(g + 1) * dim] if g == group else torch.zeros(5, dim)
-                torch.testing.assert_close(got[row, g], expected, **TOL)
+    for h in range(heads):
+        expected = full_q[..., h * dim:(h + 1) * dim] if h in (0, 1, 4, 5) else torch.zeros(2, 5, dim)
+        torch.testing.assert_close(q[:, h], expected, **TOL)
+    for g in range(kv_heads):
+        for got, full in ((k, full_k), (v, full_v)):
+            expected = full[..., g * dim:(g + 1) * dim] if g in (0, 2) else torch.zeros(2, 5, dim)
+            torch.testing.assert_close(got[:, g], expected, **TOL)
+    # the attention hands back zeros for the heads a row pruned; the output projection then equals the full one
     y = torch.randn(2, heads, 5, dim)
     dead = torch.ones(2, heads, dtype=torch.bool).scatter(1, alive, False)
     zeroed = y.masked_fill(dead[:, :, None, None], 0.0)
-    torch.testing.assert_close(plan.output(y, out), out(zeroed.transpose(1, 2).reshape(2, 5, -1)), **TOL)
+    torch.testing.assert_close(plan.output(zeroed, out), out(zeroed.transpose(1, 2).reshape(2, 5, -1)), **TOL)
 
 
-def test_query_head_pruning_under_gqa_keeps_every_kv_head():
+def test_query_head_pruning_under_gqa_keeps_a_kv_head_while_any_of_its_query_heads_lives():
     plan = HeadPlan.make(torch.tensor([[0, 1, 4]]), heads=6, kv_heads=2, head_dim=4)
-    assert plan.kv is None and plan.kv_computed == 2 and plan.uniform
+    assert plan.kv is None and plan.kv_computed == 2 and plan.projected.tolist() == [0, 1, 4]
     mha = HeadPlan.make(torch.tensor([[0, 4], [1, 2]]), heads=6, kv_heads=6, head_dim=4)
-    assert mha.kv.tolist() == [[0, 4], [1, 2]]
-    assert head_rows(torch.tensor([[1, 3]]), 2, offset=10).tolist() == [[12, 13, 16, 17]]
+    assert mha.kv.tolist() == [0, 1, 2, 4] and mha.projected.tolist() == [0, 1, 2, 4]
+    assert head_rows(torch.tensor([1, 3]), 2, offset=10).tolist() == [12, 13, 16, 17]
 
 
 @pytest.mark.parametrize("recipe", ["head_schedule=1:0.5", "head=0.5", "token=0.6,head=0.7"])
@@ -112,11 +111,11 @@ def test_bert_with_skipped_projections_matches_projecting_every_head(recipe):
 
 
 class PerRowHeads:
-    """After layer 0, each row of the batch keeps different heads (per-row weight slices, bmm path)."""
+    """After layer 0, each row of the batch keeps different heads (the projections run on their union)."""
 
     def _prune_heads(self, layer):
         if layer == 0:
-            self.head_index = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 2, 4]])
+            self.head_index = torch.tensor([[0, 1, 2], [1, 2, 3], [0, 2, 3]])
             self._head_plan = HeadPlan.make(self.head_index, self.shape.heads, self.shape.kv_heads,
                                             self.shape.head_dim)
 
@@ -135,7 +134,7 @@ def test_rows_keeping_different_heads_match_projecting_every_head():
     shape = make_context("head=0.5", model).shape
     ctx = PerRowSkipping(Recipe.parse("head=0.5"), shape)
     hidden, _ = model(ids, mask, ctx=ctx)
-    assert not ctx.head_plan().uniform
+    assert ctx.head_plan().projected.tolist() == [0, 1, 2, 3]  # heads 4 and 5 pruned in every row
     expected, _ = model(ids, mask, ctx=PerRowOracle(Recipe.parse("head=0.5"), shape))
     torch.testing.assert_close(hidden, expected, **TOL)
 

@@ -198,7 +198,7 @@ class PruningContext(RunContext):
         plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
         self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys, hdp_head_pairs,
                       kv_heads_computed=plan.kv_computed if plan is not None else self.shape.kv_heads,
-                      projected_heads=plan.query.shape[1] if plan is not None else n_heads)
+                      projected_heads=plan.projected.numel() if plan is not None else n_heads)
         stats.tokens_in += tokens
         stats.heads_alive = out.shape[1]
         if heads is None:
@@ -376,7 +376,9 @@ class PruningContext(RunContext):
             dead = torch.ones_like(importance, dtype=torch.bool).scatter(1, self.head_index, False)
             importance = importance.masked_fill(dead, float("-inf"))
         self.head_index = select_heads_to_keep(importance, n_keep, self.group_size)
-        self._head_plan = HeadPlan.make(self.head_index, self.shape.heads, self.shape.kv_heads, self.shape.head_dim)
+        plan = HeadPlan.make(self.head_index, self.shape.heads, self.shape.kv_heads, self.shape.head_dim)
+        # rows keeping different heads may leave none pruned in every row: then project all as usual
+        self._head_plan = plan if plan.projected.numel() < self.shape.heads else None
 
     def head_plan(self) -> HeadPlan | None:
         self._plan_given = self._head_plan  # the work counter counts the projections the model ran
