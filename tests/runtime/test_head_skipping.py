@@ -55,13 +55,10 @@ def tiny_gpt2() -> GPT2:
                                                "n_head": 6})))
 
 
-def padded_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 60, (3, 14), generator=g)
-    mask = torch.ones(3, 14, dtype=torch.bool)
-    mask[1, 10:] = False
-    mask[2, 6:] = False
-    return ids, mask
+def padded_batch():
+    """Three rows of 14, 10 and 6 real tokens (right padding)."""
+    ids = torch.randint(1, 60, (3, 14), generator=torch.Generator().manual_seed(1))
+    return ids, torch.arange(14) < torch.tensor([14, 10, 6])[:, None]
 
 
 def test_plan_projects_the_heads_alive_in_any_row_and_zeros_the_rest():
