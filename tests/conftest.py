@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,21 @@ def streaming_oracle() -> type[StreamingMaskContext]:
     """``streaming_oracle(budget=B, sink=S, first=F)``: a run context applying StreamingLLM's attention
     pattern in one full forward (the oracle of the KV-budget eviction with score=streaming)."""
     return StreamingMaskContext
+
+
+@pytest.fixture
+def dynaprune_cli(monkeypatch, capsys):
+    """Run ``dynaprune ARGS...`` in this process: returns (exit code, stdout + stderr)."""
+    from dynaprune.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["dynaprune", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run

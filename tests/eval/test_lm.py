@@ -191,25 +191,15 @@ def test_stream_bad_input(tiny, text):
                     ctx_factory=lambda: make_context("kv=120", tiny))
 
 
-def test_cli_stream_and_its_errors(tiny, text, monkeypatch, capsys):
+def test_cli_stream_and_its_errors(tiny, text, monkeypatch, dynaprune_cli):
     """The CLI runs the stream protocol (model loading stubbed with the tiny model); bad input is one
     line and exit code 2."""
-    import sys
-
     import dynaprune
-    from dynaprune.cli import main
 
     monkeypatch.setattr(dynaprune, "load", lambda name, say=None: tiny)
 
     def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["dynaprune", "eval", "tiny", "lm", "--data", str(text), *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.out + out.err
+        return dynaprune_cli("eval", "tiny", "lm", "--data", str(text), *args)
 
     code, out = cli("--protocol", "stream", "--stream-tokens", "40", "--max-examples", "1", "--recipe",
                     "kv=0.25,score=h2o")

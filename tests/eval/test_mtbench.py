@@ -5,7 +5,6 @@ chat tokenizer stands in for SmolLM2 (one short real-model test)."""
 from __future__ import annotations
 
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -219,22 +218,14 @@ def test_bad_input(tiny, tmp_path, questions):
         evaluate_generate(tiny, questions, max_new_tokens=250)
 
 
-def test_cli_generate_task_and_errors(tiny, questions, tmp_path, monkeypatch, capsys):
+def test_cli_generate_task_and_errors(tiny, questions, tmp_path, monkeypatch, dynaprune_cli):
     """`dynaprune eval MODEL generate` (loading stubbed with the tiny model); bad input: exit 2."""
     import dynaprune
-    from dynaprune.cli import main
 
     monkeypatch.setattr(dynaprune, "load", lambda name, say=None: tiny)
 
     def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["dynaprune", "eval", "tiny", "generate", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.out + out.err
+        return dynaprune_cli("eval", "tiny", "generate", *args)
 
     out_json = tmp_path / "r.json"
     code, out = cli("--data", str(questions), "--max-new-tokens", "8", "--max-examples", "3", "--recipe",
