@@ -80,3 +80,13 @@ def folder_tokenizer(folder: Path, files: tuple[str, ...]):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def read_hf_folder(
+    path: str | Path, tokenizer_files: tuple[str, ...]
+) -> tuple[dict, dict[str, torch.Tensor], object, Path]:
+    """(config.json, safetensors state, tokenizer or None, folder) of an HF checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DynapruneError(f"{folder}: not a checkpoint folder")
+    return read_config(folder), read_safetensors(folder), folder_tokenizer(folder, tokenizer_files), folder

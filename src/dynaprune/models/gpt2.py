@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.checkpoint import assign_weights, folder_tokenizer, read_config, read_safetensors, strip_prefix
+from dynaprune.models.checkpoint import assign_weights, read_hf_folder, strip_prefix
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -215,10 +215,7 @@ class GPT2(nn.Module):
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> GPT2:
         """Load an HF GPT-2 checkpoint folder (config.json + *.safetensors; pickles are refused)."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise DynapruneError(f"{folder}: not a checkpoint folder")
-        config = GPT2Config.from_hf(read_config(folder))
-        state = read_safetensors(folder)
-        tokenizer = folder_tokenizer(folder, ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
-        return cls.from_hf_state(config, state, tokenizer=tokenizer, name=folder.name, source=str(folder))
+        tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+        config, state, tokenizer, folder = read_hf_folder(path, tokenizer_files)
+        return cls.from_hf_state(GPT2Config.from_hf(config), state, tokenizer=tokenizer, name=folder.name,
+                                 source=str(folder))

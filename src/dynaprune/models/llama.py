@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.checkpoint import assign_weights, folder_tokenizer, read_config, read_safetensors, strip_prefix
+from dynaprune.models.checkpoint import assign_weights, read_hf_folder, strip_prefix
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -363,13 +363,10 @@ class Llama(nn.Module):
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> Llama:
         """Load an HF checkpoint folder (config.json + *.safetensors; pickles are refused)."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise DynapruneError(f"{folder}: not a checkpoint folder")
-        config = LlamaConfig.from_hf(read_config(folder))
-        state = read_safetensors(folder)
-        tokenizer = folder_tokenizer(folder, ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-        return cls.from_hf_state(config, state, tokenizer=tokenizer, name=folder.name, source=str(folder))
+        tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        config, state, tokenizer, folder = read_hf_folder(path, tokenizer_files)
+        return cls.from_hf_state(LlamaConfig.from_hf(config), state, tokenizer=tokenizer, name=folder.name,
+                                 source=str(folder))
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Llama:
