@@ -100,3 +100,22 @@ def test_blocked_attention_with_column_sums_equals_brute_force():
             torch.testing.assert_close(received, expected)
         if not pad:
             torch.testing.assert_close(sdpa(q, k, v, kpm, causal, 0.3), probs @ ve, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_attention_reads_a_kv_cache_slice_in_place_and_gets_the_same_numbers():
+    """K/V that are slices of a longer cache buffer (what a KV cache hands back) are used without a
+    copy, and give what their contiguous copies give; a transposed K is still copied."""
+    from dynaprune.runtime.attention import _foldable, attention_with_received
+
+    torch.manual_seed(1)
+    buffer_k, buffer_v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    k, v = buffer_k[:, :, :17], buffer_v[:, :, :17]
+    assert not k.is_contiguous() and _foldable(k).data_ptr() == k.data_ptr()
+    transposed = torch.randn(2, 17, 3, 8).transpose(1, 2)
+    assert _foldable(transposed).is_contiguous() and _foldable(transposed).data_ptr() != transposed.data_ptr()
+    q = torch.randn(2, 6, 1, 8)
+    for block_bytes in (1 << 25, 64):
+        out, received = attention_with_received(q, k, v, 0.3, None, True, None, block_bytes=block_bytes)
+        ref_out, ref_received = attention_with_received(q, k.contiguous(), v.contiguous(), 0.3, None, True, None,
+                                                        block_bytes=block_bytes)
+        assert torch.equal(out, ref_out) and torch.equal(received, ref_received)

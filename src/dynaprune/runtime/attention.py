@@ -135,6 +135,15 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _foldable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, L, D) itself if matmul can treat it as (B H) matrices of rows of D contiguous
+    numbers without a copy, else a contiguous copy."""
+    B, H, L, D = t.shape
+    if t.stride(3) == 1 and t.stride(2) == D and (B == 1 or H == 1 or t.stride(0) == H * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
 def attention_with_received(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,8 +167,10 @@ def attention_with_received(
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    # once: a strided Q/K/V would be copied by every block's matmul
-    q5, k, v = q.contiguous().view(B, Hkv, G, Lq, D), k.contiguous(), v.contiguous()
+    # once: a Q/K/V whose batch and head dims cannot fold into one would be copied by every block's
+    # matmul. A KV cache's K/V (a slice of the length dim of its buffer) folds as it is: copying it
+    # would move the whole cache at every decode step.
+    q5, k, v = q.contiguous().view(B, Hkv, G, Lq, D), _foldable(k), _foldable(v)
     weight = torch.ones(B, Lq, dtype=q.dtype, device=q.device) if query_mask is None else query_mask.to(q.dtype)
     out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
     received = torch.zeros(B, Lk, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
