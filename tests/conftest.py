@@ -59,17 +59,15 @@ def streaming_oracle() -> type[StreamingMaskContext]:
 
 @pytest.fixture
 def dynaprune_cli(monkeypatch, capsys):
-    """Run ``dynaprune ARGS...`` in this process: returns (exit code, stdout + stderr)."""
+    """Run ``dynaprune ARGS...`` in this process (which always ends in SystemExit, success included):
+    returns (exit code, stdout + stderr)."""
     from dynaprune.cli import main
 
     def run(*args: str) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", ["dynaprune", *args])
-        try:
+        with pytest.raises(SystemExit) as exc:
             main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
         out = capsys.readouterr()
-        return code, out.out + out.err
+        return exc.value.code, out.out + out.err
 
     return run

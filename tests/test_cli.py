@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from dynaprune.cli import main
 
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dynaprune", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out + out.err
-
-
-def test_unknown_alias(monkeypatch, capsys):
-    code, text = run_cli(monkeypatch, capsys, "eval", "no-such-model", "sts")
+def test_unknown_alias(dynaprune_cli):
+    code, text = dynaprune_cli("eval", "no-such-model", "sts")
     assert code == 2 and "unknown model 'no-such-model'" in text and "Traceback" not in text
 
 
-def test_unknown_alias_for_fetch(monkeypatch, capsys):
-    code, text = run_cli(monkeypatch, capsys, "fetch", "gpt-17")
+def test_unknown_alias_for_fetch(dynaprune_cli):
+    code, text = dynaprune_cli("fetch", "gpt-17")
     assert code == 2 and "unknown model alias 'gpt-17'" in text
 
 
-def test_unknown_task(monkeypatch, capsys):
-    code, text = run_cli(monkeypatch, capsys, "eval", "minilm-l6", "translate")
+def test_unknown_task(dynaprune_cli):
+    code, text = dynaprune_cli("eval", "minilm-l6", "translate")
     assert code == 2 and "unknown task 'translate'" in text
 
 
 @pytest.mark.parametrize("flag", ["--max-tokens", "--max-examples", "--window"])
 @pytest.mark.parametrize("value", ["0", "-5"])
-def test_non_positive_numbers(monkeypatch, capsys, flag, value):
-    code, text = run_cli(monkeypatch, capsys, "eval", "smollm2-135m", "lm", flag, value)
+def test_non_positive_numbers(dynaprune_cli, flag, value):
+    code, text = dynaprune_cli("eval", "smollm2-135m", "lm", flag, value)
     assert code == 2 and flag in text and "positive" in text
 
 
-def test_missing_data_file(monkeypatch, capsys, tmp_path):
-    code, text = run_cli(monkeypatch, capsys, "eval", "minilm-l6", "sts", "--data", str(tmp_path / "nope.tsv"))
+def test_missing_data_file(dynaprune_cli, tmp_path):
+    code, text = dynaprune_cli("eval", "minilm-l6", "sts", "--data", str(tmp_path / "nope.tsv"))
     assert code == 2 and "data file not found" in text
 
 
@@ -51,50 +39,50 @@ def write_bert_config(folder) -> None:
                intermediate_size=37).to_json_file(folder / "config.json")
 
 
-def test_folder_without_weights(monkeypatch, capsys, tmp_path):
+def test_folder_without_weights(dynaprune_cli, tmp_path):
     write_bert_config(tmp_path)
-    code, text = run_cli(monkeypatch, capsys, "eval", str(tmp_path), "sts")
+    code, text = dynaprune_cli("eval", str(tmp_path), "sts")
     assert code == 2 and "no weights" in text
 
 
-def test_pickle_checkpoint_refused(monkeypatch, capsys, tmp_path):
+def test_pickle_checkpoint_refused(dynaprune_cli, tmp_path):
     bad = tmp_path / "pytorch_model.bin"
     bad.write_bytes(b"not to be unpickled")
-    code, text = run_cli(monkeypatch, capsys, "eval", str(bad), "sts")
+    code, text = dynaprune_cli("eval", str(bad), "sts")
     assert code == 2 and "pickle" in text and "safetensors" in text
     write_bert_config(tmp_path)
-    code, text = run_cli(monkeypatch, capsys, "eval", str(tmp_path), "sts")
+    code, text = dynaprune_cli("eval", str(tmp_path), "sts")
     assert code == 2 and "pickle" in text
 
 
-def test_corrupt_safetensors(monkeypatch, capsys, tmp_path):
+def test_corrupt_safetensors(dynaprune_cli, tmp_path):
     write_bert_config(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
-    code, text = run_cli(monkeypatch, capsys, "eval", str(tmp_path), "sts")
+    code, text = dynaprune_cli("eval", str(tmp_path), "sts")
     assert code == 2 and "corrupt or truncated" in text
 
 
-def test_unsupported_model_type(monkeypatch, capsys, tmp_path):
+def test_unsupported_model_type(dynaprune_cli, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    code, text = run_cli(monkeypatch, capsys, "eval", str(tmp_path), "sts")
+    code, text = dynaprune_cli("eval", str(tmp_path), "sts")
     assert code == 2 and "'t5' is not supported" in text
 
 
-def test_models_lists_aliases(monkeypatch, capsys):
-    code, text = run_cli(monkeypatch, capsys, "models")
+def test_models_lists_aliases(dynaprune_cli):
+    code, text = dynaprune_cli("models")
     assert code == 0 and "minilm-l6" in text and "smollm2-135m" in text
 
 
-def test_every_documented_command_exists(monkeypatch, capsys):
-    code, text = run_cli(monkeypatch, capsys, "--help")
+def test_every_documented_command_exists(dynaprune_cli):
+    code, text = dynaprune_cli("--help")
     for command in ("models", "fetch", "eval", "generate", "run", "demo", "sweep", "report", "hw"):
         assert f" {command} " in text, command
 
 
-def test_report_command_on_an_empty_results_file(monkeypatch, capsys, tmp_path):
+def test_report_command_on_an_empty_results_file(dynaprune_cli, tmp_path):
     results = tmp_path / "r.jsonl"
     results.write_text("")
-    code, text = run_cli(monkeypatch, capsys, "report", str(results), "-o", str(tmp_path / "out"))
+    code, text = dynaprune_cli("report", str(results), "-o", str(tmp_path / "out"))
     assert code == 0 and (tmp_path / "out" / "report.html").exists()
-    code, text = run_cli(monkeypatch, capsys, "report", str(tmp_path / "missing.jsonl"))
+    code, text = dynaprune_cli("report", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "results file not found" in text

@@ -4,7 +4,6 @@ then measures, and bad input through the CLI."""
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynaprune.cli import main
 from dynaprune.errors import DynapruneError
 from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.hdp import block_keep_mask, forced_blocks, row_thresholds
@@ -133,31 +131,23 @@ def test_calibration_refuses_bad_base_and_empty_data(one_layer_decoder, tmp_path
         calibrate_model(one_layer_decoder, tmp_path / "missing.txt", CalibrationSpec(0.5))
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dynaprune", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out + out.err
-
-
 @pytest.mark.parametrize("target", ["1.0", "-0.1", "1.5"])
-def test_cli_target_outside_range(monkeypatch, capsys, tmp_path, target):
-    code, text = run_cli(monkeypatch, capsys, "calibrate", "minilm-l6", "--target-sparsity", target,
-                         "-o", str(tmp_path / "r.txt"))
+def test_cli_target_outside_range(dynaprune_cli, tmp_path, target):
+    code, text = dynaprune_cli("calibrate", "minilm-l6", "--target-sparsity", target,
+                               "-o", str(tmp_path / "r.txt"))
     assert code == 2 and "[0, 1)" in text and "Traceback" not in text
 
 
-def test_cli_missing_and_empty_data(monkeypatch, capsys, tmp_path):
-    code, text = run_cli(monkeypatch, capsys, "calibrate", "minilm-l6", "--target-sparsity", "0.75",
-                         "--data", str(tmp_path / "nope.tsv"), "-o", str(tmp_path / "r.txt"))
+def test_cli_missing_and_empty_data(dynaprune_cli, tmp_path):
+    code, text = dynaprune_cli("calibrate", "minilm-l6", "--target-sparsity", "0.75",
+                               "--data", str(tmp_path / "nope.tsv"), "-o", str(tmp_path / "r.txt"))
     assert code == 2 and "calibration data not found" in text
     (tmp_path / "empty.tsv").write_text("")
-    code, text = run_cli(monkeypatch, capsys, "calibrate", "minilm-l6", "--target-sparsity", "0.75",
-                         "--data", str(tmp_path / "empty.tsv"), "-o", str(tmp_path / "r.txt"))
+    code, text = dynaprune_cli("calibrate", "minilm-l6", "--target-sparsity", "0.75",
+                               "--data", str(tmp_path / "empty.tsv"), "-o", str(tmp_path / "r.txt"))
     assert code == 2 and "is empty" in text
 
 
-def test_cli_unreadable_recipe_file(monkeypatch, capsys, tmp_path):
-    code, text = run_cli(monkeypatch, capsys, "eval", "minilm-l6", "sts", "--recipe", f"@{tmp_path / 'nope.txt'}")
+def test_cli_unreadable_recipe_file(dynaprune_cli, tmp_path):
+    code, text = dynaprune_cli("eval", "minilm-l6", "sts", "--recipe", f"@{tmp_path / 'nope.txt'}")
     assert code == 2 and "cannot be read" in text and "Traceback" not in text
