@@ -88,7 +88,7 @@ def test_plan_projects_the_heads_alive_in_any_row_and_zeros_the_rest():
 
 def test_query_head_pruning_under_gqa_keeps_a_kv_head_while_any_of_its_query_heads_lives():
     plan = HeadPlan.make(torch.tensor([[0, 1, 4]]), heads=6, kv_heads=2, head_dim=4)
-    assert plan.kv is None and plan.kv_computed == 2 and plan.projected.tolist() == [0, 1, 4]
+    assert plan.kv.tolist() == [0, 1] and plan.kv_computed == 2 and plan.projected.tolist() == [0, 1, 4]
     mha = HeadPlan.make(torch.tensor([[0, 4], [1, 2]]), heads=6, kv_heads=6, head_dim=4)
     assert mha.kv.tolist() == [0, 1, 2, 4] and mha.projected.tolist() == [0, 1, 2, 4]
     assert head_rows(torch.tensor([1, 3]), 2, offset=10).tolist() == [12, 13, 16, 17]

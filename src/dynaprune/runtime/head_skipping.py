@@ -42,10 +42,12 @@ class HeadPlan:
 
     query: torch.Tensor  # (B, Hk) query heads each row keeps, increasing
     projected: torch.Tensor  # (U,) query heads whose projections run: those alive in any row
-    kv: torch.Tensor | None  # (G,) KV heads whose K and V are computed; None = all of them
+    kv: torch.Tensor  # (G,) KV heads whose K and V are computed
     heads: int  # query heads of the model
     kv_heads: int
     head_dim: int
+    qkv_rows: torch.Tensor  # rows of the fused QKV weight that run: Q of ``projected``, K and V of ``kv``
+    out_columns: torch.Tensor  # columns of the output weight that run: those of ``projected``
     _weights: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -53,37 +55,36 @@ class HeadPlan:
         """Plan for the alive query heads ``query`` (B, Hk). A KV head's K and V are skipped only when
         every query head of its group is pruned in every row (always the case for a pruned group under
         ``head_unit=kv`` or MHA; query-head pruning under GQA mostly keeps every KV head)."""
-        group = heads // kv_heads
+        group, D = heads // kv_heads, head_dim
         alive = torch.zeros(heads, dtype=torch.bool, device=query.device)
         alive[query.flatten()] = True
-        groups = alive.view(kv_heads, group).any(-1)
-        kv = None if bool(groups.all()) else groups.nonzero().flatten()
-        return cls(query, alive.nonzero().flatten(), kv, heads, kv_heads, head_dim)
+        projected = alive.nonzero().flatten()
+        kv = alive.view(kv_heads, group).any(-1).nonzero().flatten()
+        k_rows, v_rows = head_rows(kv, D, heads * D), head_rows(kv, D, (heads + kv_heads) * D)
+        qkv_rows = torch.cat([head_rows(projected, D), k_rows, v_rows])
+        return cls(query, projected, kv, heads, kv_heads, head_dim, qkv_rows, head_rows(projected, D))
 
     @property
     def kv_computed(self) -> int:
-        return self.kv_heads if self.kv is None else self.kv.numel()
+        return self.kv.numel()
 
-    def _slice(self, key: str, linear: nn.Linear, index: torch.Tensor, dim: int) -> tuple:
+    def _slice(self, linear: nn.Linear, index: torch.Tensor, dim: int) -> tuple:
         """The weight (and bias) restricted to ``index`` along ``dim`` (0: output rows, 1: input columns),
         cached for the life of the plan."""
-        cache_key = (key, id(linear))
-        if cache_key not in self._weights:
+        if id(linear) not in self._weights:
             weight, bias = linear.weight, linear.bias
             w = weight.index_select(dim, index)
             b = bias.index_select(0, index) if (bias is not None and dim == 0) else bias
-            self._weights[cache_key] = (w, b)
-        return self._weights[cache_key]
+            self._weights[id(linear)] = (w, b)
+        return self._weights[id(linear)]
 
     def qkv(self, x: torch.Tensor, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V (B, H, L, D) of a fused QKV projection, computed for the projected heads only."""
         B, L, _ = x.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        kv = self.kv if self.kv is not None else torch.arange(Hkv, device=x.device)
-        rows = torch.cat([head_rows(self.projected, D), head_rows(kv, D, H * D), head_rows(kv, D, (H + Hkv) * D)])
-        w, b = self._slice("qkv", linear, rows, 0)
-        q_part, k_part, v_part = F.linear(x, w, b).split([self.projected.numel() * D, kv.numel() * D,
-                                                          kv.numel() * D], dim=-1)
+        w, b = self._slice(linear, self.qkv_rows, 0)
+        hq, hk = self.projected.numel(), self.kv.numel()
+        q_part, k_part, v_part = F.linear(x, w, b).split([hq * D, hk * D, hk * D], dim=-1)
 
         def full(part: torch.Tensor, index: torch.Tensor, n_heads: int) -> torch.Tensor:
             part = part.view(B, L, -1, D).transpose(1, 2)
@@ -93,12 +94,12 @@ class HeadPlan:
             out[:, index] = part
             return out
 
-        return full(q_part, self.projected, H), full(k_part, kv, Hkv), full(v_part, kv, Hkv)
+        return full(q_part, self.projected, H), full(k_part, self.kv, Hkv), full(v_part, self.kv, Hkv)
 
     def output(self, y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """The output projection of per-head outputs y (B, H, L, D) (zero for the heads a row pruned),
         over the projected heads' columns only."""
         B, _, L, D = y.shape
         alive = y.index_select(1, self.projected).transpose(1, 2).reshape(B, L, -1)
-        w, b = self._slice("out", linear, head_rows(self.projected, D), 1)
+        w, b = self._slice(linear, self.out_columns, 1)
         return F.linear(alive, w, b)
