@@ -321,18 +321,31 @@ def _row_k(scores: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor | 
     """Validate k; returns (per-row k tensor or None for a scalar k, the largest k)."""
     n = scores.shape[-1]
     if isinstance(k, torch.Tensor):
-        if k.dtype.is_floating_point or k.dtype == torch.bool:
-            raise DynapruneError("per-row k must be an integer tensor")
+        _check_k_dtype(k)
         kk = torch.broadcast_to(k.to(device=scores.device, dtype=torch.long), scores.shape[:-1]).contiguous()
         if not kk.numel():
             return kk, 0
         lo, hi = (int(v) for v in torch.aminmax(kk))
-        if lo < 0 or hi > n:
-            raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
+        _check_k_range(lo, hi, n)
         return kk, hi
+    return None, _check_scalar_k(k, n)
+
+
+def _check_k_dtype(k: torch.Tensor) -> None:
+    if k.dtype.is_floating_point or k.dtype == torch.bool:
+        raise DynapruneError("per-row k must be an integer tensor")
+
+
+def _check_k_range(lo: int, hi: int, n: int) -> None:
+    """Per-row k: every row's k in 0..n."""
+    if lo < 0 or hi > n:
+        raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
+
+
+def _check_scalar_k(k: int, n: int) -> int:
     if int(k) != k or not 0 <= k <= n:
         raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={n}")
-    return None, int(k)
+    return int(k)
 
 
 def _nan_error() -> DynapruneError:
@@ -505,7 +518,7 @@ def _numpy_topk(scores: torch.Tensor, k: int | torch.Tensor, indices: bool) -> t
     It applies to a strided CPU tensor of a dtype both libraries order alike, with 1 <= n (<=
     ``NUMPY_MAX_N`` when set) and max k >= 1, and holding no NaN; everything else (other devices,
     NaN, k = 0, a k tensor on another device or one that does not broadcast) returns None for the torch
-    path, which decides and raises exactly as before. Bad k values raise here with the same errors as ``_row_k``.
+    path, which decides and raises exactly as before. Bad k values raise here through ``_row_k``'s checks.
 
     Common case: one ``np.partition`` gives each row's (k+1)-th largest w, and ``x > w`` keeps at most
     k per row (NaN, which both libraries rank above everything, never compares greater); a count over
@@ -528,12 +541,9 @@ def _numpy_topk(scores: torch.Tensor, k: int | torch.Tensor, indices: bool) -> t
         if kk is None:
             return None
         kmax = int(kk.max())
-        if int(kk.min()) < 0 or kmax > n:
-            raise DynapruneError(f"top-k needs 0 <= k <= n={n} in every row")
+        _check_k_range(int(kk.min()), kmax, n)
     else:
-        if int(k) != k or not 0 <= k <= n:
-            raise DynapruneError(f"top-k needs 0 <= k <= n, got k={k} for n={n}")
-        kk, kmax = None, int(k)
+        kk, kmax = None, _check_scalar_k(k, n)
     if kmax == 0:
         return None
     a = (scores.detach() if scores.requires_grad else scores).numpy()
@@ -571,8 +581,7 @@ def _numpy_topk(scores: torch.Tensor, k: int | torch.Tensor, indices: bool) -> t
 
 def _numpy_row_k(k: torch.Tensor, shape: torch.Size) -> np.ndarray | None:
     """Per-row k as int64 numpy broadcast to the rows, or None to leave it to ``_row_k``."""
-    if k.dtype.is_floating_point or k.dtype == torch.bool:
-        raise DynapruneError("per-row k must be an integer tensor")
+    _check_k_dtype(k)
     if not k.is_cpu or k.dtype not in _NUMPY_DTYPES or k.layout != torch.strided:
         return None
     kn, lead = k.numpy(), shape[:-1]
