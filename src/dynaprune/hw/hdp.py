@@ -19,8 +19,10 @@ is a stated default and a ``--param``):
     kept heads; row-balanced block pruning keeps the same number of blocks in every block row, so
     kept blocks pack into dense tiles. prob x V runs at ``pv_passes`` partial products per MAC on
     the kept probabilities.
-  * The dense baseline is the same co-processor without pruning: four partial products for every
-    score, prob x V over every probability, every fraction part fetched.
+  * The dense baseline is the same datapath with pruning off: I x I, I x F and F x I for every score
+    (F x F is the datapath's approximation, dropped in both), prob x V over every probability, every
+    fraction part fetched, no sparsity engine; a head whose decisions prune nothing costs exactly the
+    baseline (1.00x). (Until issue 12 the baseline paid all four partial products: 1.07x for such a head.)
   * Sparsity engine, adders and softmax are separate units that overlap the PE array; a head takes
     the longest of (PE array, sparsity engine, adders, softmax, DRAM) plus the array fill/drain.
   * DRAM: the integer parts of Q and K are fetched for every head (the head decision needs them);
@@ -151,69 +153,90 @@ def _heads(trace: Trace) -> dict[str, np.ndarray]:
     return out
 
 
-def head_work(trace: Trace, cfg: HdpConfig) -> tuple[HeadWork, EnergyCounts]:
-    """Cycles, bytes and operations of every head, HDP and dense, vectorised."""
-    h = _heads(trace)
+@dataclass(frozen=True)
+class _Datapath:
+    """One pass of the co-processor over every head: unit cycles, bytes and work, as arrays over heads."""
+
+    pe: np.ndarray
+    engine: np.ndarray
+    adders: np.ndarray
+    softmax: np.ndarray
+    dram_cycles: np.ndarray
+    dram_bytes: np.ndarray
+    macs: np.ndarray
+    keys_used: np.ndarray
+    kept_scores: np.ndarray
+    blocks: np.ndarray
+
+    def cycles(self, fill: int) -> np.ndarray:
+        return np.maximum.reduce([self.pe, self.engine, self.adders, self.softmax, self.dram_cycles]) + fill
+
+
+def _datapath(cfg: HdpConfig, lq: np.ndarray, lk: np.ndarray, d: np.ndarray, ib: np.ndarray, fb: np.ndarray,
+              dens: np.ndarray, kept: np.ndarray, pruning: bool) -> _Datapath:
+    """The co-processor's work for the given decisions. ``pruning=False`` is the same datapath with its
+    pruning switched off (every block of every head kept, no near-zero skipping, no sparsity engine):
+    the dense baseline, so a head whose decisions prune nothing costs exactly what the baseline does."""
+    if not pruning:
+        dens, kept = np.ones_like(dens), np.ones_like(kept)
     dram = cfg.dram()
-    lq, lk, d = (h[k].astype(np.int64) for k in ("lq", "lk", "d"))
-    ib = np.where(h["ibits"] > 0, h["ibits"], cfg.int_bits).astype(np.int64)
-    fb = np.where(h["fbits"] > 0, h["fbits"], cfg.frac_bits).astype(np.int64)
-    dens = np.clip(h["density"], 0.0, 1.0)
-    kept = h["kept"]
     b = cfg.block_size
     tiles = np.ceil(lq / cfg.pe_rows) * np.ceil(lk / cfg.pe_cols)
-    fill = cfg.pe_rows + cfg.pe_cols - 2
-    frac_share = (1 - cfg.near_zero_fraction)
+    frac_share = (1 - cfg.near_zero_fraction) if pruning else 1.0
     # PE array (output stationary: a tile costs its reduction length); an operand wider than the PE
-    # takes ceil(bits / pe_bits) slices, a partial product one pass per pair of slices
+    # takes ceil(bits / pe_bits) slices, a partial product one pass per pair of slices. F x F is never
+    # computed (HDP's approximation belongs to the datapath, not to its pruning)
     pe_b = cfg.pe_bits if cfg.pe_bits else np.maximum(ib, fb)
     si, sf = np.ceil(ib / pe_b), np.ceil(fb / pe_b)
     pe_int = tiles * d * si * si
     pe_frac = np.where(kept, 2 * np.ceil(dens * tiles) * d * frac_share * si * sf, 0)
     pv_tiles = np.ceil(lq / cfg.pe_rows) * np.ceil(d / cfg.pe_cols)
     pe_pv = np.where(kept, cfg.pv_passes * pv_tiles * np.ceil(dens * lk), 0)
-    pe = pe_int + pe_frac + pe_pv
-    pe_dense = (si + sf) ** 2 * tiles * d + cfg.pv_passes * pv_tiles * lk
-    # sparsity engine over the 2x2 blocks, adders and softmax over the kept scores
+    # sparsity engine over the 2x2 blocks (only when pruning), adders (S_I + two fraction terms) and
+    # softmax over the kept scores
     blocks = np.ceil(lq / b) * np.ceil(lk / b)
-    se = np.ceil(blocks / cfg.sparsity_engine_blocks_per_cycle)
+    engine = np.ceil(blocks / cfg.sparsity_engine_blocks_per_cycle) if pruning else np.zeros_like(blocks)
     kept_scores = np.where(kept, dens * lq * lk, 0)
     adders = np.ceil(2 * kept_scores / cfg.adder_lanes)
     softmax = np.ceil(2 * kept_scores / cfg.softmax_parallelism)
-    softmax_dense = np.ceil(2 * lq * lk / cfg.softmax_parallelism)
-    adders_dense = np.ceil(3 * lq * lk / cfg.adder_lanes)
     # DRAM: integer parts always; fractions, V, outputs for kept heads (FUM: keys keeping a block)
     keys_used = np.where(kept, lk * (1 - (1 - dens) ** np.maximum(lq / b, 1)), 0)
     keys_used = np.minimum(lk, keys_used)
     vbits = ib + fb
-    q_int = transfer(row_bytes(d, ib), lq, lq, dram)
-    k_int = transfer(row_bytes(d, ib), lk, lk, dram)
-    q_frac = transfer(row_bytes(d, fb), np.where(kept, lq, 0), lq, dram)
-    k_frac = transfer(row_bytes(d, fb), keys_used, lk, dram)
-    v = transfer(row_bytes(d, vbits), keys_used, lk, dram)
-    out = transfer(row_bytes(d, vbits), np.where(kept, lq, 0), lq, dram)
-    hdp_bytes = q_int.bytes + k_int.bytes + q_frac.bytes + k_frac.bytes + v.bytes + out.bytes
-    hdp_dram = q_int.cycles + k_int.cycles + q_frac.cycles + k_frac.cycles + v.cycles + out.cycles
-    full = transfer(row_bytes(d, ib + fb), lq + lk, lq + lk, dram)
-    vd = transfer(row_bytes(d, vbits), lk, lk, dram)
-    od = transfer(row_bytes(d, vbits), lq, lq, dram)
-    dense_bytes = full.bytes + vd.bytes + od.bytes
-    dense_dram = full.cycles + vd.cycles + od.cycles
-    cycles = np.maximum.reduce([pe, se, adders, softmax, hdp_dram]) + fill
-    dense_cycles = np.maximum.reduce([pe_dense, adders_dense, softmax_dense, dense_dram]) + fill
+    moves = [transfer(row_bytes(d, ib), lq, lq, dram), transfer(row_bytes(d, ib), lk, lk, dram),
+             transfer(row_bytes(d, fb), np.where(kept, lq, 0), lq, dram),
+             transfer(row_bytes(d, fb), keys_used, lk, dram), transfer(row_bytes(d, vbits), keys_used, lk, dram),
+             transfer(row_bytes(d, vbits), np.where(kept, lq, 0), lq, dram)]
     macs = (lq * lk * d + np.where(kept, 2 * dens * lq * lk * d * frac_share, 0)
             + np.where(kept, cfg.pv_passes * dens * lq * lk * d, 0))
-    onchip = row_bytes(d, vbits)
+    return _Datapath(pe=pe_int + pe_frac + pe_pv, engine=engine, adders=adders, softmax=softmax,
+                     dram_cycles=sum(m.cycles for m in moves), dram_bytes=sum(m.bytes for m in moves), macs=macs,
+                     keys_used=keys_used, kept_scores=kept_scores, blocks=blocks)
+
+
+def head_work(trace: Trace, cfg: HdpConfig) -> tuple[HeadWork, EnergyCounts]:
+    """Cycles, bytes and operations of every head, HDP and dense (the same datapath, pruning off)."""
+    h = _heads(trace)
+    lq, lk, d = (h[k].astype(np.int64) for k in ("lq", "lk", "d"))
+    ib = np.where(h["ibits"] > 0, h["ibits"], cfg.int_bits).astype(np.int64)
+    fb = np.where(h["fbits"] > 0, h["fbits"], cfg.frac_bits).astype(np.int64)
+    dens = np.clip(h["density"], 0.0, 1.0)
+    kept = h["kept"]
+    fill = cfg.pe_rows + cfg.pe_cols - 2
+    hdp = _datapath(cfg, lq, lk, d, ib, fb, dens, kept, pruning=True)
+    dense = _datapath(cfg, lq, lk, d, ib, fb, dens, kept, pruning=False)
+    onchip = row_bytes(d, ib + fb)
+    pe_b = cfg.pe_bits if cfg.pe_bits else np.maximum(ib, fb)
     mul_scale = (float(np.max(pe_b)) / 12) ** 2  # the table's multiply is 12-bit; energy ~ width^2
     counts = EnergyCounts(
-        dram_bytes=float(hdp_bytes.sum()),
-        sram_bytes=float(((lq + lk + keys_used) * onchip * 2).sum()),
-        muls=float(macs.sum()) * mul_scale, adds=float(macs.sum() + (2 * kept_scores).sum()),
-        softmax_flops=float(((2 + EXP_FLOPS) * kept_scores + kept_scores).sum()),
-        compares=float((blocks * 2).sum()),
+        dram_bytes=float(hdp.dram_bytes.sum()),
+        sram_bytes=float(((lq + lk + hdp.keys_used) * onchip * 2).sum()),
+        muls=float(hdp.macs.sum()) * mul_scale, adds=float(hdp.macs.sum() + (2 * hdp.kept_scores).sum()),
+        softmax_flops=float(((2 + EXP_FLOPS) * hdp.kept_scores + hdp.kept_scores).sum()),
+        compares=float((hdp.blocks * 2).sum()),
     )
-    work = HeadWork(cycles=cycles, dense_cycles=dense_cycles, dram_bytes=hdp_bytes,
-                    dense_dram_bytes=dense_bytes, pe_busy=pe, macs=macs, density=dens, kept=kept)
+    work = HeadWork(cycles=hdp.cycles(fill), dense_cycles=dense.cycles(fill), dram_bytes=hdp.dram_bytes,
+                    dense_dram_bytes=dense.dram_bytes, pe_busy=hdp.pe, macs=hdp.macs, density=dens, kept=kept)
     return work, counts
 
 
