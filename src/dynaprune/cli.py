@@ -233,7 +233,7 @@ def eval_cmd(
         "(see README); nothing or 'dense' = the dense model")),
 ) -> None:
     """Evaluate a model on a task; prints a table and optionally writes JSON."""
-    from dynaprune.eval.result import write_json_atomic
+    from dynaprune.io import write_json_atomic
 
     result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
                       max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
@@ -433,7 +433,7 @@ def calibrate(
     """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples; save a recipe file."""
     from dynaprune.paths import shared_data_dir
     from dynaprune.prune.hdp import parse_fixed_bits
-    from dynaprune.prune.hdp_calibrate import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
+    from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
 
     int_bits, frac_bits = parse_fixed_bits(fixed)
     spec = CalibrationSpec(target_sparsity, target_head_sparsity, block_size, block_score, keep_first_block,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from dynaprune.io import write_json_atomic  # re-exported: evaluation code writes its results with it
+
+__all__ = ["TaskResult", "versions", "write_json_atomic"]
 
 
 def versions() -> dict[str, str]:
@@ -42,18 +42,3 @@ class TaskResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -38,7 +38,7 @@ def run_model(arch: str, trace: Trace, overrides: dict[str, Any]) -> SimResult:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from dynaprune.eval.result import write_json_atomic
+    from dynaprune.io import write_json_atomic
 
     try:
         write_json_atomic(path, payload)

@@ -2,7 +2,7 @@
 target head sparsity (HDP, arXiv 2407.12893, Sec. III: "the thresholds are calibrated"; the summary's
 first experiments: profile theta_head and the block importance distribution).
 
-The block rule (``prune/hdp.py``) keeps a block iff ``importance >= theta(rho_B)`` with
+The block rule (``prune/hdp/blocks.py``) keeps a block iff ``importance >= theta(rho_B)`` with
 ``theta = mean + rho_B (max - mean)`` (rho_B >= 0) or ``mean + rho_B (mean - min)`` (rho_B < 0), from
 its row's valid blocks. Solved for rho_B, every block has a *critical ratio* r*: it is kept exactly
 for ``rho_B <= r*`` (:func:`critical_ratios`). Block sparsity at rho_B is then the share of blocks with
@@ -14,6 +14,9 @@ The scores are recorded on a forward pass of the model under a base recipe (dens
 ``token=0.6`` for a combined SpAtten x HDP recipe) without block or head pruning: later layers see
 unpruned inputs during calibration, so the block sparsity measured under pruning drifts a little from
 the target (the curves report the measured value).
+
+This module reads evaluation data and runs models, so it sits above the runtime (``calibrate/``); the
+tensor-level calibration it builds on is ``prune/hdp/calibration.py``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from pathlib import Path
 import torch
 
 from dynaprune.errors import DynapruneError
+from dynaprune.io import write_text_atomic
 from dynaprune.prune.hdp import (
     Calibration,
-    _check_target,
     block_importance,
     calibrate_head_threshold,
     check_block_score,
@@ -40,6 +43,7 @@ from dynaprune.prune.hdp import (
     to_fixed_point,
     valid_pairs,
 )
+from dynaprune.prune.hdp.config import _check_target
 from dynaprune.prune.recipe import Recipe
 
 _F64 = torch.float64
@@ -321,8 +325,7 @@ def write_recipe_file(path: str | Path, recipe: Recipe, comments: Sequence[str] 
     """Write ``recipe`` for ``--recipe @path``: ``#`` comment lines, then the recipe on one line."""
     p = Path(path)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("".join(f"# {c}\n" for c in comments) + f"{recipe}\n", encoding="utf-8")
+        write_text_atomic(p, "".join(f"# {c}\n" for c in comments) + f"{recipe}\n")
     except OSError as exc:
         raise DynapruneError(f"cannot write the recipe file {p}: {exc.strerror or exc}") from None
     return p

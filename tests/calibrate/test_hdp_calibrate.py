@@ -11,16 +11,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynaprune.errors import DynapruneError
-from dynaprune.models.llama import Llama, LlamaConfig
-from dynaprune.prune.hdp import block_keep_mask, forced_blocks, row_thresholds
-from dynaprune.prune.hdp_calibrate import (
+from dynaprune.calibrate.hdp import (
     CalibrationSpec,
     calibrate_model,
     critical_ratios,
     ratio_for_sparsity,
     write_recipe_file,
 )
+from dynaprune.errors import DynapruneError
+from dynaprune.models.llama import Llama, LlamaConfig
+from dynaprune.prune.hdp import block_keep_mask, forced_blocks, row_thresholds
 from dynaprune.prune.recipe import Recipe
 from dynaprune.runtime.pruning import make_context, merge_summaries
 
