@@ -77,7 +77,13 @@ def test_continue_protocol_scores_the_continuation_only(tiny, text):
     assert math.isclose(res.metric["nll"], total / 160, rel_tol=1e-5)
     step = evaluate_lm(tiny, text, protocol="continue", context=60, continuation=40, max_examples=2,
                        stepwise=True)
-    assert step.n == 2 and math.isclose(step.metric["nll"], total / 160, rel_tol=0.5)  # sanity
+    first_two = 0.0  # the same hand computation over the two chunks the stepwise run reads
+    for c in range(2):
+        chunk = torch.tensor([ids[c * 100:(c + 1) * 100]])
+        with torch.inference_mode():
+            first_two += float(F.cross_entropy(tiny(chunk)[0, 59:99], chunk[0, 60:], reduction="sum"))
+    assert step.n == 2 and step.metric["tokens"] == 80
+    assert math.isclose(step.metric["nll"], first_two / 80, rel_tol=1e-5)
     one = evaluate_lm(tiny, text, protocol="continue", context=60, continuation=40, max_examples=2)
     assert math.isclose(step.metric["nll"], one.metric["nll"], rel_tol=1e-5)  # decode steps == one pass
 
@@ -106,6 +112,51 @@ def test_bad_input(tiny, tmp_path, text):
     with pytest.raises(DynapruneError, match="unknown lm protocol"):
         evaluate_lm(tiny, text, protocol="sliding")
 
+
+def test_token_pruning_after_the_last_layer_scores_the_dense_logits_of_the_survivors(tiny, text):
+    """token_schedule=1:0.5 prunes after the last of the 2 layers, so every layer runs dense and each
+    surviving row of the logits is a dense row. The oracle finds which rows by matching them against
+    the dense logits (not from the code under test), and sums the dense NLL of their next tokens."""
+    ids = CharTokenizer()(text.read_text()).input_ids
+    recipe = "token_schedule=1:0.5"
+    res = evaluate_lm(tiny, text, window=100, ctx_factory=lambda: make_context(recipe, tiny))
+    nll, scored = 0.0, 0
+    for start in range(0, 450, 100):
+        piece = torch.tensor(ids[start:start + 100])
+        with torch.inference_mode():
+            dense = tiny(piece[None])[0]
+            pruned = tiny(piece[None], ctx=make_context(recipe, tiny))[0]
+        distance = torch.cdist(pruned, dense, compute_mode="donot_use_mm_for_euclid_dist")  # (survivors, L)
+        rows = distance.argmin(1)
+        assert float(distance.min(1).values.max()) < 1e-4 and len(set(rows.tolist())) == len(rows)
+        assert len(rows) == len(piece) // 2 and int(rows.max()) == len(piece) - 1  # the last is protected
+        for p in rows.tolist():
+            if p < len(piece) - 1:
+                nll += float(F.cross_entropy(dense[p], piece[p + 1], reduction="sum"))
+                scored += 1
+    # hand count: windows of 100, 100, 100, 100, 50 keep 50, ..., 25; the last position has no target
+    assert scored == 4 * 49 + 24 == res.metric["tokens"] == res.metric["scored_tokens"]
+    assert res.metric["target_tokens"] == 4 * 99 + 49 and "survives token pruning" in res.extra["scored_on"]
+    assert math.isclose(res.metric["nll"], nll / scored, rel_tol=1e-5)
+
+
+def test_token_pruning_under_window_runs_and_says_what_it_scored(tiny, text, monkeypatch, dynaprune_cli):
+    """token=0.5 (the default cascade prunes mid-network): no crash; the scored targets are the
+    survivors at the last layer, by hand count; the CLI command of issue 12 item 1 exits 0."""
+    from dynaprune.prune.recipe import Recipe, keep_count
+
+    res = evaluate_lm(tiny, text, window=100, ctx_factory=lambda: make_context("token=0.5", tiny))
+    alive = [keep_count(Recipe.parse("token=0.5").token_keep_schedule(2, n)[-1], n) for n in (100,) * 4 + (50,)]
+    assert res.metric["scored_tokens"] == sum(alive) - 5 < res.metric["target_tokens"] == 445
+    dense = evaluate_lm(tiny, text, window=100)
+    assert dense.metric["scored_tokens"] == dense.metric["target_tokens"] == 445 and "scored_on" not in dense.extra
+    assert res.metric["nll"] != dense.metric["nll"] and math.isfinite(res.metric["value"])
+    import dynaprune
+
+    monkeypatch.setattr(dynaprune, "load", lambda name, say=None: tiny)
+    code, out = dynaprune_cli("eval", "tiny", "lm", "--data", str(text), "--max-tokens", "200", "--window", "100",
+                              "--recipe", "token=0.5")
+    assert code == 0 and "perplexity" in out and "Traceback" not in out
 
 
 def contexts_of(recipe, model):
