@@ -104,7 +104,7 @@ def run_task(
     max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
     window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
     batch_size: int | None = None, recipe: str | None = None, model=None, stream_tokens: int = 4096,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 128, probe: str = "dense",
 ):
     """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
     from dynaprune.paths import default_data
@@ -158,7 +158,7 @@ def run_task(
                 raise DynapruneError(f"training data file not found: {train_data}")
             result = evaluate_classify(model, data, train_data, max_train=max_train,
                                        max_examples=max_examples, batch_size=batch_size or 32, progress=progress,
-                                       ctx_factory=ctx_factory)
+                                       ctx_factory=ctx_factory, probe=probe)
         elif task == "generate":
             from dynaprune.eval.mtbench import evaluate_generate
 
@@ -226,6 +226,9 @@ def eval_cmd(
     continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
     stream_tokens: int = typer.Option(4096, help="lm stream: tokens per stream, decoded one at a time"),
     max_new_tokens: int = typer.Option(128, help="generate: new tokens per answer (greedy)"),
+    probe: str = typer.Option("dense", help=(
+        "classify: train the probe on dense embeddings (default; pruning without retraining) or 'retrained' "
+        "on the pruned ones")),
     batch_size: int | None = typer.Option(None, help=(
         "encoder batch size (default 32); generate: prompts per batch (16); lm stream: streams side by side (8)")),
     recipe: str | None = typer.Option(None, help=(
@@ -238,7 +241,7 @@ def eval_cmd(
     result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
                       max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
                       context=context, continuation=continuation, batch_size=batch_size, recipe=recipe,
-                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens)
+                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens, probe=probe)
     print_result(result)
     if json_path:
         write_json_atomic(json_path, result.to_json())
