@@ -104,9 +104,10 @@ def run_task(
     max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
     window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
     batch_size: int | None = None, recipe: str | None = None, model=None, stream_tokens: int = 4096,
-    max_new_tokens: int = 128, probe: str = "dense",
+    max_new_tokens: int = 128, probe: str = "dense", random_seed: int | None = None,
 ):
-    """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
+    """Load a model (unless given) and run one evaluation task; returns a TaskResult. A recipe with
+    score=random runs once per seed of RANDOM_SEEDS (``random_seed`` None) and reports mean and spread."""
     from dynaprune.paths import default_data
 
     if task not in TASKS:
@@ -136,10 +137,19 @@ def run_task(
     from dynaprune.runtime.pruning import make_context, merge_summaries
 
     make_context(parsed, model)  # validates the recipe against the model before any work
+    if parsed.score == "random" and random_seed is None:  # one draw of a random baseline says little
+        from dynaprune.eval.metrics import combine_seed_results
+        from dynaprune.prune.baselines import RANDOM_SEEDS
+
+        return combine_seed_results([run_task(
+            model_name, task, data=data, train_data=train_data, max_examples=max_examples, max_train=max_train,
+            max_tokens=max_tokens, window=window, protocol=protocol, context=context, continuation=continuation,
+            batch_size=batch_size, recipe=recipe, model=model, stream_tokens=stream_tokens,
+            max_new_tokens=max_new_tokens, probe=probe, random_seed=seed) for seed in RANDOM_SEEDS], RANDOM_SEEDS)
     contexts: list[RunContext] = []
 
     def ctx_factory() -> RunContext:
-        contexts.append(make_context(parsed, model))
+        contexts.append(make_context(parsed, model, seed=random_seed or 0))
         return contexts[-1]
 
     t0 = time.perf_counter()
