@@ -22,13 +22,11 @@ prompt are never pruned; padding is never kept over a real token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from dynaprune.prune.hdp import HDPConfig, hdp_attention
 from dynaprune.prune.heads import accumulate_head_importance, select_heads_to_keep
-from dynaprune.prune.quant import progressive_attention_probs, quantized_attention_probs, quantized_values
+from dynaprune.prune.quant import bits_fetched, progressive_attention_probs, quantized_attention_probs, quantized_values
 from dynaprune.prune.recipe import Recipe, keep_counts
 from dynaprune.prune.tokens import accumulate_token_importance, edge_token_mask, gather_tokens, select_tokens_to_keep
 from dynaprune.prune.values import local_value_attention
@@ -38,10 +36,15 @@ from dynaprune.runtime.attention import (
     build_mask,
     count_pairs,
     expand_kv,
+    padded_pairs,
+    received_pairs,
     sdpa,
 )
 from dynaprune.runtime.cost import CostShape, cost_shape
 from dynaprune.runtime.head_skipping import HeadPlan
+from dynaprune.runtime.summary import LayerStats, hdp_sparsities, merge_summaries, summarize
+
+__all__ = ["PruningContext", "make_context", "merge_summaries", "hdp_sparsities", "kv_protected", "LayerStats"]
 
 HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
               "qk_frac_mults", "skipped_by_head", "skipped_by_block", "skipped_by_near_zero", "frac_frac_dropped",
@@ -51,21 +54,6 @@ HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_
 # Smaller budgets, where the copy is cheap, evict one token per step and hold exactly the budget.
 EVICT_SLACK = 1 / 16
 CHUNKED_EVICTION_MIN_BUDGET = 64
-
-
-@dataclass
-class LayerStats:
-    """What one layer did, summed over the calls of a run (rows = (batch, head, query) rows)."""
-
-    tokens_in: int = 0  # real query tokens entering the layer
-    heads_alive: int = 0  # query heads computed (last call)
-    rows: int = 0
-    rows_needing_lsb: int = 0
-    key_bits_fetched: int = 0
-    key_bits_dense16: int = 0  # the same keys at 16 bits
-    value_rows_used: int = 0
-    value_rows_dense: int = 0
-    hdp: dict[str, float] = field(default_factory=dict)
 
 
 class PruningContext(RunContext):
@@ -116,6 +104,9 @@ class PruningContext(RunContext):
         self.trace_calls: list[dict] | None = [] if trace else None
         self.iteration = 0
         self.sequence_length = 0
+        self._forward_tokens = 0  # real tokens entering layer 0 in the running forward (LM-head reference)
+        if recipe.quant is not None:
+            self.work.storage = "simulated"  # fake-quantized floats: no packed codes are stored
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
@@ -134,6 +125,10 @@ class PruningContext(RunContext):
         mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device) if explicit else None
         received = None  # attention each key received in this call (B, Lk), when importance is needed
         hdp_head_pairs = None  # HDP: the scores computed in full precision (kept blocks of kept heads)
+        hdp_int_pairs = 0  # HDP: the integer pass (every valid pair of every head it scores)
+        lk = k.shape[2]
+        rectangle = padded_pairs(B, lq, lk, False) * q.shape[1]  # scores of every computed head, masked too
+        qk_passes = pv_passes = 1  # full-rectangle passes the emulation ran (fast paths: set below)
 
         if not explicit:
             # Fast paths. No probabilities needed (dense layers, layers after the last token-pruning
@@ -142,8 +137,12 @@ class PruningContext(RunContext):
             probs = None
             if self._needs_importance(layer):
                 out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, query_mask)
+                computed_pairs = received_pairs(B, q.shape[1], lq, lk, causal, q.element_size())
             else:
                 out = sdpa(q, k, v, key_padding_mask, causal, scale)
+                all_real = key_padding_mask is None or bool(key_padding_mask.all())
+                computed_pairs = padded_pairs(B, lq, lk, causal and all_real and lq == lk) * q.shape[1]
+            qk_passes = pv_passes = computed_pairs / max(1, rectangle)
         elif self.hdp is not None:
             out, hdp_stats = hdp_attention(q, k, v, self.hdp, scale=scale, causal=causal,
                                            key_padding_mask=key_padding_mask, query_padding_mask=query_mask,
@@ -151,21 +150,25 @@ class PruningContext(RunContext):
             counts = {name: float(getattr(hdp_stats, name).sum()) for name in HDP_COUNTS}
             counts["heads_total"] = float(hdp_stats.head_kept.numel())
             hdp_head_pairs = int(counts["pairs_kept"])
+            hdp_int_pairs = int(counts["qk_int_mults"]) // head_dim
+            qk_passes = _hdp_qk_passes(self.hdp) + (1 if self._needs_token_importance else 0)
             for key, value in counts.items():
                 stats.hdp[key] = stats.hdp.get(key, 0.0) + value
             probs = _probs(q, k, scale, mask) if self._needs_token_importance else None
             self._last_hdp = hdp_stats
         else:
-            probs = self._probs(q, k, v, scale, mask, stats)
+            probs, needs_lsb, qk_passes = self._probs(q, k, scale, mask)
             if recipe.quant is not None:
                 v = quantized_values(v, recipe.quant.total_bits).values
+            fetched_v = None  # (B, H, Lk) V rows some real query keeps; None: every visible row
             if recipe.value is not None:
-                result = local_value_attention(probs, v, recipe.value, key_mask=mask)
-                out = result.output
-                stats.value_rows_used += result.v_rows_used
-                stats.value_rows_dense += result.v_rows_dense
+                result = local_value_attention(probs, v, recipe.value, key_mask=mask, query_mask=query_mask)
+                out, fetched_v = result.output, result.fetched
+                for name in ("value_rows_used", "value_rows_dense", "value_rows_fetched", "value_rows_fetched_dense"):
+                    setattr(stats, name, getattr(stats, name) + getattr(result, name.replace("value", "v")))
             else:
                 out = probs @ v
+            self._count_bits(stats, q, k, mask, query_mask, needs_lsb, fetched_v)
 
         if probs is not None and self._needs_importance(layer):
             received = accumulate_token_importance(None, probs, key_padding_mask, query_mask=query_mask)
@@ -196,9 +199,14 @@ class PruningContext(RunContext):
             dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
         self.work.heads = n_heads
         plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
+        kv_computed = plan.kv_computed if plan is not None else self.shape.kv_heads
+        projected = plan.projected.numel() if plan is not None else n_heads
         self.work.add(layer, tokens, pairs, out.shape[1], keys, dense_pairs, dense_keys, hdp_head_pairs,
-                      kv_heads_computed=plan.kv_computed if plan is not None else self.shape.kv_heads,
-                      projected_heads=plan.projected.numel() if plan is not None else n_heads)
+                      kv_heads_computed=kv_computed, projected_heads=projected, int_head_pairs=hdp_int_pairs)
+        self.work.add_computed(layer, B * lq, projected, kv_computed, round(qk_passes * rectangle),
+                               round(pv_passes * rectangle))
+        if layer == 0:
+            self._forward_tokens = tokens
         stats.tokens_in += tokens
         stats.heads_alive = out.shape[1]
         if heads is None:
@@ -308,21 +316,26 @@ class PruningContext(RunContext):
     def _needs_token_importance(self) -> bool:
         return self.recipe.prunes_tokens and self.recipe.score != "random"
 
-    def _probs(self, q, k, v, scale, mask, stats: LayerStats) -> torch.Tensor:
+    def _probs(self, q, k, scale, mask) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(probabilities, rows that needed their LSBs (B, H, Lq) or None, full QK^T passes run)."""
         quant = self.recipe.quant
-        n_keys = k.shape[0] * k.shape[1] * k.shape[2]
-        stats.key_bits_dense16 += n_keys * k.shape[3] * 16
         if quant is None:
-            return _probs(q, k, scale, mask)
+            return _probs(q, k, scale, mask), None, 1
         if not quant.progressive:
-            stats.key_bits_fetched += n_keys * k.shape[3] * quant.bits
-            return quantized_attention_probs(q, k, scale, quant.bits, mask).nan_to_num(0.0)
+            return quantized_attention_probs(q, k, scale, quant.bits, mask).nan_to_num(0.0), None, 1
         result = progressive_attention_probs(q, k, scale, quant.bits, quant.lsb_bits, quant.threshold, mask)
         self._last_needs_lsb = result.needs_lsb
-        stats.rows += result.rows
-        stats.rows_needing_lsb += result.rows_needing_lsb
-        stats.key_bits_fetched += result.key_bits_fetched
-        return result.probs.nan_to_num(0.0)
+        return result.probs.nan_to_num(0.0), result.needs_lsb, 1 + int(result.rows_needing_lsb > 0)
+
+    def _count_bits(self, stats: LayerStats, q, k, mask, query_mask, needs_lsb, fetched_v) -> None:
+        """Q, K and V bits fetched in this call and the same rows at 16 bits (``runtime/summary.py``)."""
+        quant = self.recipe.quant
+        widths = {} if quant is None else {"key_bits": quant.bits, "lsb_bits": quant.lsb_bits,
+                                           "value_bits": quant.total_bits}  # V is quantized at M + L
+        counts = bits_fetched(q, k, **widths, mask=mask, query_mask=query_mask, needs_lsb=needs_lsb,
+                              fetched_values=fetched_v)
+        for name, n in counts.items():
+            setattr(stats, name, getattr(stats, name) + n)
 
     # ------------------------------------------------------------------ between layers
     def _plan_tokens(self, key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
@@ -402,28 +415,14 @@ class PruningContext(RunContext):
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict:
         """Per-layer tokens and heads alive, LSB fraction and bits, as plain numbers for JSON."""
-        layers = sorted(self.layer_stats)
-        s = self.layer_stats
-        rows = sum(s[i].rows for i in layers)
-        key_bits = sum(s[i].key_bits_fetched for i in layers)
-        dense_bits = sum(s[i].key_bits_dense16 for i in layers)
-        out = {
-            "tokens_per_layer": [s[i].tokens_in for i in layers],
-            "heads_per_layer": [s[i].heads_alive for i in layers],
-        }
-        if self.recipe.quant is not None:
-            out["lsb_row_fraction"] = (sum(s[i].rows_needing_lsb for i in layers) / rows) if rows else 0.0
-            out["key_bits_fetched_vs_fp16"] = key_bits / dense_bits if dense_bits else 1.0
-        if self.recipe.value is not None:
-            dense_rows = sum(s[i].value_rows_dense for i in layers)
-            out["value_rows_kept"] = sum(s[i].value_rows_used for i in layers) / max(1, dense_rows)
-        if self.hdp is not None:
-            totals: dict[str, float] = {}
-            for i in layers:
-                for key, value in s[i].hdp.items():
-                    totals[key] = totals.get(key, 0.0) + value
-            out["hdp"] = hdp_sparsities(totals)
-        return out
+        return summarize(self.layer_stats, quant=self.recipe.quant is not None, value=self.recipe.value is not None,
+                         hdp=self.hdp is not None)
+
+    def count_lm_head(self, hidden, mask, last_only) -> None:
+        """As ``RunContext.count_lm_head``; without token pruning a dense run would compute the logits
+        of every real token that entered the forward."""
+        real, computed = self._lm_head_positions(hidden, mask, last_only)
+        self.work.add_lm_head(real, computed, real if last_only else self._forward_tokens)
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -440,6 +439,13 @@ def _accumulate(cumulative: torch.Tensor | None, received: torch.Tensor) -> torc
 
 def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, heads[:, :, None, None].expand(-1, -1, t.shape[2], t.shape[3]))
+
+
+def _hdp_qk_passes(config: HDPConfig) -> int:
+    """Full-rectangle QK^T matmuls our HDP emulation runs (``prune/hdp``): the integer pass, the
+    approximate scores (integer + two cross terms, + the fraction x fraction term without approx)
+    and, with approx, the near-zero count."""
+    return 1 + (3 if config.approx else 4) + (1 if config.approx and config.near_zero else 0)
 
 
 def _hdp_config(recipe: Recipe) -> HDPConfig | None:
@@ -485,36 +491,3 @@ def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
         kwargs.setdefault("protect_first", 0)
         kwargs.setdefault("protect_last", 1)
     return PruningContext(recipe, shape, **kwargs)
-
-
-def hdp_sparsities(totals: dict[str, float]) -> dict[str, float]:
-    """HDP count totals with the block, pair and head sparsities they imply added."""
-    return {
-        **totals,
-        "block_sparsity": 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"]),
-        "pair_sparsity": 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"]),
-        "head_sparsity": 1 - totals["head_kept"] / max(1.0, totals["heads_total"]),
-    }
-
-
-def merge_summaries(contexts: list[RunContext]) -> dict:
-    """Summaries of the pruning contexts of one task run, merged: per-layer lists and counts summed,
-    fractions weighted by the rows / keys they cover."""
-    summaries = [c.summary() for c in contexts if isinstance(c, PruningContext)]
-    if not summaries:
-        return {}
-    merged: dict = {"calls": len(summaries)}
-    for key in ("tokens_per_layer",):
-        lists = [s[key] for s in summaries]
-        width = max(len(x) for x in lists)
-        merged[key] = [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
-    merged["heads_per_layer_last_call"] = summaries[-1]["heads_per_layer"]
-    for key in ("lsb_row_fraction", "key_bits_fetched_vs_fp16", "value_rows_kept"):
-        values = [s[key] for s in summaries if key in s]
-        if values:
-            merged[key] = sum(values) / len(values)
-    hdp = [s["hdp"] for s in summaries if "hdp" in s]
-    if hdp:
-        totals = {k: sum(h.get(k, 0.0) for h in hdp) for k in hdp[0] if not k.endswith("sparsity")}
-        merged["hdp"] = hdp_sparsities(totals)
-    return merged
