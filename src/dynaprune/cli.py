@@ -439,14 +439,14 @@ def calibrate(
     window: int = typer.Option(1024, help="decoders: tokens per calibration window"),
     recipe: str | None = typer.Option(None, help="base recipe calibrated under, e.g. 'token=0.6' or 'approx=on'"),
     block_size: int = typer.Option(2, help="b x b blocks"),
-    block_score: str = typer.Option("abs_sum", help="block importance: abs_sum (paper), sum or max"),
+    block_score: str = typer.Option("max", help="block importance: max (default), sum or abs_sum (paper)"),
     keep_first_block: bool = typer.Option(False, help="always keep key block 0 ([CLS] column)"),
     fixed: str = typer.Option("8.8", help="fixed-point integer.fraction bits of Q and K"),
 ) -> None:
     """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples; save a recipe file."""
+    from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
     from dynaprune.paths import shared_data_dir
     from dynaprune.prune.hdp import parse_fixed_bits
-    from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
 
     int_bits, frac_bits = parse_fixed_bits(fixed)
     spec = CalibrationSpec(target_sparsity, target_head_sparsity, block_size, block_score, keep_first_block,

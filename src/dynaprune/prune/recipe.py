@@ -39,12 +39,12 @@ SpAtten keys (Wang et al., HPCA 2021, Sec. III):
     (a floor); instant = one layer's probabilities only (PoWER-BERT style). h2o and streaming are KV
     eviction methods: they need ``kv`` and exclude ``token``.
 
-Hybrid Dynamic Pruning keys (reserved here, implemented in ``prune/hdp.py``): ``block=RHO`` (threshold
+Hybrid Dynamic Pruning keys (reserved here, implemented in ``prune/hdp/``): ``block=RHO`` (threshold
 ratio, any real), ``block_sparsity=S`` (target sparsity in [0, 1) to calibrate RHO; excludes
 ``block``), ``block_size=b`` (>= 1), ``block_score=abs_sum|sum|max`` (block importance from its integer
-scores; default abs_sum, the paper's), ``block_keep_first=on|off`` (always keep the first key block,
-[CLS]), ``hdp_head=TAU`` (>= 0), ``approx=on|off``, ``fixed=I.F`` (integer and fraction bits, each
-1..16, I + F <= 16).
+scores; default max, chosen on STS-B train; abs_sum is the paper's), ``block_keep_first=on|off`` (always
+keep the first key block, [CLS]), ``hdp_head=TAU`` (>= 0), ``approx=on|off``, ``fixed=I.F`` (integer and
+fraction bits, each 1..16, I + F <= 16).
 
 Recipe files: ``@PATH`` anywhere a recipe string is accepted reads the recipe from a text file (what
 ``dynaprune calibrate`` writes): ``#`` starts a comment, blank lines are skipped, and the remaining
@@ -124,7 +124,7 @@ class Recipe:
     block: float | None = None
     block_sparsity: float | None = None
     block_size: int | None = None
-    block_score: str = "abs_sum"
+    block_score: str = "max"  # = prune.hdp.DEFAULT_BLOCK_SCORE (not imported: torch-free)
     block_keep_first: bool = False
     hdp_head: float | None = None
     approx: bool = False
@@ -206,7 +206,7 @@ class Recipe:
         no_blocks = self.block is None and self.block_sparsity is None
         if self.block_size is not None and no_blocks:
             raise _err("block_size", "block_size needs block or block_sparsity")
-        for name, default in (("block_score", "abs_sum"), ("block_keep_first", False)):
+        for name, default in (("block_score", "max"), ("block_keep_first", False)):
             if getattr(self, name) != default and no_blocks:
                 raise _err(name, f"{name} tunes block pruning; it needs block or block_sparsity")
 
