@@ -186,7 +186,7 @@ def test_stream_with_nothing_pruned_is_dense(tiny, text):
     same = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1,
                        ctx_factory=lambda: make_context("dense", tiny))
     assert same.metric == dense.metric  # the dense recipe is the plain RunContext: bit-identical
-    made, factory = contexts_of("kv=60,score=h2o", tiny)  # a budget of the whole stream evicts nothing
+    made, factory = contexts_of("kv_tokens=60,score=h2o", tiny)  # a budget of the whole stream evicts nothing
     whole = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1, ctx_factory=factory)
     assert math.isclose(whole.metric["nll"], dense.metric["nll"], rel_tol=1e-5)
     assert whole.extra["kv_budget_tokens"] == 60 and made[0].cache.lengths == [59, 59]
@@ -215,7 +215,7 @@ def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text, stream
     assert res.metric["nll"] != dense.metric["nll"]  # the budget really evicted
 
 
-@pytest.mark.parametrize("recipe", ["kv=10,score=h2o", "kv=0.1,score=spatten", "kv=10,score=random"])
+@pytest.mark.parametrize("recipe", ["kv_tokens=10,score=h2o", "kv=0.1,score=spatten", "kv_tokens=10,score=random"])
 def test_stream_budget_holds_for_every_score(tiny, text, recipe):
     made, factory = contexts_of(recipe, tiny)
     res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, ctx_factory=factory)
@@ -228,6 +228,36 @@ def test_stream_budget_holds_for_every_score(tiny, text, recipe):
         assert math.isclose(alone.metric["nll"], res.metric["nll"], rel_tol=1e-5)
 
 
+def hand_simulated_keys(forwards: int, budget: int, evict_to: int) -> list[int]:
+    """Keys each forward of a stream attends over, from the documented policy: each forward appends
+    one token; a cache over the budget after a forward is cut to ``evict_to`` tokens."""
+    cached, keys = 0, []
+    for _ in range(forwards):
+        cached += 1
+        keys.append(cached)
+        if cached > budget:
+            cached = evict_to
+    return keys
+
+
+@pytest.mark.parametrize(("recipe", "budget", "evict_to"), [
+    ("kv_tokens=10,score=h2o", 10, 10), ("kv=0.1,score=spatten", 10, 10), ("kv_tokens=10,score=random", 10, 10),
+    ("kv_tokens=10,sink=2,score=streaming", 10, 10),
+    ("kv_tokens=70,score=h2o", 70, 70 - 70 // 16),  # a budget >= 64 is evicted in chunks of budget / 16
+])
+def test_stream_holds_the_budget_at_every_step(tiny, text, attended_keys, recipe, budget, evict_to):
+    """The keys every layer of every row attends over, at every forward of the stream, against a hand
+    simulation: never more than the budget + the token being fed."""
+    n = 100 if budget < 64 else 120
+    res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=n, max_examples=2,
+                      ctx_factory=lambda: make_context(recipe, tiny))
+    forwards = attended_keys.per_forward(layers=2)
+    assert len(forwards) == n - 1 and all(q == 1 for q, _ in forwards)  # one token per forward
+    expected = hand_simulated_keys(n - 1, budget, evict_to)
+    assert [keys for _, keys in forwards] == [[k] * 4 for k in expected]  # 2 layers x 2 streams
+    assert max(expected) == budget + 1 and res.extra["kv_budget_tokens"] == budget
+
+
 def test_stream_bad_input(tiny, text):
     with pytest.raises(DynapruneError, match="stream of 129 tokens exceeds the model's 128 positions"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=129)
@@ -237,9 +267,9 @@ def test_stream_bad_input(tiny, text):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, prefill=0)
     with pytest.raises(DynapruneError, match="fewer than the 100"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_tokens=99)
-    with pytest.raises(DynapruneError, match="kv=120 tokens is larger"):
+    with pytest.raises(DynapruneError, match="kv_tokens.*120 tokens is larger"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100,
-                    ctx_factory=lambda: make_context("kv=120", tiny))
+                    ctx_factory=lambda: make_context("kv_tokens=120", tiny))
 
 
 def test_cli_stream_and_its_errors(tiny, text, monkeypatch, dynaprune_cli):
