@@ -37,12 +37,12 @@ def test_parse_example_and_canonical_order() -> None:
 
 
 def test_typed_values() -> None:
-    recipe = Recipe.parse("kv=256,sink=4,recent=64,quant=8,fixed=4.12,approx=on,block=-0.5,block_size=2")
-    assert recipe.kv == 256 and isinstance(recipe.kv, int)
+    recipe = Recipe.parse("kv_tokens=256,sink=4,recent=64,quant=8,fixed=4.12,approx=on,block=-0.5,block_size=2")
+    assert recipe.kv_tokens == 256 and recipe.kv is None and recipe.has_kv_budget
     assert recipe.quant == QuantSetting(8) and not recipe.quant.progressive
     assert recipe.fixed == (4, 12) and recipe.approx is True and recipe.block == -0.5
     assert Recipe.parse("kv=0.25").kv == 0.25
-    assert Recipe.parse("kv=1e3").kv == 1000
+    assert Recipe.parse("kv=1").kv == 1.0 and Recipe.parse("kv=1").kv_budget_tokens(300) == 300  # share 1 = all
     assert Recipe.parse("token_schedule=1:0.9/2:0.8").token_schedule == ((1, 0.9), (2, 0.8))
 
 
@@ -102,17 +102,19 @@ def recipes(draw: st.DrawFn) -> Recipe:
             msb = draw(st.integers(1, 15))
             kw["quant"] = QuantSetting(msb, draw(st.integers(1, 16 - msb)), draw(st.floats(0, 1)))
     if draw(st.booleans()):
-        kw["kv"] = draw(st.one_of(st.floats(1e-6, 0.999), st.integers(1, 10_000)))
+        budget_key = draw(st.sampled_from(["kv", "kv_tokens"]))
+        kw[budget_key] = draw(st.floats(1e-6, 1.0) if budget_key == "kv" else st.integers(1, 10_000))
         if draw(st.booleans()):
             kw["sink"] = draw(st.integers(0, 8))
         if draw(st.booleans()):
             kw["recent"] = draw(st.integers(0, 64))
-        if isinstance(kw["kv"], int) and kw.get("sink", 0) + kw.get("recent", 0) > kw["kv"]:
+        if "kv_tokens" in kw and kw.get("sink", 0) + kw.get("recent", 0) > kw["kv_tokens"]:
             kw.pop("sink", None), kw.pop("recent", None)
+    has_budget = "kv" in kw or "kv_tokens" in kw
     options = ["spatten"]
-    if token_mode != "none" or "kv" in kw:
+    if token_mode != "none" or has_budget:
         options += ["random", "instant"]
-    if token_mode == "none" and "kv" in kw:
+    if token_mode == "none" and has_budget:
         options += ["h2o", "streaming"]
     kw["score"] = draw(st.sampled_from(options))
     block_mode = draw(st.sampled_from(["none", "block", "sparsity"]))
@@ -177,12 +179,16 @@ BAD = [
     ("kv=0", "kv"),
     ("kv=-3", "kv"),
     ("kv=1.5", "kv"),
+    ("kv=8", "kv"),  # a share in (0, 1] only: a count is kv_tokens
     ("kv=lots", "kv"),
+    ("kv_tokens=0", "kv_tokens"),
+    ("kv_tokens=0.5", "kv_tokens"),
+    ("kv=0.5,kv_tokens=8", "kv_tokens"),
     ("sink=4", "sink"),
     ("recent=4", "recent"),
-    ("kv=8,sink=-1", "sink"),
-    ("kv=8,sink=4,recent=8", "sink + recent"),
-    ("kv=8,recent=2.5", "recent"),
+    ("kv_tokens=8,sink=-1", "sink"),
+    ("kv_tokens=8,sink=4,recent=8", "sink + recent"),
+    ("kv_tokens=8,recent=2.5", "recent"),
     ("score=foo", "score"),
     ("score=h2o", "score"),
     ("score=streaming,token=0.5", "score"),
@@ -253,13 +259,13 @@ def test_from_dict_refuses_smuggled_keys() -> None:
 
 
 def test_validate_for() -> None:
-    Recipe.parse("token_schedule=11:0.5,kv=128,sink=4,recent=32").validate_for(12, 12, 12, context_len=512)
+    Recipe.parse("token_schedule=11:0.5,kv_tokens=128,sink=4,recent=32").validate_for(12, 12, 12, context_len=512)
     with pytest.raises(DynapruneError, match="'token_schedule'.*12 layers"):
         Recipe.parse("token_schedule=12:0.5").validate_for(12, 12, 12)
     with pytest.raises(DynapruneError, match="'head_schedule'"):
         Recipe.parse("head_schedule=30:0.5").validate_for(30, 9, 3)
-    with pytest.raises(DynapruneError, match="'kv'.*larger than the context"):
-        Recipe.parse("kv=1024").validate_for(12, 12, 12, context_len=512)
+    with pytest.raises(DynapruneError, match="'kv_tokens'.*larger than the context"):
+        Recipe.parse("kv_tokens=1024").validate_for(12, 12, 12, context_len=512)
     with pytest.raises(DynapruneError, match="'sink \\+ recent'"):
         Recipe.parse("kv=0.1,sink=4,recent=16").validate_for(12, 12, 12, context_len=100)
     with pytest.raises(DynapruneError, match="'token_schedule'"):
@@ -270,7 +276,17 @@ def test_kv_budget_tokens() -> None:
     assert Recipe().kv_budget_tokens(100) is None
     assert Recipe.parse("kv=0.25").kv_budget_tokens(100) == 25
     assert Recipe.parse("kv=0.001").kv_budget_tokens(100) == 1
-    assert Recipe.parse("kv=64").kv_budget_tokens(100) == 64
+    assert Recipe.parse("kv_tokens=64").kv_budget_tokens(100) == 64
+    assert Recipe.parse("kv=1").kv_budget_tokens(100) == 100  # a share: kv=1 keeps everything, like token=1
+
+
+def test_kv_count_is_refused_with_the_spelling_of_a_count() -> None:
+    """kv=256 used to mean 256 tokens while kv=0.5 meant a share: the count now has its own key, named."""
+    with pytest.raises(DynapruneError, match=r"recipe key 'kv': 256 is outside \(0, 1\].*kv_tokens=256"):
+        Recipe.parse("kv=256")
+    with pytest.raises(DynapruneError, match=r"'kv': 2.5 is outside \(0, 1\]") as exc:
+        Recipe.parse("kv=2.5")
+    assert "kv_tokens" not in str(exc.value)  # 2.5 is no count of tokens: nothing to suggest
 
 
 def test_head_units() -> None:

@@ -29,15 +29,17 @@ SpAtten keys (Wang et al., HPCA 2021, Sec. III):
     progressive quantization (Sec. III-D): M MSB bits, L LSB bits, LSBs fetched for rows whose max
     attention probability is below T. The paper's settings are 4+4, 6+4, 8+4, 10+4 and 12+4; any
     M, L >= 1 with M + L <= 16 is accepted. ``quant=B``: static B-bit quantization.
-``kv=B``, ``sink=N``, ``recent=N``
-    decode-time KV budget: a fraction of the prompt if B < 1, else a token count; sink = tokens kept
-    at the start, recent = most recent tokens kept (the official SpAtten-LLM code keeps start, recent
-    and important tokens).
+``kv=F`` / ``kv_tokens=N``, ``sink=N``, ``recent=N``
+    decode-time KV budget: ``kv`` is the share of the prompt kept, in (0, 1] (``kv=1`` keeps every
+    token), ``kv_tokens`` a count of tokens (>= 1); one or the other. sink = tokens kept at the start,
+    recent = most recent tokens kept (the official SpAtten-LLM code keeps start, recent and important
+    tokens). The budget acts between forwards of a KV cache (decoding), so it has no effect on an
+    encoder or a single prefill (:func:`dynaprune.prune.recipe_scope.check_recipe_applies`).
 ``score=spatten|h2o|streaming|random|instant``
     how tokens are ranked: spatten = cumulative over heads, layers and decode steps, with cascade;
     h2o = accumulated per layer, no cascade; streaming = sinks + recent window only; random = uniform
     (a floor); instant = one layer's probabilities only (PoWER-BERT style). h2o and streaming are KV
-    eviction methods: they need ``kv`` and exclude ``token``.
+    eviction methods: they need a KV budget and exclude ``token``.
 
 Hybrid Dynamic Pruning keys (reserved here, implemented in ``prune/hdp/``): ``block=RHO`` (threshold
 ratio, any real), ``block_sparsity=S`` (target sparsity in [0, 1) to calibrate RHO; excludes
@@ -117,7 +119,8 @@ class Recipe:
     head_unit: str = "query"
     value: float | None = None
     quant: QuantSetting | None = None
-    kv: float | int | None = None
+    kv: float | None = None
+    kv_tokens: int | None = None
     sink: int | None = None
     recent: int | None = None
     score: str = "spatten"
@@ -150,6 +153,8 @@ class Recipe:
             put("quant", _check_quant(self.quant))
         if self.kv is not None:
             put("kv", _check_kv(self.kv))
+        if self.kv_tokens is not None:
+            put("kv_tokens", _check_min("kv_tokens", _as_int("kv_tokens", self.kv_tokens), 1))
         for name in ("sink", "recent"):
             if getattr(self, name) is not None:
                 put(name, _check_min(name, _as_int(name, getattr(self, name)), 0))
@@ -190,17 +195,19 @@ class Recipe:
         if self.head_unit != "query" and not self.prunes_heads:
             raise _err("head_unit", "head_unit=kv needs head or head_schedule")
         for name in ("sink", "recent"):
-            if getattr(self, name) is not None and self.kv is None:
-                raise _err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv")
-        if isinstance(self.kv, int):
-            self._check_protected_fit(self.kv)
+            if getattr(self, name) is not None and not self.has_kv_budget:
+                raise _err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv or kv_tokens")
+        if self.kv is not None and self.kv_tokens is not None:
+            raise _err("kv_tokens", "set either kv (a share of the prompt) or kv_tokens (a count), not both")
+        if self.kv_tokens is not None:
+            self._check_protected_fit(self.kv_tokens)
         if self.score in ("h2o", "streaming"):
-            if self.kv is None:
-                raise _err("score", f"score={self.score} is a KV-cache eviction method; it needs kv")
+            if not self.has_kv_budget:
+                raise _err("score", f"score={self.score} is a KV-cache eviction method; it needs kv or kv_tokens")
             if self.prunes_tokens:
                 raise _err("score", f"score={self.score} has no cascade; it cannot drive token/token_schedule")
-        if self.score in ("random", "instant") and not (self.prunes_tokens or self.kv is not None):
-            raise _err("score", f"score={self.score} ranks tokens; it needs token, token_schedule or kv")
+        if self.score in ("random", "instant") and not (self.prunes_tokens or self.has_kv_budget):
+            raise _err("score", f"score={self.score} ranks tokens; it needs token, token_schedule, kv or kv_tokens")
         if self.block is not None and self.block_sparsity is not None:
             raise _err("block_sparsity", "set either block (a threshold ratio) or block_sparsity (a target)")
         no_blocks = self.block is None and self.block_sparsity is None
@@ -213,10 +220,7 @@ class Recipe:
     def _check_protected_fit(self, budget: int) -> None:
         protected = (self.sink or 0) + (self.recent or 0)
         if protected > budget:
-            raise _err(
-                "sink + recent",
-                f"sink + recent = {protected} protected tokens exceed the kv budget of {budget} tokens",
-            )
+            raise _err("sink + recent", f"{protected} protected tokens exceed the kv budget of {budget} tokens")
 
     def validate_for(self, n_layers: int, n_heads: int, n_kv_heads: int, context_len: int | None = None) -> None:
         """The checks that need the model (layers, heads) or the context length (the KV budget)."""
@@ -225,7 +229,7 @@ class Recipe:
         for name in ("token_schedule", "head_schedule"):
             if getattr(self, name) is not None:
                 _step_schedule(name, getattr(self, name), n_layers)
-        if context_len is not None and self.kv is not None:
+        if context_len is not None and self.has_kv_budget:
             self.kv_budget_tokens(context_len)
 
     # ------------------------------------------------------------------ what is on
@@ -233,6 +237,11 @@ class Recipe:
     def is_dense(self) -> bool:
         """No key set: the run is the plain dense model (``str(recipe) == "dense"``)."""
         return self == Recipe()
+
+    @property
+    def has_kv_budget(self) -> bool:
+        """A decode-time KV budget is set (``kv`` or ``kv_tokens``)."""
+        return self.kv is not None or self.kv_tokens is not None
 
     @property
     def prunes_tokens(self) -> bool:
@@ -264,12 +273,12 @@ class Recipe:
 
     def kv_budget_tokens(self, context_len: int) -> int | None:
         """The decode-time KV budget in tokens for a prompt of ``context_len`` tokens (None: no budget)."""
-        if self.kv is None:
+        if not self.has_kv_budget:
             return None
-        if isinstance(self.kv, int):
-            if self.kv > context_len:
-                raise _err("kv", f"kv={self.kv} tokens is larger than the context of {context_len} tokens")
-            budget = self.kv
+        if self.kv_tokens is not None:
+            if self.kv_tokens > context_len:
+                raise _err("kv_tokens", f"{self.kv_tokens} tokens is larger than the context of {context_len} tokens")
+            budget = self.kv_tokens
         else:
             budget = keep_count(self.kv, context_len)
         self._check_protected_fit(budget)
@@ -375,6 +384,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "value": _parse_float,
     "quant": _parse_quant,
     "kv": _parse_float,
+    "kv_tokens": _parse_int,
     "sink": _parse_int,
     "recent": _parse_int,
     "score": _parse_word,

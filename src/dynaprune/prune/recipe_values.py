@@ -298,15 +298,14 @@ def _check_quant(value: Any) -> QuantSetting:
     return QuantSetting(bits, lsb, threshold)
 
 
-def _check_kv(value: Any) -> float | int:
+def _check_kv(value: Any) -> float:
+    """``kv`` is a share of the prompt in (0, 1]; a count of tokens is ``kv_tokens`` (``kv=1`` used to mean
+    one token while ``token=1`` keeps everything: the share is now the only reading of ``kv``)."""
     value = _as_float("kv", value)
-    if value <= 0:
-        raise _err("kv", f"{_fmt_float(value)} must be > 0 (a fraction of the prompt below 1, else tokens)")
-    if value < 1:
+    if 0.0 < value <= 1.0:
         return value
-    if not value.is_integer():
-        raise _err("kv", f"{_fmt_float(value)}: a budget of 1 or more is a token count and must be whole")
-    return int(value)
+    hint = f"; for a count of tokens write kv_tokens={int(value)}" if value > 1 and value.is_integer() else ""
+    raise _err("kv", f"{_fmt_float(value)} is outside (0, 1]: kv is the share of the prompt kept, e.g. kv=0.25{hint}")
 
 
 def _check_fixed(value: Any) -> tuple[int, int]:

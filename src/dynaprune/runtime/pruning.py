@@ -174,7 +174,7 @@ class PruningContext(RunContext):
             received = accumulate_token_importance(None, probs, key_padding_mask, query_mask=query_mask)
         # In a decoder the padding queries (left padding) see no key, so their rows are 0 and ``received``
         # with the query mask is also what every query gave the cached keys.
-        if self.cache is not None and self.recipe.kv is not None and received is not None:
+        if self.cache is not None and self.recipe.has_kv_budget and received is not None:
             self._track_cache_importance(layer, received)
         if self._needs_token_importance and received is not None and not self.prefilled:
             if recipe.score == "instant":  # PoWER-BERT style: this layer's attention only
@@ -219,7 +219,7 @@ class PruningContext(RunContext):
         importance up to the last layer that prunes tokens, or the KV budget's eviction score."""
         if self._needs_token_importance and not self.prefilled and layer <= self.last_token_layer:
             return True
-        return self.cache is not None and self.recipe.kv is not None and self.recipe.score in ("spatten", "h2o",
+        return self.cache is not None and self.recipe.has_kv_budget and self.recipe.score in ("spatten", "h2o",
                                                                                                 "instant")
 
     def _track_cache_importance(self, layer: int, received: torch.Tensor) -> None:
@@ -248,7 +248,7 @@ class PruningContext(RunContext):
             return
         if not self.prefilled:
             self.prefilled = True
-            if self.recipe.kv is not None and self.kv_budget is None:  # a caller may set it (lm stream)
+            if self.recipe.has_kv_budget and self.kv_budget is None:  # a caller may set it (lm stream)
                 self.kv_budget = self.recipe.kv_budget_tokens(int(cache.next_position.max()))
         if self.kv_budget is None:
             return
