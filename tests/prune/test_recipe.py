@@ -419,3 +419,61 @@ def test_block_score_and_keep_first_keys():
         Recipe.parse("block_score=abs_sum")  # a non-default score
     with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
         Recipe.parse("block_keep_first=on")
+
+
+# ---------------------------------------------------------------------------- suggestions and scope (issue 12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 40))
+def test_every_suggested_quant_form_is_itself_valid(msb: int, lsb: int) -> None:
+    """``quant=20+4`` used to suggest ``quant=20+4@0.1``, itself invalid: whatever form an error message
+    suggests must parse (the oracle: parsing the suggestion)."""
+    import re
+
+    try:
+        Recipe.parse(f"quant={msb}+{lsb}")
+    except DynapruneError as exc:
+        for suggestion in re.findall(r"quant=\d[\d+@.]*", str(exc)):
+            Recipe.parse(suggestion.rstrip("."))
+    else:
+        pytest.fail("a progressive setting without a threshold was accepted")
+
+
+@pytest.mark.parametrize(("recipe", "where", "protocol", "refused"), [
+    ("kv=0.5", "sts", None, "kv"),
+    ("kv_tokens=8,score=h2o", "classify", None, "kv_tokens"),
+    ("kv=0.5,sink=2", "sst2", None, "kv"),
+    ("kv=0.25", "lm", "window", "kv"),
+    ("kv=0.25", "run", None, "kv"),
+    ("kv=0.25", "calibrate", None, "kv"),
+    ("kv=0.25", "lm", "continue", None),
+    ("kv=0.25", "lm", "stream", None),
+    ("kv_tokens=64,score=streaming", "generate", None, None),
+    ("token=0.5", "sts", None, None),
+    ("token=0.5", "run", None, None),
+    ("dense", "lm", "window", None),
+])
+def test_keys_that_would_change_nothing_are_refused(recipe: str, where: str, protocol: str | None,
+                                                    refused: str | None) -> None:
+    from dynaprune.prune.recipe_scope import check_recipe_applies
+
+    if refused is None:
+        check_recipe_applies(Recipe.parse(recipe), where, protocol=protocol)
+        return
+    with pytest.raises(DynapruneError, match=f"recipe key '{refused}': .*no effect"):
+        check_recipe_applies(Recipe.parse(recipe), where, protocol=protocol)
+
+
+def test_kv_budget_summary() -> None:
+    from types import SimpleNamespace
+
+    from dynaprune.prune.recipe_scope import kv_budget_summary
+
+    def ctx(budget: int | None) -> SimpleNamespace:
+        return SimpleNamespace(kv_budget=budget)
+
+    assert kv_budget_summary([ctx(10), ctx(10)], {}) == {"kv_budget_tokens": 10}
+    assert kv_budget_summary([ctx(12), ctx(9), ctx(None)], None) == {"kv_budget_tokens": {"min": 9, "max": 12}}
+    assert kv_budget_summary([ctx(None)], {}) == {"kv_budget_tokens": None}
+    assert kv_budget_summary([ctx(10)], {"kv_budget_tokens": 64}) == {}  # the stream protocol recorded it already

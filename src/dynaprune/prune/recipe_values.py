@@ -289,7 +289,8 @@ def _check_quant(value: Any) -> QuantSetting:
             raise _err("quant", "a threshold needs MSB+LSB bits: quant=M+L@T")
         return QuantSetting(bits)
     if not 1 <= lsb <= 16 or bits + lsb > 16:
-        raise _err("quant", f"MSB + LSB = {bits}+{lsb} must be 1..16 bits each and at most 16 in total")
+        raise _err("quant", f"MSB + LSB = {bits}+{lsb} must be 1..16 bits each and at most 16 in total "
+                            "(e.g. quant=12+4@0.1)")
     if value.threshold is None:
         raise _err("quant", f"progressive quantization needs a threshold: quant={bits}+{lsb}@0.1")
     threshold = _as_float("quant", value.threshold)
@@ -354,8 +355,10 @@ def _parse_quant(key: str, raw: str) -> QuantSetting:
     if not match:
         raise _err(key, f"{raw!r} is not B (static bits) or M+L@T (e.g. quant=4+4@0.1)")
     msb, lsb, threshold = match.groups()
-    if threshold is None:
-        raise _err(key, f"progressive quantization needs a threshold: quant={msb}+{lsb}@0.1")
+    if int(lsb) == 0:  # M+0 is no progressive setting; said so rather than read as static M bits
+        raise _err(key, f"{raw!r} has no LSB bits: progressive is M+L@T with L >= 1, static is quant=B")
+    if threshold is None:  # the bit widths are checked first, so the suggested form is itself valid
+        return _check_quant(QuantSetting(int(msb), int(lsb)))
     return QuantSetting(int(msb), int(lsb), _parse_float(key, threshold))
 
 
