@@ -125,7 +125,7 @@ def test_sweep_out_folder_refused_before_running(dynaprune_cli, no_model_work, t
     config = tmp_path / "sweep.yaml"
     config.write_text("runs:\n  - model: minilm-l6\n    task: sts\n    recipes: [dense]\n")
     line = one_error_line(*dynaprune_cli("sweep", str(config), "-o", str(tmp_path)))
-    assert "--out" in line and "is a folder" in line
+    assert f"--out {tmp_path} is a folder; give a file path, e.g. {tmp_path / 'results.jsonl'}" in line
 
 
 @pytest.mark.parametrize("args", [["eval", "minilm-l6", "sts", "--data"],

@@ -429,7 +429,7 @@ def sweep(
         raise DynapruneError(f"{config}: no 'results:' path in the config and no --out given")
     from dynaprune.user_paths import check_output_file
 
-    check_output_file(results, "--out" if out else f"{config}: results:")
+    check_output_file(results, "--out" if out else f"{config}: results:", example="results.jsonl")
     ran = _run_specs(specs, results, f"dynaprune sweep {config}" + (f" --out {out}" if out else ""))
     console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
 

@@ -44,13 +44,14 @@ def _check_creatable(path: Path, flag: str) -> None:
         raise DynapruneError(f"{flag} {path}: cannot write into {base} (permission denied)")
 
 
-def check_output_file(path: str | Path | None, flag: str) -> None:
-    """Refuse, before any work, an output file path that is a folder or cannot be written."""
+def check_output_file(path: str | Path | None, flag: str, example: str = "result.json") -> None:
+    """Refuse, before any work, an output file path that is a folder or cannot be written; ``example`` is
+    the file name the message suggests inside a folder given by mistake."""
     if path is None:
         return
     path = Path(path)
     if path.is_dir():
-        raise DynapruneError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'result.json'}")
+        raise DynapruneError(f"{flag} {path} is a folder; give a file path, e.g. {path / example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise DynapruneError(f"{flag} {path}: the file cannot be written (permission denied)")
     _check_creatable(path, flag)
