@@ -172,8 +172,8 @@ def test_hdp_work_counts_only_the_scores_of_kept_blocks():
     ctx = make_context("block=0.3,block_score=max", model)
     with torch.inference_mode():
         model(ids, mask, ctx=ctx)
-    kept = sum(s.hdp["pairs_kept"] for s in ctx.layer_stats.values())
-    valid = sum(s.hdp["pairs_valid"] for s in ctx.layer_stats.values())
+    kept = sum(s.counts["hdp"]["pairs_kept"] for s in ctx.layer_stats.values())
+    valid = sum(s.counts["hdp"]["pairs_valid"] for s in ctx.layer_stats.values())
     assert 0 < kept < valid
     cost = work_cost(cost_shape(model), ctx.work)
     assert abs(cost["attention_flops_kept"] - kept / valid) < 1e-9

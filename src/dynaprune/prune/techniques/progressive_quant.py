@@ -1,0 +1,138 @@
+"""Progressive quantization (SpAtten, Wang et al. HPCA 2021, Sec. III-D): ``quant=M+L@T`` or ``quant=B``.
+
+Q and K are quantized to M + L bits and the probabilities computed with the MSBs only; a row whose max
+probability is below T (a flat distribution, where quantization error matters) is recomputed with MSB +
+LSB. V is quantized to M + L bits. ``quant=B``: static B-bit quantization. The paper's settings are
+4+4, 6+4, 8+4, 10+4 and 12+4; any M, L >= 1 with M + L <= 16 is accepted. Role: probability transform.
+Cost: rows needing LSBs (``lsb_row_fraction``) and K bits fetched against fp16
+(``key_bits_fetched_vs_fp16``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dynaprune.prune import keys as K
+from dynaprune.prune.quant import progressive_attention_probs, quantized_attention_probs, quantized_values
+from dynaprune.prune.technique import Stage, Technique
+
+PAPER_QUANT_SETTINGS = ((4, 4), (6, 4), (8, 4), (10, 4), (12, 4))
+_QUANT_RE = re.compile(r"^(\d+)\+(\d+)(?:@(.*))?$")
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """``quant=B`` (static, ``lsb_bits == 0``) or ``quant=M+L@T`` (progressive, Sec. III-D)."""
+
+    bits: int  # static bits, or the MSB bits of a progressive setting
+    lsb_bits: int = 0
+    threshold: float | None = None  # progressive only: LSBs fetched when a row's max prob < threshold
+
+    @property
+    def progressive(self) -> bool:
+        return self.lsb_bits > 0
+
+    @property
+    def total_bits(self) -> int:
+        return self.bits + self.lsb_bits
+
+    def __str__(self) -> str:
+        if not self.progressive:
+            return str(self.bits)
+        return f"{self.bits}+{self.lsb_bits}@{K.fmt_float(self.threshold)}"
+
+
+def parse_quant(key: str, raw: str) -> QuantSetting:
+    if raw.isdigit():
+        return QuantSetting(int(raw))
+    match = _QUANT_RE.match(raw)
+    if not match:
+        raise K.err(key, f"{raw!r} is not B (static bits) or M+L@T (e.g. quant=4+4@0.1)")
+    msb, lsb, threshold = match.groups()
+    if threshold is None:
+        raise K.err(key, f"progressive quantization needs a threshold: quant={msb}+{lsb}@0.1")
+    return QuantSetting(int(msb), int(lsb), K.parse_float(key, threshold))
+
+
+def check_quant(key: str, value: Any) -> QuantSetting:
+    if isinstance(value, str):
+        value = parse_quant(key, value)
+    if not isinstance(value, QuantSetting):
+        raise K.err(key, f"must be B or M+L@T, got {value!r}")
+    bits, lsb = K.as_int(key, value.bits), K.as_int(key, value.lsb_bits)
+    if not 1 <= bits <= 16:
+        raise K.err(key, f"{bits} bits is outside 1..16")
+    if lsb == 0:
+        if value.threshold is not None:
+            raise K.err(key, "a threshold needs MSB+LSB bits: quant=M+L@T")
+        return QuantSetting(bits)
+    if not 1 <= lsb <= 16 or bits + lsb > 16:
+        raise K.err(key, f"MSB + LSB = {bits}+{lsb} must be 1..16 bits each and at most 16 in total")
+    if value.threshold is None:
+        raise K.err(key, f"progressive quantization needs a threshold: quant={bits}+{lsb}@0.1")
+    threshold = K.as_float(key, value.threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise K.err(key, f"threshold {K.fmt_float(threshold)} is outside [0, 1]")
+    return QuantSetting(bits, lsb, threshold)
+
+
+@dataclass(frozen=True)
+class Quantization(Technique):
+    """``quant``: a :class:`QuantSetting` (or its string form)."""
+
+    quant: QuantSetting | None = None
+
+    role = "probs"
+    keys = (K.Key("quant", parse_quant, check_quant, json="text"),)
+
+    @staticmethod
+    def merge_summary(summaries: list[dict], merged: dict) -> None:
+        QuantStage.merge(summaries, merged)
+
+    def stage(self, run) -> Stage | None:
+        return QuantStage(self, run) if self.quant is not None else None
+
+
+class QuantStage(Stage):
+    name = "quant"
+    explicit = True
+
+    def __init__(self, technique: Quantization, run) -> None:
+        super().__init__(technique, run)
+        self.last_needs_lsb = None  # (B, H, Lq) of the last call, for its trace entry
+
+    def probs(self, call):
+        quant, q, k = self.technique.quant, call.q, call.k
+        counts = self.run.counts(call.layer, self.name)
+        n_keys = k.shape[0] * k.shape[1] * k.shape[2]
+        counts["key_bits_dense16"] = counts.get("key_bits_dense16", 0) + n_keys * k.shape[3] * 16
+        if not quant.progressive:
+            counts["key_bits"] = counts.get("key_bits", 0) + n_keys * k.shape[3] * quant.bits
+            return quantized_attention_probs(q, k, call.scale, quant.bits, call.mask).nan_to_num(0.0)
+        result = progressive_attention_probs(q, k, call.scale, quant.bits, quant.lsb_bits, quant.threshold, call.mask)
+        self.last_needs_lsb = result.needs_lsb
+        counts["rows"] = counts.get("rows", 0) + result.rows
+        counts["rows_lsb"] = counts.get("rows_lsb", 0) + result.rows_needing_lsb
+        counts["key_bits"] = counts.get("key_bits", 0) + result.key_bits_fetched
+        return result.probs.nan_to_num(0.0)
+
+    def values(self, call, v):
+        return quantized_values(v, self.technique.quant.total_bits).values
+
+    def trace(self, entry: dict, queries: int) -> None:
+        lsb, self.last_needs_lsb = self.last_needs_lsb, None
+        entry["needs_lsb"] = lsb[0, :, -queries:].tolist() if lsb is not None else None
+
+    def summary(self, out, layers) -> None:
+        rows, dense_bits = self.total(layers, "rows"), self.total(layers, "key_bits_dense16")
+        out["lsb_row_fraction"] = (self.total(layers, "rows_lsb") / rows) if rows else 0.0
+        out["key_bits_fetched_vs_fp16"] = self.total(layers, "key_bits") / dense_bits if dense_bits else 1.0
+
+    @staticmethod
+    def merge(summaries: list[dict], merged: dict) -> None:
+        for key in ("lsb_row_fraction", "key_bits_fetched_vs_fp16"):
+            values = [s[key] for s in summaries if key in s]
+            if values:
+                merged[key] = sum(values) / len(values)
