@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.dense
-	for b in topk encoder prefill decode blocks; do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	for b in topk encoder prefill decode blocks sparse24; do $(BIN)/python -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

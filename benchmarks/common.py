@@ -44,6 +44,22 @@ def setup_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def pick_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda``; asking for CUDA where there is none stops before any work."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DynapruneError("--device cuda: no CUDA device is available here (torch "
+                             f"{torch.__version__}); run on a GPU machine or use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise DynapruneError(f"--device must be cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it measures the work (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def available_memory_bytes() -> int | None:
     """Memory the machine can still give (MemAvailable), or None where it cannot be read."""
     try:

@@ -104,9 +104,10 @@ def run_task(
     max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
     window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
     batch_size: int | None = None, recipe: str | None = None, model=None, stream_tokens: int = 4096,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 128, probe: str = "dense", random_seed: int | None = None,
 ):
-    """Load a model (unless given) and run one evaluation task; returns a TaskResult."""
+    """Load a model (unless given) and run one evaluation task; returns a TaskResult. A recipe with
+    score=random runs once per seed of RANDOM_SEEDS (``random_seed`` None) and reports mean and spread."""
     from dynaprune.paths import default_data
 
     if task not in TASKS:
@@ -136,10 +137,19 @@ def run_task(
     from dynaprune.runtime.pruning import make_context, merge_summaries
 
     make_context(parsed, model)  # validates the recipe against the model before any work
+    if parsed.score == "random" and random_seed is None:  # one draw of a random baseline says little
+        from dynaprune.eval.metrics import combine_seed_results
+        from dynaprune.prune.baselines import RANDOM_SEEDS
+
+        return combine_seed_results([run_task(
+            model_name, task, data=data, train_data=train_data, max_examples=max_examples, max_train=max_train,
+            max_tokens=max_tokens, window=window, protocol=protocol, context=context, continuation=continuation,
+            batch_size=batch_size, recipe=recipe, model=model, stream_tokens=stream_tokens,
+            max_new_tokens=max_new_tokens, probe=probe, random_seed=seed) for seed in RANDOM_SEEDS], RANDOM_SEEDS)
     contexts: list[RunContext] = []
 
     def ctx_factory() -> RunContext:
-        contexts.append(make_context(parsed, model))
+        contexts.append(make_context(parsed, model, seed=random_seed or 0))
         return contexts[-1]
 
     t0 = time.perf_counter()
@@ -158,7 +168,7 @@ def run_task(
                 raise DynapruneError(f"training data file not found: {train_data}")
             result = evaluate_classify(model, data, train_data, max_train=max_train,
                                        max_examples=max_examples, batch_size=batch_size or 32, progress=progress,
-                                       ctx_factory=ctx_factory)
+                                       ctx_factory=ctx_factory, probe=probe)
         elif task == "generate":
             from dynaprune.eval.mtbench import evaluate_generate
 
@@ -226,6 +236,9 @@ def eval_cmd(
     continuation: int = typer.Option(512, help="lm continue: continuation tokens scored"),
     stream_tokens: int = typer.Option(4096, help="lm stream: tokens per stream, decoded one at a time"),
     max_new_tokens: int = typer.Option(128, help="generate: new tokens per answer (greedy)"),
+    probe: str = typer.Option("dense", help=(
+        "classify: train the probe on dense embeddings (default; pruning without retraining) or 'retrained' "
+        "on the pruned ones")),
     batch_size: int | None = typer.Option(None, help=(
         "encoder batch size (default 32); generate: prompts per batch (16); lm stream: streams side by side (8)")),
     recipe: str | None = typer.Option(None, help=(
@@ -238,7 +251,7 @@ def eval_cmd(
     result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
                       max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
                       context=context, continuation=continuation, batch_size=batch_size, recipe=recipe,
-                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens)
+                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens, probe=probe)
     print_result(result)
     if json_path:
         write_json_atomic(json_path, result.to_json())
@@ -426,14 +439,14 @@ def calibrate(
     window: int = typer.Option(1024, help="decoders: tokens per calibration window"),
     recipe: str | None = typer.Option(None, help="base recipe calibrated under, e.g. 'token=0.6' or 'approx=on'"),
     block_size: int = typer.Option(2, help="b x b blocks"),
-    block_score: str = typer.Option("abs_sum", help="block importance: abs_sum (paper), sum or max"),
+    block_score: str = typer.Option("max", help="block importance: max (default), sum or abs_sum (paper)"),
     keep_first_block: bool = typer.Option(False, help="always keep key block 0 ([CLS] column)"),
     fixed: str = typer.Option("8.8", help="fixed-point integer.fraction bits of Q and K"),
 ) -> None:
     """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples; save a recipe file."""
+    from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
     from dynaprune.paths import shared_data_dir
     from dynaprune.prune.hdp import parse_fixed_bits
-    from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
 
     int_bits, frac_bits = parse_fixed_bits(fixed)
     spec = CalibrationSpec(target_sparsity, target_head_sparsity, block_size, block_score, keep_first_block,

@@ -1,5 +1,7 @@
 """Every speed benchmark runs end to end in --quick mode (tiny sizes, one repeat) and writes JSON of
-the documented shape. No timing is asserted: the figures live in benchmarks/results/."""
+the documented shape whose figures hold together: ratios are the quotients of the timings they come
+from, counts (compactions, blocks kept, KV bytes) match a count made by hand from the settings. No
+timing itself is asserted: the figures live in benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -28,11 +30,20 @@ def test_topk(tmp_path):
     assert data["cases"] and {"n", "k", "microseconds", "ratio_indices_vs_topk"} <= set(data["cases"][0])
 
 
+@pytest.mark.models
 def test_blocks(tmp_path):
     data = run_quick("blocks", tmp_path)
-    row = data["results"][0]
-    assert {"block", "sparsity", "speedup_vs_sdpa", "times"} <= set(row)
+    (row,) = data["results"]
     assert row["max_abs_error_vs_masked_dense"] < 1e-4  # the block-sparse output is the masked softmax's
+    # L = 128, block 32: 4 query-block rows seeing 1, 2, 3, 4 key blocks (10); at 75% sparsity each keeps
+    # ceil(0.25 x visible) = 1 (its diagonal); batch 3 layers x 9 heads
+    assert row["blocks_visible"] == 10 * 27
+    assert row["blocks_kept"] == {"abs_sum": 4 * 27, "sum": 4 * 27}
+    assert row["block_sparsity_realized"]["abs_sum"] == pytest.approx(1 - 4 / 10)
+    t = {name: v["median_s"] for name, v in row["times"].items()}
+    assert row["speedup_vs_sdpa"] == t["sdpa_dense"] / t["end_to_end_abs_sum"]
+    assert row["speedup_vs_sdpa_sum_score"] == t["sdpa_dense"] / t["end_to_end_sum"]
+    assert row["speedup_kernel_only"] == t["sdpa_dense"] / t["kernel_only"]
 
 
 @pytest.mark.models
@@ -55,10 +66,46 @@ def test_prefill(tmp_path):
 @pytest.mark.models
 def test_decode(tmp_path):
     data = run_quick("decode", tmp_path)
-    variants = data["results"][0]["variants"]
+    (case,) = data["results"]
+    variants = case["variants"]
     assert set(variants) == {"dense", "kv=0.25"}
-    assert variants["kv=0.25"]["kv_bytes_held"] < variants["dense"]["kv_bytes_held"]
-    assert {"tokens_per_s", "speedup", "kv_bytes_held_vs_dense", "kv_bytes_allocated"} <= set(variants["dense"])
+    dense, kv = variants["dense"], variants["kv=0.25"]
+    # 256-token prompt, kv=0.25: a 64-token budget, evicted in chunks of 64 / 16 = 4. The prefill leaves
+    # 60 tokens (untimed); steps 1-4 grow it to 64, step 5 to 65 > 64: compacted to 60; again at step 10.
+    # The window is 2 periods of 5 steps, so exactly 2 compactions inside it, the last at its last step.
+    assert case["new_tokens"] == 10 and dense["timed_steps"] == kv["timed_steps"] == 10
+    assert kv["kv_budget_tokens"] == 64
+    assert kv["compactions_in_window"] == 2 and dense["compactions_in_window"] == 0
+    assert kv["kv_tokens_held_per_layer"] == 60 and dense["kv_tokens_held_per_layer"] == 256 + 10
+    per_token = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head dim 64, fp32
+    assert kv["kv_bytes_held"] == 60 * per_token and dense["kv_bytes_held"] == 266 * per_token
+    # every throughput is the quotient of the timings it comes from
+    for v in variants.values():
+        assert v["tokens_per_s"] == pytest.approx(1 / v["mean_step_s"])
+        assert v["tokens_per_s_median"] == pytest.approx(1 / v["median_step_s"])
+        assert v["mean_step_s"] == pytest.approx(v["window_s"] / 10)
+        assert v["min_step_s"] <= v["median_step_s"] <= v["max_step_s"]
+    assert kv["speedup"] == pytest.approx(dense["mean_step_s"] / kv["mean_step_s"])
+    assert kv["speedup_median"] == pytest.approx(dense["median_step_s"] / kv["median_step_s"])
+    assert kv["compaction_step_mean_s"] is not None and dense["compaction_step_mean_s"] is None
+
+
+def test_sparse24_without_cuda_is_skipped(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = run_quick("sparse24", tmp_path)
+    assert data["skipped"] is True and "CUDA" in data["reason"] and data["results"] == []
+
+
+def test_cuda_device_refused_without_cuda(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "blocks.json"
+    with pytest.raises(DynapruneError, match="no CUDA device"):
+        importlib.import_module("benchmarks.blocks").main(["--quick", "--device", "cuda", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_memory_check_stops_before_the_run(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynaprune.errors import DynapruneError
+from dynaprune.eval import classify
 from dynaprune.eval.classify import PROBE_C, SST2_DEFAULTS, data_root, evaluate_classify, sst2_defaults
 from dynaprune.models.bert import Bert
 
@@ -25,6 +26,34 @@ class WordEncoder:
             if progress:
                 progress(i + 1, len(texts))
         return torch.tensor([[float(w in t.split()) for w in self.WORDS] for t in texts])
+
+
+class SwappingEncoder(WordEncoder):
+    """A stand-in for a pruned model: under a context factory, the "good" and "bad" features trade
+    places, so a probe trained on dense embeddings reads every pruned sentence backwards. It has a
+    weight (so the dense probe can be cached under its fingerprint)."""
+
+    name = "swapping"
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = torch.tensor([weight])
+        self.contexts: list[bool] = []
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def embed(self, texts, recipe=None, *, batch_size=32, ctx_factory=None, progress=None):
+        self.contexts.append(ctx_factory is not None)
+        x = super().embed(texts, batch_size=batch_size, progress=progress) * self.weight
+        return x[:, [1, 0, 2, 3, 4]] if ctx_factory is not None else x
+
+
+@pytest.fixture(autouse=True)
+def no_cached_probes():
+    classify._DENSE_PROBES.clear()
+    yield
+    classify._DENSE_PROBES.clear()
 
 
 def write(path, rows, header=True):
@@ -71,6 +100,50 @@ def test_unseen_test_label_and_single_class(tmp_path, toy):
         evaluate_classify(WordEncoder(), dev, one)
     with pytest.raises(DynapruneError, match="max_train"):
         evaluate_classify(WordEncoder(), dev, train, max_train=0)
+
+
+def test_the_probe_is_trained_on_dense_embeddings_unless_asked(toy):
+    """Hand oracle: the swap turns "good" into "bad" under pruning, so the dense-trained probe gets all
+    3 test sentences wrong (accuracy 0) while a probe retrained on the pruned embeddings gets them all
+    right (1.0). Retraining would hide what pruning did to the embeddings."""
+    train, dev = toy
+    pruned = lambda: object()  # noqa: E731  (the encoder only asks whether there is a factory)
+    enc = SwappingEncoder()
+    dense_probe = evaluate_classify(enc, dev, train, ctx_factory=pruned)
+    assert dense_probe.metric["value"] == 0.0 and enc.contexts == [False, True]
+    assert dense_probe.extra["probe_trained_on"] == "dense" and dense_probe.extra["probe_cached"] is False
+    enc = SwappingEncoder()
+    retrained = evaluate_classify(enc, dev, train, ctx_factory=pruned, probe="retrained")
+    assert retrained.metric["value"] == 1.0 and enc.contexts == [True, True]
+    assert retrained.extra["probe_trained_on"] == "retrained"
+    assert evaluate_classify(SwappingEncoder(), dev, train).metric["value"] == 1.0  # dense model, dense probe
+    with pytest.raises(DynapruneError, match="unknown probe 'pruned'"):
+        evaluate_classify(enc, dev, train, probe="pruned")
+
+
+def test_the_dense_probe_is_cached_per_model_training_set_and_seed(toy, tmp_path):
+    train, dev = toy
+    pruned = lambda: object()  # noqa: E731
+    enc = SwappingEncoder()
+    first = evaluate_classify(enc, dev, train, ctx_factory=pruned, max_train=30)
+    seen = []
+    again = evaluate_classify(enc, dev, train, ctx_factory=pruned, max_train=30,
+                              progress=lambda d, t: seen.append((d, t)))
+    assert enc.contexts == [False, True, True] and again.extra["probe_cached"] is True  # no second training pass
+    assert again.metric == first.metric and seen[-1] == (3, 3)
+    for kwargs in ({"max_train": 20}, {"max_train": 30, "seed": 1}):  # another training set: trained again
+        enc.contexts.clear()
+        res = evaluate_classify(enc, dev, train, ctx_factory=pruned, **kwargs)
+        assert enc.contexts == [False, True] and res.extra["probe_cached"] is False
+    other = SwappingEncoder(weight=2.0)  # another model (other weights): its own probe
+    assert evaluate_classify(other, dev, train, max_train=30).extra["probe_cached"] is False
+    edited = write(tmp_path / "train2.tsv", [(f"a good film {i}", "pos") for i in range(20)]
+                   + [(f"a bad film {i}", "neg") for i in range(20)])
+    enc.contexts.clear()
+    assert evaluate_classify(enc, dev, edited, max_train=30).extra["probe_cached"] is False
+    plain = WordEncoder()  # no weights to fingerprint: never cached
+    evaluate_classify(plain, dev, train)
+    assert evaluate_classify(plain, dev, train).extra["probe_cached"] is False and len(plain.seen) == 4
 
 
 def test_sst2_defaults_resolve(monkeypatch, shared_data, tmp_path):

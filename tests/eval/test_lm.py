@@ -77,7 +77,13 @@ def test_continue_protocol_scores_the_continuation_only(tiny, text):
     assert math.isclose(res.metric["nll"], total / 160, rel_tol=1e-5)
     step = evaluate_lm(tiny, text, protocol="continue", context=60, continuation=40, max_examples=2,
                        stepwise=True)
-    assert step.n == 2 and math.isclose(step.metric["nll"], total / 160, rel_tol=0.5)  # sanity
+    first_two = 0.0  # the same hand computation over the two chunks the stepwise run reads
+    for c in range(2):
+        chunk = torch.tensor([ids[c * 100:(c + 1) * 100]])
+        with torch.inference_mode():
+            first_two += float(F.cross_entropy(tiny(chunk)[0, 59:99], chunk[0, 60:], reduction="sum"))
+    assert step.n == 2 and step.metric["tokens"] == 80
+    assert math.isclose(step.metric["nll"], first_two / 80, rel_tol=1e-5)
     one = evaluate_lm(tiny, text, protocol="continue", context=60, continuation=40, max_examples=2)
     assert math.isclose(step.metric["nll"], one.metric["nll"], rel_tol=1e-5)  # decode steps == one pass
 
@@ -107,6 +113,51 @@ def test_bad_input(tiny, tmp_path, text):
         evaluate_lm(tiny, text, protocol="sliding")
 
 
+def test_token_pruning_after_the_last_layer_scores_the_dense_logits_of_the_survivors(tiny, text):
+    """token_schedule=1:0.5 prunes after the last of the 2 layers, so every layer runs dense and each
+    surviving row of the logits is a dense row. The oracle finds which rows by matching them against
+    the dense logits (not from the code under test), and sums the dense NLL of their next tokens."""
+    ids = CharTokenizer()(text.read_text()).input_ids
+    recipe = "token_schedule=1:0.5"
+    res = evaluate_lm(tiny, text, window=100, ctx_factory=lambda: make_context(recipe, tiny))
+    nll, scored = 0.0, 0
+    for start in range(0, 450, 100):
+        piece = torch.tensor(ids[start:start + 100])
+        with torch.inference_mode():
+            dense = tiny(piece[None])[0]
+            pruned = tiny(piece[None], ctx=make_context(recipe, tiny))[0]
+        distance = torch.cdist(pruned, dense, compute_mode="donot_use_mm_for_euclid_dist")  # (survivors, L)
+        rows = distance.argmin(1)
+        assert float(distance.min(1).values.max()) < 1e-4 and len(set(rows.tolist())) == len(rows)
+        assert len(rows) == len(piece) // 2 and int(rows.max()) == len(piece) - 1  # the last is protected
+        for p in rows.tolist():
+            if p < len(piece) - 1:
+                nll += float(F.cross_entropy(dense[p], piece[p + 1], reduction="sum"))
+                scored += 1
+    # hand count: windows of 100, 100, 100, 100, 50 keep 50, ..., 25; the last position has no target
+    assert scored == 4 * 49 + 24 == res.metric["tokens"] == res.metric["scored_tokens"]
+    assert res.metric["target_tokens"] == 4 * 99 + 49 and "survives token pruning" in res.extra["scored_on"]
+    assert math.isclose(res.metric["nll"], nll / scored, rel_tol=1e-5)
+
+
+def test_token_pruning_under_window_runs_and_says_what_it_scored(tiny, text, monkeypatch, dynaprune_cli):
+    """token=0.5 (the default cascade prunes mid-network): no crash; the scored targets are the
+    survivors at the last layer, by hand count; the CLI command of issue 12 item 1 exits 0."""
+    from dynaprune.prune.recipe import Recipe, keep_count
+
+    res = evaluate_lm(tiny, text, window=100, ctx_factory=lambda: make_context("token=0.5", tiny))
+    alive = [keep_count(Recipe.parse("token=0.5").token_keep_schedule(2, n)[-1], n) for n in (100,) * 4 + (50,)]
+    assert res.metric["scored_tokens"] == sum(alive) - 5 < res.metric["target_tokens"] == 445
+    dense = evaluate_lm(tiny, text, window=100)
+    assert dense.metric["scored_tokens"] == dense.metric["target_tokens"] == 445 and "scored_on" not in dense.extra
+    assert res.metric["nll"] != dense.metric["nll"] and math.isfinite(res.metric["value"])
+    import dynaprune
+
+    monkeypatch.setattr(dynaprune, "load", lambda name, say=None: tiny)
+    code, out = dynaprune_cli("eval", "tiny", "lm", "--data", str(text), "--max-tokens", "200", "--window", "100",
+                              "--recipe", "token=0.5")
+    assert code == 0 and "perplexity" in out and "Traceback" not in out
+
 
 def contexts_of(recipe, model):
     made = []
@@ -135,7 +186,7 @@ def test_stream_with_nothing_pruned_is_dense(tiny, text):
     same = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1,
                        ctx_factory=lambda: make_context("dense", tiny))
     assert same.metric == dense.metric  # the dense recipe is the plain RunContext: bit-identical
-    made, factory = contexts_of("kv=60,score=h2o", tiny)  # a budget of the whole stream evicts nothing
+    made, factory = contexts_of("kv_tokens=60,score=h2o", tiny)  # a budget of the whole stream evicts nothing
     whole = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, max_examples=1, ctx_factory=factory)
     assert math.isclose(whole.metric["nll"], dense.metric["nll"], rel_tol=1e-5)
     assert whole.extra["kv_budget_tokens"] == 60 and made[0].cache.lengths == [59, 59]
@@ -164,7 +215,7 @@ def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text, stream
     assert res.metric["nll"] != dense.metric["nll"]  # the budget really evicted
 
 
-@pytest.mark.parametrize("recipe", ["kv=10,score=h2o", "kv=0.1,score=spatten", "kv=10,score=random"])
+@pytest.mark.parametrize("recipe", ["kv_tokens=10,score=h2o", "kv=0.1,score=spatten", "kv_tokens=10,score=random"])
 def test_stream_budget_holds_for_every_score(tiny, text, recipe):
     made, factory = contexts_of(recipe, tiny)
     res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, ctx_factory=factory)
@@ -177,6 +228,36 @@ def test_stream_budget_holds_for_every_score(tiny, text, recipe):
         assert math.isclose(alone.metric["nll"], res.metric["nll"], rel_tol=1e-5)
 
 
+def hand_simulated_keys(forwards: int, budget: int, evict_to: int) -> list[int]:
+    """Keys each forward of a stream attends over, from the documented policy: each forward appends
+    one token; a cache over the budget after a forward is cut to ``evict_to`` tokens."""
+    cached, keys = 0, []
+    for _ in range(forwards):
+        cached += 1
+        keys.append(cached)
+        if cached > budget:
+            cached = evict_to
+    return keys
+
+
+@pytest.mark.parametrize(("recipe", "budget", "evict_to"), [
+    ("kv_tokens=10,score=h2o", 10, 10), ("kv=0.1,score=spatten", 10, 10), ("kv_tokens=10,score=random", 10, 10),
+    ("kv_tokens=10,sink=2,score=streaming", 10, 10),
+    ("kv_tokens=70,score=h2o", 70, 70 - 70 // 16),  # a budget >= 64 is evicted in chunks of budget / 16
+])
+def test_stream_holds_the_budget_at_every_step(tiny, text, attended_keys, recipe, budget, evict_to):
+    """The keys every layer of every row attends over, at every forward of the stream, against a hand
+    simulation: never more than the budget + the token being fed."""
+    n = 100 if budget < 64 else 120
+    res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=n, max_examples=2,
+                      ctx_factory=lambda: make_context(recipe, tiny))
+    forwards = attended_keys.per_forward(layers=2)
+    assert len(forwards) == n - 1 and all(q == 1 for q, _ in forwards)  # one token per forward
+    expected = hand_simulated_keys(n - 1, budget, evict_to)
+    assert [keys for _, keys in forwards] == [[k] * 4 for k in expected]  # 2 layers x 2 streams
+    assert max(expected) == budget + 1 and res.extra["kv_budget_tokens"] == budget
+
+
 def test_stream_bad_input(tiny, text):
     with pytest.raises(DynapruneError, match="stream of 129 tokens exceeds the model's 128 positions"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=129)
@@ -186,9 +267,9 @@ def test_stream_bad_input(tiny, text):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, prefill=0)
     with pytest.raises(DynapruneError, match="fewer than the 100"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_tokens=99)
-    with pytest.raises(DynapruneError, match="kv=120 tokens is larger"):
+    with pytest.raises(DynapruneError, match="kv_tokens.*120 tokens is larger"):
         evaluate_lm(tiny, text, protocol="stream", stream_tokens=100,
-                    ctx_factory=lambda: make_context("kv=120", tiny))
+                    ctx_factory=lambda: make_context("kv_tokens=120", tiny))
 
 
 def test_cli_stream_and_its_errors(tiny, text, monkeypatch, dynaprune_cli):

@@ -54,9 +54,21 @@ def test_h2o_accumulates_per_head_without_cascade() -> None:
     assert torch.allclose(h2o_accumulate(None, probs).sum(1), accumulate_token_importance(None, probs))
 
 
-def test_instant_is_one_layer_only() -> None:
-    probs = torch.rand(2, 3, 4, 5).softmax(-1)
-    assert torch.equal(instant_importance(probs), accumulate_token_importance(None, probs))
+def test_instant_is_this_layers_attention_received_by_brute_force() -> None:
+    """Oracle: loops over batch, heads and queries; padded keys score 0, padded queries give nothing.
+    Two layers in a row give each layer's own sums (no history carried over)."""
+    gen = torch.Generator().manual_seed(1)
+    key_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    query_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    for _layer in range(2):
+        probs = torch.rand(2, 3, 4, 5, generator=gen).softmax(-1)
+        got = instant_importance(probs, key_mask, query_mask=query_mask)
+        assert got.shape == (2, 5)
+        for b in range(2):
+            for t in range(5):
+                expected = sum(float(probs[b, h, i, t]) for h in range(3) for i in range(4) if query_mask[b, i])
+                assert float(got[b, t]) == pytest.approx(expected if key_mask[b, t] else 0.0, abs=1e-6)
+    assert float(instant_importance(probs).sum()) == pytest.approx(2 * 3 * 4, abs=1e-4)  # each row sums to 1
 
 
 @settings(max_examples=80, deadline=None)

@@ -36,7 +36,7 @@ from dynaprune.prune.hdp import (
 # ------------------------------------------------------------------ brute-force block reference
 
 
-def reference_blocks(scores, b, rho, valid, causal, score="abs_sum", keep_first=False):
+def reference_blocks(scores, b, rho, valid, causal, score="max", keep_first=False):
     """Row-balanced block selection with plain Python loops: returns (importance, valid, kept) dicts."""
     lq, lk = len(scores), len(scores[0])
     nbq, nbk = -(-lq // b), -(-lk // b)
@@ -487,3 +487,16 @@ def test_bad_inputs():
     # block size larger than the sequence is harmless when block pruning is off
     out, _ = hdp_attention(q, q, q, HDPConfig(block_size=64))
     assert out.shape == q.shape
+
+
+def test_default_block_score_is_max_everywhere():
+    """Issue 15: max, chosen on STS-B train (benchmarks/results/hdp-block-score-select.json). The recipe
+    keeps its own copy of the default (it stays torch-free), so the two must be checked against each other."""
+    from dynaprune.calibrate.hdp import CalibrationSpec
+    from dynaprune.prune.hdp import DEFAULT_BLOCK_SCORE
+    from dynaprune.prune.recipe import Recipe
+
+    assert DEFAULT_BLOCK_SCORE == "max"
+    assert HDPConfig().block_score == Recipe().block_score == CalibrationSpec(0.5).block_score == "max"
+    assert Recipe.parse("block=0.2,block_score=max") == Recipe.parse("block=0.2")
+    assert "block_score=abs_sum" in str(Recipe.parse("block=0.2,block_score=abs_sum"))

@@ -403,6 +403,6 @@ def test_block_score_and_keep_first_keys():
     with pytest.raises(DynapruneError, match="block_score"):
         Recipe.parse("block=0.3,block_score=mean")
     with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
-        Recipe.parse("block_score=max")
+        Recipe.parse("block_score=abs_sum")  # a non-default score
     with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
         Recipe.parse("block_keep_first=on")

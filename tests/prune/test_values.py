@@ -83,3 +83,16 @@ def test_not_renormalized() -> None:
 def test_bad_fraction() -> None:
     with pytest.raises(ValueError):
         local_value_mask(torch.rand(1, 1, 1, 3), 0.0)
+
+
+def test_fetched_rows_are_the_union_over_real_queries_by_hand():
+    """One head, 3 keys. keep 1 of 3: query 0 keeps key 0, query 1 keeps key 2. Both queries real: 2
+    products, 2 distinct rows fetched of 3 (dense: 6 products, 3 rows). Query 1 padding: 1 and 1."""
+    probs = torch.tensor([[[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]]])
+    v = torch.randn(1, 1, 3, 4)
+    both = local_value_attention(probs, v, 1 / 3)
+    assert (both.v_rows_used, both.v_rows_fetched, both.v_rows_dense, both.v_rows_fetched_dense) == (2, 2, 6, 3)
+    assert both.fetched.tolist() == [[[True, False, True]]]
+    one = local_value_attention(probs, v, 1 / 3, query_mask=torch.tensor([[True, False]]))
+    assert (one.v_rows_used, one.v_rows_fetched, one.v_rows_dense, one.v_rows_fetched_dense) == (1, 1, 3, 3)
+    assert torch.equal(one.output, both.output)  # the mask only changes what is counted

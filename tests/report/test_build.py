@@ -127,7 +127,7 @@ def test_foreign_input_refused(tmp_path, name, text, message):
 def test_method_labels():
     assert method_of(None) == "dense"
     assert method_of("kv=0.25,score=h2o") == "h2o"
-    assert method_of("token=0.5,block=0.2") == "hdp blocks (abs_sum)+spatten token"
+    assert method_of("token=0.5,block=0.2") == "hdp blocks (max)+spatten token"
     assert method_of("block=0.2,block_score=max,hdp_head=10,approx=on,fixed=8.8") == "hdp blocks+heads+approx (max)"
     assert method_of("fixed=8.8") == "hdp fixed-point"
     assert method_of("token=0.5,head=0.8") == "spatten token+head"

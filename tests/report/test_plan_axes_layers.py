@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,13 +54,31 @@ def test_work_axes():
     assert work_axes({"metric": {}}) == {"flops_kept": 1.0, "attention_kept": 1.0, "kv_bytes_kept": 1.0,
                                          "bits_kept": 1.0}
     cost = {"flops_kept": 0.7, "attention_flops_kept": 0.4, "kv_bytes_kept": 0.8, "shape": {"heads": 4, "kv_heads": 4},
-            "pruning": {"tokens_per_layer": [10, 10], "heads_per_layer_last_call": [4, 2],
-                        "key_bits_fetched_vs_fp16": 0.25, "value_rows_kept": 0.5}}
+            "pruning": {"tokens_per_layer": [10, 10], "heads_per_layer_last_call": [4, 2]}}
+    # head pruning by hand: layer 0 computes 10 tokens x 4 heads, layer 1 10 x 2, of 80 = 0.75
     assert head_share(cost) == pytest.approx(0.75)
-    assert work_axes({"cost": cost}) == pytest.approx(
-        {"flops_kept": 0.7, "attention_kept": 0.4, "kv_bytes_kept": 0.8, "bits_kept": 0.8 * 0.75 * (0.25 + 0.5) / 2})
     gqa = {**cost, "shape": {"heads": 4, "kv_heads": 2}}  # a pruned query head may not spare its K/V
     assert head_share(gqa) == 1.0
+
+
+def test_bits_axis_of_real_runs_against_the_operand_widths():
+    """quant=8: Q, K and V all fetched at 8 of 16 bits, nothing else pruned, so 0.5 exactly. quant=4+4@0:
+    Q and K at 4 bits, V at 8, over the same rows: (4 + 4 + 8) / 48. Counted by a real (tiny) run."""
+    from dynaprune.runtime.cost import cost_shape, work_cost
+    from dynaprune.runtime.pruning import make_context, merge_summaries
+
+    sys.path.insert(0, str(REPO / "tests" / "runtime"))
+    from test_pruning import batch, tiny_bert
+
+    model, (ids, mask) = tiny_bert(), batch()
+    for recipe, expected in (("quant=8", 0.5), ("quant=4+4@0", 1 / 3)):
+        ctx = make_context(recipe, model)
+        model(ids, mask, ctx=ctx)
+        cost = {**work_cost(cost_shape(model), ctx.work), "pruning": merge_summaries([ctx])}
+        assert work_axes({"cost": cost})["bits_kept"] == pytest.approx(expected)
+    # a result from before issue 12 (no bits_fetched_vs_fp16) is still drawn, with its old estimate
+    old = {"kv_bytes_kept": 1.0, "pruning": {"key_bits_fetched_vs_fp16": 0.21}}
+    assert work_axes({"cost": old})["bits_kept"] == pytest.approx((0.21 + 1.0) / 2)
 
 
 def row(recipe, tokens, heads):

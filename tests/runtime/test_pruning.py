@@ -155,26 +155,3 @@ def test_a_large_kv_budget_evicts_in_chunks_and_never_holds_more_than_the_budget
     assert all(floor <= n <= 128 for lengths in held for n in lengths)
     assert held[0] == [floor, floor]  # the prompt is cut to the chunk's floor at once
     assert [128, 128] in held  # and the cache grows back to the budget before the next compaction
-
-
-def test_hdp_work_counts_only_the_scores_of_kept_blocks():
-    """Attention FLOPs kept under HDP = the kept (query, key, head) pairs over the valid ones, as HDP's
-    own block statistics count them; with nothing pruned (fixed point only) every pair is work."""
-    from dynaprune.runtime.cost import cost_shape, work_cost
-
-    model = tiny_bert()
-    ids, mask = batch()
-    whole = make_context("fixed=8.8", model)
-    with torch.inference_mode():
-        model(ids, mask, ctx=whole)
-    assert work_cost(cost_shape(model), whole.work)["attention_flops_kept"] == 1.0
-
-    ctx = make_context("block=0.3,block_score=max", model)
-    with torch.inference_mode():
-        model(ids, mask, ctx=ctx)
-    kept = sum(s.counts["hdp"]["pairs_kept"] for s in ctx.layer_stats.values())
-    valid = sum(s.counts["hdp"]["pairs_valid"] for s in ctx.layer_stats.values())
-    assert 0 < kept < valid
-    cost = work_cost(cost_shape(model), ctx.work)
-    assert abs(cost["attention_flops_kept"] - kept / valid) < 1e-9
-    assert cost["flops_kept"] < 1.0

@@ -23,8 +23,11 @@ def test_trace_of_a_pruned_encoder_run(tmp_path):
     assert {r.key_fetch_num for r in rows if r.layer_id >= 2} == {kept}
     assert [r.topk for r in rows if r.if_topk] == [kept]
     assert all(r.value_fetch_num == max(1, int(0.5 * r.key_fetch_num + 0.5)) for r in rows)
-    # LSB rows of the first input: the context's own record of which rows needed them
-    needs = sum(sum(sum(h) for h in c["needs_lsb"]) for c in ctx.trace_calls)
-    assert sum(r.if_requant for r in rows) == needs
+    assert len({r.if_requant for r in rows}) == 2  # threshold 0.3: some rows need their LSBs, some not
+    # LSB rows by hand: threshold 1 sends every row for its LSBs, threshold 0 none
+    for threshold, expected in ((1.0, True), (0.0, False)):
+        every = make_context(f"token_schedule=1:0.5,quant=4+4@{threshold}", model, trace=True)
+        model(ids, mask, ctx=every)
+        assert {r.if_requant for r in trace_rows(every)} == {expected}
     trace = read_trace(write_run_trace(tmp_path / "t.csv", ctx))
     assert len(trace) == len(rows)

@@ -43,7 +43,7 @@ from dynaprune.prune.hdp import (
     to_fixed_point,
     valid_pairs,
 )
-from dynaprune.prune.hdp.config import _check_target
+from dynaprune.prune.hdp.config import DEFAULT_BLOCK_SCORE, _check_target
 from dynaprune.prune.recipe import Recipe
 
 _F64 = torch.float64
@@ -68,7 +68,7 @@ class CalibrationSpec:
     block_sparsity: float
     head_sparsity: float | None = None
     block_size: int = 2
-    block_score: str = "abs_sum"
+    block_score: str = DEFAULT_BLOCK_SCORE
     keep_first_block: bool = False
     int_bits: int = 8
     frac_bits: int = 8

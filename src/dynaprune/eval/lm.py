@@ -16,6 +16,11 @@ Three protocols:
   stream length (``keep_count(F, stream_tokens)``), ``kv=N`` is N tokens. The cache is allocated for
   budget + 1 tokens (the whole stream without a budget), so memory is bounded for any stream length.
   Dense, it equals ``window`` with ``window=stream_tokens`` over the same tokens.
+
+Token pruning under ``window`` (``token=K``): a pruned token's hidden state never reaches the last layer,
+so it has no logits. Only the positions that survive are scored (each predicts the token after it, at
+its original position); the metric records ``scored_tokens`` against ``target_tokens`` (every position
+a dense window scores), so a pruned perplexity is never mistaken for one over the whole text.
 """
 
 from __future__ import annotations
@@ -56,6 +61,37 @@ def read_tokens(model: Any, text_path: str | Path, max_tokens: int | None) -> li
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed negative log-likelihood of ``targets`` (L,) under ``logits`` (L, V)."""
     return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def _surviving_positions(ctx: RunContext) -> dict[str, torch.Tensor]:
+    """Make ``ctx`` remember the original positions (and mask) of the tokens alive after each layer;
+    returns the dict it fills. The models carry ``positions`` through ``between_layers``, gathered as
+    tokens are pruned, so after the last layer it names the rows of the logits."""
+    seen: dict[str, torch.Tensor] = {}
+    inner = ctx.between_layers
+
+    def between_layers(layer: int, hidden: torch.Tensor, keep: dict[str, torch.Tensor]):
+        hidden, keep = inner(layer, hidden, keep)
+        seen.update(positions=keep["positions"], mask=keep.get("mask"))
+        return hidden, keep
+
+    ctx.between_layers = between_layers  # on this instance only (a fresh context per window)
+    return seen
+
+
+def _window_nll(model: Any, piece: torch.Tensor, ctx: RunContext | None) -> tuple[float, int]:
+    """Summed NLL and number of targets scored in one window: every position but the last predicts
+    the next token; under token pruning only the positions alive at the last layer do."""
+    if ctx is None:
+        logits = model(piece[None])[0]
+        return _nll(logits[:-1], piece[1:]), len(piece) - 1
+    seen = _surviving_positions(ctx)
+    logits = model(piece[None], ctx=ctx)[0]
+    positions = seen["positions"][0]
+    scored = positions < len(piece) - 1  # the last position has no next token inside the window
+    if seen["mask"] is not None:
+        scored &= seen["mask"][0]
+    return _nll(logits[scored], piece[positions[scored] + 1]), int(scored.sum())
 
 
 def _stream_nll(
@@ -147,7 +183,7 @@ def evaluate_lm(
         need = {"window": 2, "stream": stream_tokens}.get(protocol, context + continuation)
         raise DynapruneError(f"{text_path}: {len(ids)} tokens, fewer than the {need} one example needs")
 
-    nll, count = 0.0, 0
+    nll, count, targets = 0.0, 0, 0
     budget = capacity = None
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -163,9 +199,10 @@ def evaluate_lm(
             for done, piece in enumerate(pieces, 1):
                 ctx = new_ctx()
                 if protocol == "window":
-                    logits = model(piece[None], ctx=ctx)[0]
-                    nll += _nll(logits[:-1], piece[1:])
-                    count += len(piece) - 1
+                    window_nll, scored = _window_nll(model, piece, ctx)
+                    nll += window_nll
+                    count += scored
+                    targets += len(piece) - 1
                 else:
                     prompt, cont = piece[:context], piece[context:]
                     cache = model.new_cache(1, len(piece))
@@ -180,10 +217,17 @@ def evaluate_lm(
                 if progress is not None:
                     progress(done, len(pieces))
     seconds = time.perf_counter() - t0
+    if count == 0:
+        raise DynapruneError("no position survived token pruning to be scored; keep more tokens")
     mean = nll / count
+    metric: dict[str, Any] = {"name": "perplexity", "value": math.exp(mean), "nll": mean, "tokens": count}
     extra: dict[str, Any] = {"protocol": protocol, "tokens_read": len(ids)}
     if protocol == "window":
         extra["window"] = window
+        # tokens = scored_tokens: the targets scored; fewer than target_tokens when tokens were pruned
+        metric.update(scored_tokens=count, target_tokens=targets)
+        if count < targets:
+            extra["scored_on"] = "positions whose hidden state survives token pruning to the last layer"
     elif protocol == "stream":
         steps = -(-len(pieces) // batch_size) * (stream_tokens - prefill)  # forwards, all batches
         extra.update(stream_tokens=stream_tokens, prefill=prefill, batch_size=batch_size, kv_budget_tokens=budget,
@@ -196,7 +240,7 @@ def evaluate_lm(
         task="lm",
         data=str(text_path),
         n=len(pieces),
-        metric={"name": "perplexity", "value": math.exp(mean), "nll": mean, "tokens": count},
+        metric=metric,
         cost={},
         seconds=seconds,
         extra=extra,

@@ -1,8 +1,10 @@
-"""Task metrics: rank/linear correlation (scipy), accuracy, cosine similarity."""
+"""Task metrics: rank/linear correlation (scipy), accuracy, cosine similarity; a metric over seeds."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,3 +57,32 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> t
         raise DynapruneError(f"cosine_similarity: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
     a, b = a.float(), b.float()
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=eps)
+
+
+def seed_spread(values: Sequence[float]) -> dict[str, float | list[float]]:
+    """Mean and sample standard deviation (n - 1) of one metric over seeds, with the values."""
+    if not values:
+        raise DynapruneError("seed_spread: no values")
+    data = np.asarray(values, dtype=np.float64)
+    std = float(data.std(ddof=1)) if data.size > 1 else 0.0
+    return {"mean": float(data.mean()), "std": std, "values": [float(v) for v in data]}
+
+
+def combine_seed_results(results: Sequence[Any], seeds: Sequence[int]) -> Any:
+    """One TaskResult from the same run under each of ``seeds`` (a random baseline): every number of
+    the metric is its mean over the seeds, ``std`` / ``per_seed`` / ``seeds`` say how much they spread;
+    the cost is the first seed's (the work differs little between draws; each seed's FLOPs kept is in
+    extra); seconds add up."""
+    if len(results) != len(seeds) or not results:
+        raise DynapruneError(f"combine_seed_results: {len(results)} results for {len(seeds)} seeds")
+    base = results[0]
+    metric = dict(base.metric)
+    for name, value in base.metric.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metric[name] = float(np.mean([r.metric[name] for r in results]))
+    spread = seed_spread([r.metric["value"] for r in results])
+    metric.update(value=spread["mean"], std=spread["std"], per_seed=spread["values"], seeds=list(seeds),
+                  over_seeds="each number is the mean over the seeds; per_seed: the value of each")
+    extra = {**base.extra, "per_seed_metric": [r.metric for r in results], "cost_of_seed": seeds[0],
+             "flops_kept_per_seed": [(r.cost or {}).get("flops_kept") for r in results]}
+    return replace(base, metric=metric, extra=extra, seconds=sum(r.seconds for r in results))

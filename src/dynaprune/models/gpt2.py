@@ -162,6 +162,7 @@ class GPT2(nn.Module):
         if cache is not None:
             advance_positions(cache, positions, attention_mask)
         ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
+        ctx.count_lm_head(x, keep.get("mask"), last_only)  # the LM head's FLOPs belong to the run's cost
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x)).float()

@@ -207,6 +207,52 @@ def quantized_values(v: torch.Tensor, bits: int, dim: int | None = -1) -> Quanti
     return QuantizedValues(fake_quantize(v, bits, dim), v.numel() * bits)
 
 
+def bits_fetched(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    key_bits: int = 16,
+    lsb_bits: int = 0,
+    value_bits: int = 16,
+    mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    needs_lsb: torch.Tensor | None = None,
+    fetched_values: torch.Tensor | None = None,
+) -> dict[str, int]:
+    """Bits of Q, K and V one attention call fetches, and the same rows at 16 bits, counted one way.
+
+    q, k: (B, H, L, D) with one K/V head per query head. Rows counted, per head: Q over the real
+    queries (``query_mask`` (B, Lq), default all), K and V over the keys visible to at least one real
+    query (``mask`` broadcastable to (B, H, Lq, Lk), default all). Q and K at ``key_bits`` (the MSBs of
+    a progressive setting), plus ``lsb_bits`` for the Q rows that ``needs_lsb`` (B, H, Lq) marks and
+    for all K rows of a head where any real row needed them (K is fetched once per head and call);
+    V at ``value_bits`` over the rows ``fetched_values`` (B, H, Lk) marks (local value pruning), else
+    every visible row. Returns the ``runtime.summary.LayerStats`` field names.
+    """
+    batch, heads, n_queries, head_dim = q.shape
+    real = torch.ones(batch, heads, n_queries, dtype=torch.bool, device=q.device)
+    if query_mask is not None:
+        real = real & query_mask.to(device=q.device, dtype=torch.bool)[:, None, :]
+    visible = torch.ones(batch, heads, n_queries, k.shape[2], dtype=torch.bool, device=q.device)
+    if mask is not None:
+        visible = visible & mask.to(torch.bool)
+    key_rows = (visible & real[..., None]).any(dim=-2)  # (B, H, Lk)
+    needs = real & needs_lsb if needs_lsb is not None else torch.zeros_like(real)
+    values = key_rows if fetched_values is None else key_rows & fetched_values
+    n_real, n_lsb, n_keys = int(real.sum()), int(needs.sum()), int(key_rows.sum())
+    keys_with_lsb = int(key_rows.sum(-1)[needs.any(dim=-1)].sum())
+    return {
+        "rows": n_real,
+        "rows_needing_lsb": n_lsb,
+        "query_bits_fetched": (n_real * key_bits + n_lsb * lsb_bits) * head_dim,
+        "query_bits_dense16": n_real * head_dim * 16,
+        "key_bits_fetched": (n_keys * key_bits + keys_with_lsb * lsb_bits) * head_dim,
+        "key_bits_dense16": n_keys * head_dim * 16,
+        "value_bits_fetched": int(values.sum()) * head_dim * value_bits,
+        "value_bits_dense16": n_keys * head_dim * 16,
+    }
+
+
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax((q k^T) * scale) over keys, GQA groups repeated, masked keys at probability 0."""
     if q.shape[1] != k.shape[1]:

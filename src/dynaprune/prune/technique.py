@@ -80,6 +80,8 @@ class Stage:
 
     name: ClassVar[str] = ""
     explicit: ClassVar[bool] = False  # needs per-head explicit attention (probabilities, expanded K/V)
+    summary_counts: ClassVar[frozenset[str]] = frozenset()  # groups of summary counts it enables
+    wants_probabilities: bool = False  # exact probabilities beside a kernel's own attention (importance)
 
     def __init__(self, technique: Technique, run: Any) -> None:
         self.technique, self.run = technique, run
@@ -101,18 +103,24 @@ class Stage:
         return None
 
     def attention(self, call: Any) -> tuple[torch.Tensor, int | None] | None:
-        """A kernel computing the attention itself: (out, head pairs computed or None)."""
+        """A kernel computing the attention itself: (out, head pairs computed or None); it may set
+        ``call.qk_passes`` and ``call.int_pairs`` for the cost accounting."""
         return None
 
     def probs(self, call: Any) -> torch.Tensor | None:
-        """Attention probabilities from q, k (None: the exact softmax)."""
+        """Attention probabilities from q, k (None: the exact softmax); may set ``call.needs_lsb`` and
+        ``call.qk_passes``."""
         return None
 
     def values(self, call: Any, v: torch.Tensor) -> torch.Tensor:
         return v
 
+    def bit_widths(self) -> dict[str, int]:
+        """Widths of the Q/K/V fetches it changes (``key_bits``, ``lsb_bits``, ``value_bits``)."""
+        return {}
+
     def combine(self, call: Any, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        """probs x V (None: the plain product)."""
+        """probs x V (None: the plain product); may set ``call.fetched_values``."""
         return None
 
     def received(self, layer: int, received: torch.Tensor) -> None:

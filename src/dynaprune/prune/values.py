@@ -19,12 +19,14 @@ from dynaprune.prune.keys import keep_counts
 
 
 class LocalValueResult(NamedTuple):
-    """Output of local value pruning with its work counts (Python ints)."""
+    """Output of local value pruning with its work counts (Python ints), over the real query rows."""
 
     output: torch.Tensor  # (B, H, Lq, D)
     v_rows_used: int  # (head, query, V row) products computed: PV work in rows of D MACs
-    v_rows_fetched: int  # distinct V rows each head needs (a head's kept rows are reused across queries)
+    v_rows_fetched: int  # distinct V rows each head fetches: kept by at least one query (the union)
     v_rows_dense: int  # (head, query, V row) products of dense attention over the visible keys
+    v_rows_fetched_dense: int  # distinct V rows each head fetches dense: visible to at least one query
+    fetched: torch.Tensor  # (B, H, Lk) bool: the V rows fetched
 
 
 def local_value_mask(probs: torch.Tensor, keep_fraction: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,11 +58,15 @@ def local_value_attention(
     v: torch.Tensor,
     keep_fraction: float,
     key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> LocalValueResult:
     """``probs @ v`` with only the kept V rows of each head and query, not renormalized.
 
     probs: (B, H, Lq, Lk); v: (B, Hkv, Lk, D) with H a multiple of Hkv (GQA groups are repeated,
-    and counted per query head). ``keep_fraction == 1`` is exactly ``probs @ v``.
+    and counted per query head). ``keep_fraction == 1`` is exactly ``probs @ v``. query_mask (B, Lq):
+    True for the real queries, the only rows counted (padding rows are computed but need no fetch).
+    A V row is fetched once per head for all the queries of the call (they share the fetch), so the
+    bytes a head reads are the union of its queries' kept rows, not their sum.
     """
     n_heads, n_kv_heads = probs.shape[1], v.shape[1]
     if n_heads != n_kv_heads:
@@ -70,15 +76,17 @@ def local_value_attention(
         output = probs @ v
     else:
         output = probs.masked_fill(~keep, 0.0) @ v
+    visible = (torch.ones(probs.shape, dtype=torch.bool, device=probs.device) if key_mask is None
+               else key_mask.to(torch.bool).expand(probs.shape))
+    if query_mask is not None:
+        real = query_mask.to(device=probs.device, dtype=torch.bool)[:, None, :, None]
+        keep, visible = keep & real, visible & real
+    fetched = keep.any(dim=-2)
     return LocalValueResult(
         output=output,
         v_rows_used=int(keep.sum()),
-        v_rows_fetched=int(keep.any(dim=-2).sum()),
-        v_rows_dense=_visible_count(probs, key_mask),
+        v_rows_fetched=int(fetched.sum()),
+        v_rows_dense=int(visible.sum()),
+        v_rows_fetched_dense=int(visible.any(dim=-2).sum()),
+        fetched=fetched,
     )
-
-
-def _visible_count(probs: torch.Tensor, key_mask: torch.Tensor | None) -> int:
-    if key_mask is None:
-        return probs.numel()
-    return int(key_mask.to(torch.bool).expand(probs.shape).sum())

@@ -64,8 +64,8 @@ def method_of(recipe: str | None) -> str:
                  if key in keys]
         parts += ["approx"] if keys.get("approx") == "on" else []
         hdp = "hdp " + "+".join(dict.fromkeys(parts)) if parts else "hdp fixed-point"
-        if "blocks" in parts:  # the block importance changes the curve completely (prune/hdp.py)
-            hdp += f" ({keys.get('block_score', 'abs_sum')})"
+        if "blocks" in parts:  # the block importance changes the curve completely (prune/hdp/)
+            hdp += f" ({keys.get('block_score', 'max')})"
         return hdp + (f"+spatten {techniques}" if techniques else "")
     return f"spatten {techniques}" if techniques else "spatten"
 

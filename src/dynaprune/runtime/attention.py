@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dynaprune.runtime.head_skipping import HeadPlan
+from dynaprune.runtime.work import WorkCounter, padded_pairs
+
+__all__ = ["WorkCounter", "RunContext", "attention", "count_pairs", "padded_pairs"]
 
 
 @dataclass
@@ -26,54 +29,6 @@ class AttentionRecord:
     layer: int
     probs: torch.Tensor | None = None  # (B, Hq, Lq, Lk) attention probabilities
     head_outputs: torch.Tensor | None = None  # (B, Hq, Lq, D) per-head outputs before o_proj
-
-
-@dataclass
-class WorkCounter:
-    """Work done per layer: real query tokens, real (query, key) pairs, query heads computed, keys held."""
-
-    tokens: dict[int, int] = field(default_factory=dict)
-    pairs: dict[int, int] = field(default_factory=dict)
-    head_pairs: dict[int, int] = field(default_factory=dict)  # pairs x heads actually computed
-    keys: dict[int, int] = field(default_factory=dict)  # real keys attended (the K/V read), summed over calls
-    # what the same calls would have attended with no K/V evicted (differs from pairs/keys under a KV budget)
-    dense_pairs: dict[int, int] = field(default_factory=dict)
-    dense_keys: dict[int, int] = field(default_factory=dict)
-    # query heads x tokens and KV heads x tokens whose projections ran (pruned heads skip theirs)
-    q_head_tokens: dict[int, int] = field(default_factory=dict)
-    kv_head_tokens: dict[int, int] = field(default_factory=dict)
-    heads: int = 0  # query heads of the model (for the dense figure)
-
-    def add(
-        self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int,
-        dense_pairs: int | None = None, dense_keys: int | None = None, head_pairs: int | None = None,
-        kv_heads_computed: int | None = None, projected_heads: int | None = None,
-    ) -> None:
-        """``head_pairs``: the (query, key, head) scores really computed, when fewer than
-        ``pairs * heads_computed`` (HDP's block and early head pruning skip some inside a head).
-        ``projected_heads`` / ``kv_heads_computed``: query and KV heads whose projections ran (default:
-        ``heads_computed`` and the model's KV heads, i.e. only attention skips pruned heads)."""
-        self.tokens[layer] = self.tokens.get(layer, 0) + tokens
-        self.pairs[layer] = self.pairs.get(layer, 0) + pairs
-        computed = pairs * heads_computed if head_pairs is None else head_pairs
-        self.head_pairs[layer] = self.head_pairs.get(layer, 0) + computed
-        self.keys[layer] = self.keys.get(layer, 0) + keys
-        q_heads = heads_computed if projected_heads is None else projected_heads
-        self.q_head_tokens[layer] = self.q_head_tokens.get(layer, 0) + tokens * q_heads
-        if kv_heads_computed is not None:
-            self.kv_head_tokens[layer] = self.kv_head_tokens.get(layer, 0) + tokens * kv_heads_computed
-        self.dense_pairs[layer] = self.dense_pairs.get(layer, 0) + (pairs if dense_pairs is None else dense_pairs)
-        self.dense_keys[layer] = self.dense_keys.get(layer, 0) + (keys if dense_keys is None else dense_keys)
-
-    def merge(self, other: WorkCounter) -> None:
-        for mine, theirs in ((self.tokens, other.tokens), (self.pairs, other.pairs),
-                             (self.head_pairs, other.head_pairs), (self.keys, other.keys),
-                             (self.dense_pairs, other.dense_pairs), (self.dense_keys, other.dense_keys),
-                             (self.q_head_tokens, other.q_head_tokens),
-                             (self.kv_head_tokens, other.kv_head_tokens)):
-            for layer, n in theirs.items():
-                mine[layer] = mine.get(layer, 0) + n
-        self.heads = max(self.heads, other.heads)
 
 
 def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int) -> tuple[int, int]:
@@ -133,6 +88,18 @@ def sdpa(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def received_pairs(batch: int, heads: int, lq: int, lk: int, causal: bool, element_size: int,
+                   block_bytes: int = 1 << 25) -> int:
+    """(query, key, head) scores ``attention_with_received`` evaluates: whole query blocks against the
+    keys their last query can see (the same blocking as that function)."""
+    rows = max(1, block_bytes // max(1, batch * heads * lk * element_size))
+    per_head = 0
+    for q0 in range(0, lq, rows):
+        q1 = min(lq, q0 + rows)
+        per_head += (q1 - q0) * ((lk - (lq - q1)) if causal else lk)
+    return batch * heads * per_head
 
 
 def _foldable(t: torch.Tensor) -> torch.Tensor:
@@ -232,6 +199,9 @@ class RunContext:
             self.work.heads = q.shape[1]
             keys = int(key_padding_mask.sum()) if key_padding_mask is not None else k.shape[0] * k.shape[2]
             self.work.add(layer, tokens, pairs, q.shape[1], keys)
+            causal_kernel = not self.record_probs and causal and key_padding_mask is None and q.shape[2] == k.shape[2]
+            self.work.add_computed(layer, q.shape[0] * q.shape[2], q.shape[1], k.shape[1],
+                                   q.shape[1] * padded_pairs(q.shape[0], q.shape[2], k.shape[2], causal_kernel))
         lq, lk = q.shape[2], k.shape[2]
         if not self.record_probs and causal and key_padding_mask is None and lq == lk and lq > 1:
             # plain prefill: SDPA's own causal kernel (no mask tensor) is much faster
@@ -269,6 +239,24 @@ class RunContext:
     def head_plan(self) -> HeadPlan | None:
         """The heads the next attention computes (models project only those), None = every head."""
         return None
+
+    def count_lm_head(self, hidden: torch.Tensor, mask: torch.Tensor | None, last_only: bool) -> None:
+        """Called by a decoder just before its LM head with the final hidden states (B, L, d) and their
+        padding mask (True = real): the head runs on every position of the tensor, or on the last one of
+        each row with ``last_only``."""
+        if not self.count_work:
+            return
+        real, computed = self._lm_head_positions(hidden, mask, last_only)
+        self.work.add_lm_head(real, computed, real)
+
+    @staticmethod
+    def _lm_head_positions(hidden: torch.Tensor, mask: torch.Tensor | None, last_only: bool) -> tuple[int, int]:
+        """(real positions, positions computed) of one LM-head call."""
+        if last_only:
+            rows = hidden.shape[0]
+            return (rows if mask is None else int(mask[:, -1].sum())), rows
+        computed = hidden.shape[0] * hidden.shape[1]
+        return (computed if mask is None else int(mask.sum())), computed
 
     def between_layers(
         self, layer: int, hidden: torch.Tensor, keep: dict[str, torch.Tensor]

@@ -1,14 +1,25 @@
 """Dense work and memory of a forward pass, per component, so pruned figures can sit beside them.
 
 FLOPs count a multiply-add as 2. Per layer and sequence of L tokens (d = hidden size, Hq query heads,
-Hkv KV heads, h = head dim, f = FFN width):
+Hkv KV heads, h = head dim, f = FFN width, V = vocabulary):
   projections  2 L d (Hq h) [Q] + 2 * 2 L d (Hkv h) [K, V] + 2 L (Hq h) d [O]; a pruned head's Q and O
                are skipped, and its K and V when its whole KV group is pruned (runtime/head_skipping.py)
-  attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended (under HDP only
-               the pairs of kept blocks of kept heads; its integer pass is counted in its own stats):
+  attention    QK: 2 Hq h P, PV: 2 Hq h P, with P the number of (query, key) pairs attended:
                L^2 for an encoder, L (L + 1) / 2 for a causal decoder (plus the cached keys).
   ffn          2 L d f per matrix (2 matrices for BERT/GPT-2, 3 for Llama's gated MLP)
+  lm_head      2 d V per position whose logits are computed (decoders; our encoders have no head)
 K/V bytes: what the K and V cache of those tokens holds at 16 bits (the accelerators' dense baseline).
+
+Two views of a run (``work_cost``):
+- ``flops_useful`` / ``flops_kept``: the work the algorithm needs on the real tokens. Under HDP this is
+  a *model* of the accelerator's work, not what our emulation ran: the integer pass over every valid
+  pair of every head it scores (``attn_qk_int``, an I-bit multiply counted as one MAC: an upper bound)
+  plus QK^T and PV of the pairs of kept blocks of kept heads. ``figure_kinds`` says which ratios are
+  ``modelled`` and which ``executed``.
+- ``flops_computed`` / ``flops_computed_kept``: what our tensors really computed: padded positions,
+  masked scores (the whole Lq x Lk rectangle unless SDPA's causal kernel skipped the upper triangle),
+  every pass of an emulation (HDP's float64 masked passes, a progressive recompute), over the same
+  dense useful FLOPs. A dense run on a padded batch computes more than 1.0 of it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ class CostShape:
     ffn: int
     ffn_matrices: int  # 2 for a plain MLP, 3 for a gated (SwiGLU) MLP
     causal: bool
+    vocab: int = 0  # LM-head outputs (0: no head, as in our encoders)
 
 
 def _first(cfg, *names: str) -> int:
@@ -65,6 +77,7 @@ def cost_shape(model) -> CostShape:
         ffn=ffn,
         ffn_matrices=3 if gated else 2,
         causal="bert" not in kind,
+        vocab=_first(cfg, "vocab", "vocab_size", "n_vocab") if hasattr(model, "generate") else 0,
     )
 
 
@@ -82,11 +95,13 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
         pairs = sum(n * n for n in lengths)
     per_layer = {
         "proj_qkvo": 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim),
+        "attn_qk_int": 0,  # HDP's integer pass: none in a dense run
         "attn_qk": 2 * qdim * pairs,
         "attn_pv": 2 * qdim * pairs,
         "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
     }
     flops = {k: v * shape.layers for k, v in per_layer.items()}
+    flops["lm_head"] = 2 * tokens * shape.hidden * shape.vocab  # every position's logits
     flops["total"] = sum(flops.values())
     kv_tokens = tokens + sum(cached)
     return {
@@ -97,14 +112,23 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
     }
 
 
-def _flops(shape: CostShape, tokens: int, head_pairs: int, q_head_tokens: int, kv_head_tokens: int) -> dict[str, int]:
+def _flops(shape: CostShape, tokens: int, head_pairs: int, q_head_tokens: int, kv_head_tokens: int,
+           int_head_pairs: int = 0, pv_head_pairs: int | None = None) -> dict[str, int]:
     """``q_head_tokens`` / ``kv_head_tokens``: tokens x query (KV) heads whose projections ran."""
     return {
         "proj_qkvo": 2 * shape.hidden * shape.head_dim * (2 * q_head_tokens + 2 * kv_head_tokens),
+        "attn_qk_int": 2 * shape.head_dim * int_head_pairs,
         "attn_qk": 2 * shape.head_dim * head_pairs,
-        "attn_pv": 2 * shape.head_dim * head_pairs,
+        "attn_pv": 2 * shape.head_dim * (head_pairs if pv_head_pairs is None else pv_head_pairs),
         "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
     }
+
+
+_ATTENTION = ("attn_qk_int", "attn_qk", "attn_pv")
+
+
+def _attention(flops: dict[str, int]) -> int:
+    return sum(flops.get(k, 0) for k in _ATTENTION)
 
 
 def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = None) -> dict:
@@ -113,41 +137,74 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
     The dense reference is ``dense`` when given (e.g. the same inputs run without pruning), else the
     first layer's work repeated over every layer, with its (query, key) pairs and keys counted as if no
     K/V had been evicted: exact for token and head pruning, which never prune before the first layer,
-    and for KV budgets, which the counter tracks beside the real pairs.
+    and for KV budgets, which the counter tracks beside the real pairs. See the module docstring for
+    the useful (modelled under HDP) and computed views.
     """
     layers = range(shape.layers)
     kv_row_bytes = 2 * 2 * shape.kv_heads * shape.head_dim  # K and V of one token, fp16
+    head_flops = 2 * shape.hidden * shape.vocab  # per position
 
     def totals(counter: WorkCounter, replicate_first: bool) -> dict:
-        flops = {"proj_qkvo": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
+        flops = {"proj_qkvo": 0, "attn_qk_int": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
         kv_bytes = 0
         for layer in layers:
             src = 0 if replicate_first else layer
             tokens = counter.tokens.get(src, 0)
+            int_pairs = 0
             if replicate_first:  # the dense reference: layer 0 as if no K/V had been evicted, every head
                 head_pairs = counter.dense_pairs.get(0, 0) * shape.heads
                 keys = counter.dense_keys.get(0, 0)
                 q_head_tokens, kv_head_tokens = tokens * shape.heads, tokens * shape.kv_heads
             else:
                 head_pairs, keys = counter.head_pairs.get(src, 0), counter.keys.get(src, 0)
+                int_pairs = counter.int_head_pairs.get(src, 0)
                 # pruned heads skip their projections; a counter without these figures ran every head
                 q_head_tokens = counter.q_head_tokens.get(src, tokens * shape.heads)
                 kv_head_tokens = counter.kv_head_tokens.get(src, tokens * shape.kv_heads)
-            for key, value in _flops(shape, tokens, head_pairs, q_head_tokens, kv_head_tokens).items():
+            for key, value in _flops(shape, tokens, head_pairs, q_head_tokens, kv_head_tokens, int_pairs).items():
                 flops[key] += value
             kv_bytes += keys * kv_row_bytes
+        head_tokens = counter.lm_head_tokens_dense if replicate_first else counter.lm_head_tokens
+        flops["lm_head"] = head_flops * head_tokens
         flops["total"] = sum(flops.values())
         return {"flops": flops, "kv_bytes_read_fp16": kv_bytes,
                 "tokens_per_layer": [counter.tokens.get(0 if replicate_first else i, 0) for i in layers]}
 
     actual = totals(work, replicate_first=False)
     reference = totals(dense, replicate_first=False) if dense is not None else totals(work, replicate_first=True)
-    return {
+    dense_total, dense_attention = max(1, reference["flops"]["total"]), max(1, _attention(reference["flops"]))
+    modelled = "modelled" if work.int_head_pairs else "executed"
+    out = {
         "shape": asdict(shape),
         "dense": reference,
         "actual": actual,
-        "flops_kept": actual["flops"]["total"] / max(1, reference["flops"]["total"]),
-        "attention_flops_kept": (actual["flops"]["attn_qk"] + actual["flops"]["attn_pv"])
-        / max(1, reference["flops"]["attn_qk"] + reference["flops"]["attn_pv"]),
+        "flops_useful": actual["flops"]["total"],
+        "flops_kept": actual["flops"]["total"] / dense_total,
+        "attention_flops_kept": _attention(actual["flops"]) / dense_attention,
         "kv_bytes_kept": actual["kv_bytes_read_fp16"] / max(1, reference["kv_bytes_read_fp16"]),
+        "figure_kinds": {"flops_kept": modelled, "attention_flops_kept": modelled, "kv_bytes_kept": "executed"},
     }
+    if work.tokens_computed:
+        computed = _computed_flops(shape, work)
+        out["computed"] = {"flops": computed}
+        out["flops_computed"] = computed["total"]
+        out["flops_computed_kept"] = computed["total"] / dense_total
+        out["attention_flops_computed_kept"] = _attention(computed) / dense_attention
+        out["figure_kinds"].update(flops_computed_kept="executed", attention_flops_computed_kept="executed")
+    if work.storage is not None:
+        out["storage"] = work.storage  # quantized values are simulated: bytes above are at fp16 width
+    return out
+
+
+def _computed_flops(shape: CostShape, work: WorkCounter) -> dict[str, int]:
+    """FLOPs of the tensors a run really computed (``WorkCounter.add_computed``), LM head included."""
+    flops = {"proj_qkvo": 0, "attn_qk_int": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
+    for layer in range(shape.layers):
+        part = _flops(shape, work.tokens_computed.get(layer, 0), work.qk_head_pairs_computed.get(layer, 0),
+                      work.q_head_tokens_computed.get(layer, 0), work.kv_head_tokens_computed.get(layer, 0),
+                      pv_head_pairs=work.pv_head_pairs_computed.get(layer, 0))
+        for key, value in part.items():
+            flops[key] += value
+    flops["lm_head"] = 2 * shape.hidden * shape.vocab * work.lm_head_tokens_computed
+    flops["total"] = sum(flops.values())
+    return flops

@@ -23,11 +23,11 @@ never pruned (``protect_first`` / ``protect_last``); padding is never kept over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from dynaprune.prune import registry
+from dynaprune.prune.quant import bits_fetched
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.technique import ROLES, Stage
 from dynaprune.prune.tokens import accumulate_token_importance
@@ -37,22 +37,18 @@ from dynaprune.runtime.attention import (
     build_mask,
     count_pairs,
     expand_kv,
+    padded_pairs,
+    received_pairs,
     sdpa,
 )
 from dynaprune.runtime.cost import CostShape, cost_shape
 from dynaprune.runtime.head_skipping import HeadPlan
+from dynaprune.runtime.summary import LayerStats, merge_summaries, summarize
+
+__all__ = ["PruningContext", "make_context", "merge_summaries", "LayerStats"]
 
 # A KV budget evicts down to (1 - EVICT_SLACK) x budget when a layer goes over it (see kv_budget.py).
 EVICT_SLACK = 1 / 16
-
-
-@dataclass
-class LayerStats:
-    """What one layer did, summed over the calls of a run; ``counts[stage]``: that stage's counters."""
-
-    tokens_in: int = 0  # real query tokens entering the layer
-    heads_alive: int = 0  # query heads computed (last call)
-    counts: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +64,11 @@ class AttentionCall:
     scale: float
     mask: torch.Tensor | None  # (B, H, Lq, Lk)-broadcastable bool, True = attend (explicit calls only)
     query_mask: torch.Tensor | None  # (B, Lq) real queries, when queries are the keys
+    # what the stages report back for the cost accounting (runtime/work.py, runtime/summary.py)
+    needs_lsb: torch.Tensor | None = None  # (B, H, Lq) rows that needed their LSBs
+    fetched_values: torch.Tensor | None = None  # (B, H, Lk) V rows some real query kept; None: all visible
+    qk_passes: int = 1  # full-rectangle QK^T passes the emulation ran
+    int_pairs: int = 0  # (query, key, head) pairs of a kernel's cheap integer pass
 
 
 def _overrides(stage: Stage, hook: str) -> bool:
@@ -92,6 +93,7 @@ class PruningContext(RunContext):
         self.trace_calls: list[dict] | None = [] if trace else None  # workload trace of the batch's first input
         self.iteration = 0
         self.sequence_length = 0
+        self._forward_tokens = 0  # real tokens entering layer 0 in the running forward (LM-head reference)
         self._plan: HeadPlan | None = None  # the head plan of the alive heads, for the models' projections
         self._plan_heads: torch.Tensor | None = None
         self._plan_given: HeadPlan | None = None  # the plan the model asked for in this layer
@@ -99,6 +101,7 @@ class PruningContext(RunContext):
         self.stages: list[Stage] = [s for t in techniques if (s := t.stage(self)) is not None]
         self.explicit = any(s.explicit for s in self.stages)
         self._kernel = next((s for s in self.stages if _overrides(s, "attention")), None)
+        self._kernel_probs = any(s.wants_probabilities for s in self.stages)  # beside a kernel's own attention
 
     # stage state reads as context state (ctx.head_index, ctx.kv_budget, ctx.token_importance, ...)
     def __getattr__(self, name: str):
@@ -147,14 +150,22 @@ class PruningContext(RunContext):
         mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device) if explicit else None
         call = AttentionCall(layer, q, k, v, key_padding_mask, causal, scale, mask, query_mask)
         received = probs = head_pairs = None
+        lk = k.shape[2]
+        rectangle = padded_pairs(B, lq, lk, False) * q.shape[1]  # scores of every computed head, masked too
+        qk_passes = pv_passes = 1  # full-rectangle passes the emulation ran (fast paths: set below)
         if not explicit:  # SDPA's fused kernel, or one blocked pass that also sums what each key received
             if needs:
                 out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, weights)
+                computed_pairs = received_pairs(B, q.shape[1], lq, lk, causal, q.element_size())
             else:
                 out = sdpa(q, k, v, key_padding_mask, causal, scale)
+                all_real = key_padding_mask is None or bool(key_padding_mask.all())
+                computed_pairs = padded_pairs(B, lq, lk, causal and all_real and lq == lk) * q.shape[1]
+            qk_passes = pv_passes = computed_pairs / max(1, rectangle)
         elif self._kernel is not None:
             out, head_pairs = self._kernel.attention(call)
-            probs = _probs(q, k, scale, mask) if (needs or self.record_probs) else None
+            probs = _probs(q, k, scale, mask) if self._kernel_probs else None
+            qk_passes = call.qk_passes + (1 if probs is not None else 0)
         else:
             probs = next((p for s in self.stages if (p := s.probs(call)) is not None), None)
             probs = _probs(q, k, scale, mask) if probs is None else probs
@@ -162,6 +173,8 @@ class PruningContext(RunContext):
                 v = s.values(call, v)
             out = next((o for s in self.stages if (o := s.combine(call, probs, v)) is not None), None)
             out = probs @ v if out is None else out
+            qk_passes = call.qk_passes
+            self._count_bits(stats, call)
         if probs is not None and needs:
             received = accumulate_token_importance(None, probs, key_padding_mask, query_mask=weights)
         # In a decoder the padding queries (left padding) see no key, so their rows are 0 and ``received``
@@ -175,15 +188,17 @@ class PruningContext(RunContext):
             self._record(layer, probs, out)
         if self.trace_calls is not None:
             self._trace(layer, heads, lq, k.shape[2], head_dim, key_padding_mask, causal)
-        self._count(layer, lq, k.shape[2], key_padding_mask, causal, B, n_heads, out.shape[1], head_pairs)
+        self._count(call, lq, lk, B, n_heads, out.shape[1], head_pairs, round(qk_passes * rectangle),
+                    round(pv_passes * rectangle))
         stats.heads_alive = out.shape[1]
         if heads is None:
             return out
         full_out = torch.zeros(B, n_heads, lq, head_dim, dtype=out.dtype, device=out.device)
         return full_out.scatter(1, heads[:, :, None, None].expand(-1, -1, lq, head_dim), out)
 
-    def _count(self, layer, lq, lk, key_padding_mask, causal, B, n_heads, computed, head_pairs) -> None:
-        tokens, pairs = count_pairs(lq, lk, key_padding_mask, causal, B)
+    def _count(self, call, lq, lk, B, n_heads, computed, head_pairs, qk_computed, pv_computed) -> None:
+        layer, key_padding_mask = call.layer, call.key_padding_mask
+        tokens, pairs = count_pairs(lq, lk, key_padding_mask, call.causal, B)
         keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * lk
         dense_pairs = dense_keys = None
         if self.cache is not None and self.prefilled:  # keys evicted so far would have been attended too
@@ -192,10 +207,31 @@ class PruningContext(RunContext):
             dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
         self.work.heads = n_heads
         plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
+        kv_computed = plan.kv_computed if plan is not None else self.shape.kv_heads
+        projected = plan.projected.numel() if plan is not None else n_heads
         self.work.add(layer, tokens, pairs, computed, keys, dense_pairs, dense_keys, head_pairs,
-                      kv_heads_computed=plan.kv_computed if plan is not None else self.shape.kv_heads,
-                      projected_heads=plan.projected.numel() if plan is not None else n_heads)
+                      kv_heads_computed=kv_computed, projected_heads=projected, int_head_pairs=call.int_pairs)
+        self.work.add_computed(layer, B * lq, projected, kv_computed, qk_computed, pv_computed)
+        if layer == 0:
+            self._forward_tokens = tokens
         self.layer_stats[layer].tokens_in += tokens
+
+    def _count_bits(self, stats: LayerStats, call: AttentionCall) -> None:
+        """Q, K and V bits fetched in this call and the same rows at 16 bits (``runtime/summary.py``), at
+        the widths the stages use (16 bits where none changes them)."""
+        widths: dict[str, int] = {}
+        for s in self.stages:
+            widths.update(s.bit_widths())
+        counts = bits_fetched(call.q, call.k, **widths, mask=call.mask, query_mask=call.query_mask,
+                              needs_lsb=call.needs_lsb, fetched_values=call.fetched_values)
+        for name, n in counts.items():
+            setattr(stats, name, getattr(stats, name) + n)
+
+    def count_lm_head(self, hidden, mask, last_only) -> None:
+        """As ``RunContext.count_lm_head``; without token pruning a dense run would compute the logits
+        of every real token that entered the forward."""
+        real, computed = self._lm_head_positions(hidden, mask, last_only)
+        self.work.add_lm_head(real, computed, real if last_only else self._forward_tokens)
 
     def _trace(self, layer, heads, lq, lk, head_dim, key_padding_mask, causal) -> None:
         """Record what the first input of the batch did in this call (one entry per call)."""
@@ -253,14 +289,11 @@ class PruningContext(RunContext):
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict:
-        """Per-layer tokens and heads alive, then each stage's figures, as plain numbers for JSON."""
-        layers = sorted(self.layer_stats)
-        out = {
-            "tokens_per_layer": [self.layer_stats[i].tokens_in for i in layers],
-            "heads_per_layer": [self.layer_stats[i].heads_alive for i in layers],
-        }
+        """Per-layer tokens and heads alive, the counts the stages enabled and each stage's own figures."""
+        enabled = set().union(*(s.summary_counts for s in self.stages))
+        out = summarize(self.layer_stats, enabled)
         for s in self.stages:
-            s.summary(out, layers)
+            s.summary(out, sorted(self.layer_stats))
         return out
 
 
@@ -289,17 +322,3 @@ def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
     return PruningContext(recipe, shape, **kwargs)
 
 
-def merge_summaries(contexts: list[RunContext]) -> dict:
-    """Summaries of the pruning contexts of one task run, merged: per-layer lists and counts summed,
-    each technique's figures merged by the technique (fractions weighted by what they cover)."""
-    summaries = [c.summary() for c in contexts if isinstance(c, PruningContext)]
-    if not summaries:
-        return {}
-    merged: dict = {"calls": len(summaries)}
-    lists = [s["tokens_per_layer"] for s in summaries]
-    width = max(len(x) for x in lists)
-    merged["tokens_per_layer"] = [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
-    merged["heads_per_layer_last_call"] = summaries[-1]["heads_per_layer"]
-    for technique in sorted(registry.TECHNIQUES, key=lambda t: ROLES.index(t.role)):
-        technique.merge_summary(summaries, merged)
-    return merged

@@ -37,11 +37,14 @@ Our reading of the details the paper leaves open (each one is a named constant o
     (a partial edge block is not rescaled);
   * ``theta_head`` is the plain sum (so it grows with Lq * Lk: a tau_H is calibrated per length regime);
   * ``block_score`` (``BLOCK_SCORES``): how a block's integer scores make its importance. ``abs_sum``
-    (default, the paper's "absolute sum", DESIGN.md) = |sum of S_I|; ``sum`` = the signed sum; ``max`` =
-    the largest S_I in the block. Scores are pre-softmax logits: a block of large *negative* scores gets
-    almost no probability, yet ``abs_sum`` ranks it as important. Measured on MiniLM / STS-B (300 dev
-    pairs, dense Spearman 0.933, per-call 75% block sparsity, b = 2): abs_sum 0.069, sum 0.794,
-    max 0.912; at 50%: 0.561, 0.922, 0.918. ``max`` is one comparator per element in hardware;
+    (the paper's "absolute sum", DESIGN.md) = |sum of S_I|; ``sum`` = the signed sum; ``max`` (the
+    default, ``DEFAULT_BLOCK_SCORE``) = the largest S_I in the block. Scores are pre-softmax logits: a
+    block of large *negative* scores gets almost no probability, yet ``abs_sum`` ranks it as important.
+    The default was chosen on STS-B *train* (``benchmarks/hdp_block_score_select.py``: 300 pairs, rho_B
+    calibrated on 64 other train pairs): mean Spearman over block sparsities 0.5-0.9 max 0.755,
+    sum 0.707, abs_sum 0.253 (at 75%: 0.756, 0.709, 0.137). ``max`` is one comparator per element in
+    hardware. (An earlier exploration on 300 STS-B *dev* pairs, per-call 75% sparsity, had found the same
+    order: abs_sum 0.069, sum 0.794, max 0.912; dev is the reporting split, so it no longer decides.)
   * ``keep_first_block``: always keep key block 0 (the [CLS] / first-token column, an attention sink)
     in every row. Off by default: it costs budget; with ``sum`` it helps (0.794 -> 0.882 at 75%), with
     ``max`` it hurts (0.912 -> 0.894), because max already keeps the sink column when it matters;
@@ -77,6 +80,7 @@ from dynaprune.prune.hdp.calibration import Calibration, calibrate_block_ratio, 
 from dynaprune.prune.hdp.config import (
     ALWAYS_KEEP_DIAGONAL,
     BLOCK_SCORES,
+    DEFAULT_BLOCK_SCORE,
     FRACTIONAL_PRODUCTS_PER_MAC,
     KEEP_AT_THRESHOLD,
     MAX_WORD_BITS,
@@ -91,6 +95,7 @@ from dynaprune.prune.hdp.heads import early_head_keep, head_importance
 __all__ = [
     "ALWAYS_KEEP_DIAGONAL",
     "BLOCK_SCORES",
+    "DEFAULT_BLOCK_SCORE",
     "FRACTIONAL_PRODUCTS_PER_MAC",
     "KEEP_AT_THRESHOLD",
     "MAX_WORD_BITS",

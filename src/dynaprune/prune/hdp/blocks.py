@@ -13,7 +13,13 @@ import math
 import torch
 
 from dynaprune.errors import DynapruneError
-from dynaprune.prune.hdp.config import ALWAYS_KEEP_DIAGONAL, KEEP_AT_THRESHOLD, _check_block_ratio, check_block_score
+from dynaprune.prune.hdp.config import (
+    ALWAYS_KEEP_DIAGONAL,
+    DEFAULT_BLOCK_SCORE,
+    KEEP_AT_THRESHOLD,
+    _check_block_ratio,
+    check_block_score,
+)
 
 _F64 = torch.float64
 
@@ -56,7 +62,7 @@ def expand_block_mask(block_mask: torch.Tensor, block_size: int, lq: int, lk: in
 
 
 def block_importance(
-    int_scores: torch.Tensor, block_size: int, valid: torch.Tensor | None = None, score: str = "abs_sum"
+    int_scores: torch.Tensor, block_size: int, valid: torch.Tensor | None = None, score: str = DEFAULT_BLOCK_SCORE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of each b x b block of S_I (HDP Sec. III, block pruning) and which blocks hold a valid element.
 
@@ -72,7 +78,7 @@ def block_importance(
 
 
 def _block_importance(
-    int_scores: torch.Tensor, block_size: int, valid: torch.Tensor | None, score: str = "abs_sum"
+    int_scores: torch.Tensor, block_size: int, valid: torch.Tensor | None, score: str = DEFAULT_BLOCK_SCORE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # unchecked: a block wider than the sequence is one logically padded block (block pruning off)
     lq, lk = int_scores.shape[-2:]
@@ -145,7 +151,7 @@ def select_blocks(
     valid: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    score: str = "abs_sum",
+    score: str = DEFAULT_BLOCK_SCORE,
     keep_first_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block rule end to end: (kept blocks, valid blocks), both bool (..., nbq, nbk)."""

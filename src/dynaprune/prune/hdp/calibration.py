@@ -15,7 +15,7 @@ import torch
 
 from dynaprune.errors import DynapruneError
 from dynaprune.prune.hdp.blocks import _forced, block_importance, block_keep_mask, row_thresholds, valid_pairs
-from dynaprune.prune.hdp.config import _check_target
+from dynaprune.prune.hdp.config import DEFAULT_BLOCK_SCORE, _check_target
 
 _F64 = torch.float64
 
@@ -77,7 +77,7 @@ def calibrate_block_ratio(
     causal: bool = False,
     valid_masks: Sequence[torch.Tensor | None] | None = None,
     tolerance: float = 0.01,
-    score: str = "abs_sum",
+    score: str = DEFAULT_BLOCK_SCORE,
     keep_first_block: bool = False,
 ) -> Calibration:
     """rho_B whose block sparsity over all ``score_samples`` (integer scores (..., Lq, Lk)) is nearest the target.

@@ -6,7 +6,8 @@ head pruning (Mechanism 2); ``approx`` drops the fraction x fraction term (Mecha
 attention kernel: it computes the attention of the alive heads itself, so it cannot compose with a
 probability transform (``quant``) or a value selector (``value``). On when any of block,
 block_sparsity, hdp_head or fixed is set. Cost: the (query, key) pairs of kept blocks of kept heads
-(``head_pairs`` of the work counter) and the ``hdp`` counts of the summary.
+(``head_pairs`` of the work counter) beside its integer pass (``int_head_pairs``), the QK^T passes the
+emulation runs, and the ``hdp`` counts of the summary.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynaprune.prune import keys as K
-from dynaprune.prune.hdp import HDPConfig, hdp_attention
+from dynaprune.prune.hdp import BLOCK_SCORES, DEFAULT_BLOCK_SCORE, HDPConfig, hdp_attention
 from dynaprune.prune.technique import Stage, Technique
 
-BLOCK_SCORES = ("abs_sum", "sum", "max")  # the same names as prune.hdp.BLOCK_SCORES
 HDP_COUNTS = ("blocks_kept", "blocks_valid", "pairs_kept", "pairs_valid", "head_kept", "qk_int_mults",
               "qk_frac_mults", "skipped_by_head", "skipped_by_block", "skipped_by_near_zero", "frac_frac_dropped",
               "pv_mults")
@@ -53,7 +53,7 @@ class HybridDynamicPruning(Technique):
     block: float | None = None
     block_sparsity: float | None = None
     block_size: int | None = None
-    block_score: str = "abs_sum"
+    block_score: str = DEFAULT_BLOCK_SCORE  # max, chosen on STS-B train (abs_sum is the paper's)
     block_keep_first: bool = False
     hdp_head: float | None = None
     approx: bool = False
@@ -64,7 +64,7 @@ class HybridDynamicPruning(Technique):
         K.Key("block", K.parse_float, K.number),
         K.Key("block_sparsity", K.parse_float, check_sparsity),
         K.Key("block_size", K.parse_int, K.at_least(1, integer=True)),
-        K.Key("block_score", K.parse_word, K.choice(*BLOCK_SCORES), default="abs_sum"),
+        K.Key("block_score", K.parse_word, K.choice(*BLOCK_SCORES), default=DEFAULT_BLOCK_SCORE),
         K.Key("block_keep_first", K.parse_onoff, K.onoff, default=False, json="text"),
         K.Key("hdp_head", K.parse_float, K.at_least(0.0, integer=False)),
         K.Key("approx", K.parse_onoff, K.onoff, default=False, json="text"),
@@ -79,7 +79,7 @@ class HybridDynamicPruning(Technique):
         no_blocks = self.block is None and self.block_sparsity is None
         if self.block_size is not None and no_blocks:
             raise K.err("block_size", "block_size needs block or block_sparsity")
-        for name, default in (("block_score", "abs_sum"), ("block_keep_first", False)):
+        for name, default in (("block_score", DEFAULT_BLOCK_SCORE), ("block_keep_first", False)):
             if getattr(self, name) != default and no_blocks:
                 raise K.err(name, f"{name} tunes block pruning; it needs block or block_sparsity")
 
@@ -123,6 +123,8 @@ class HDPStage(Stage):
         for key, value in counts.items():
             totals[key] = totals.get(key, 0.0) + value
         self.last = stats
+        call.int_pairs = int(counts["qk_int_mults"]) // call.q.shape[-1]  # the integer pass, every valid pair
+        call.qk_passes = qk_passes(self.hdp)
         return out, int(counts["pairs_kept"])
 
     def trace(self, entry: dict, queries: int) -> None:
@@ -144,6 +146,13 @@ class HDPStage(Stage):
         if hdp:
             totals = {k: sum(h.get(k, 0.0) for h in hdp) for k in hdp[0] if not k.endswith("sparsity")}
             merged["hdp"] = hdp_sparsities(totals)
+
+
+def qk_passes(config: HDPConfig) -> int:
+    """Full-rectangle QK^T matmuls our HDP emulation runs (``prune/hdp``): the integer pass, the
+    approximate scores (integer + two cross terms, + the fraction x fraction term without approx)
+    and, with approx, the near-zero count."""
+    return 1 + (3 if config.approx else 4) + (1 if config.approx and config.near_zero else 0)
 
 
 def hdp_sparsities(totals: dict[str, float]) -> dict[str, float]:

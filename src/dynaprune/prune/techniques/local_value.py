@@ -2,7 +2,8 @@
 
 After the softmax each head and query keeps only the fraction K of its V rows with the largest
 probabilities (not renormalized: the small products are skipped). Role: value selector (it replaces
-``probs @ v``). Cost: the V rows used against the dense V rows, reported as ``value_rows_kept``.
+``probs @ v``). Cost: the V rows fetched (the union over the queries of a call) and the (query, V row) products
+against dense (the summary's ``value`` and ``bits`` counts: ``value_rows_kept``, ...).
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ class ValuePruning(Technique):
     role = "values"
     keys = (K.Key("value", K.parse_float, K.ratio),)
 
-    @staticmethod
-    def merge_summary(summaries: list[dict], merged: dict) -> None:
-        LocalValueStage.merge(summaries, merged)
-
     def stage(self, run) -> Stage | None:
         return LocalValueStage(self, run) if self.value is not None else None
 
@@ -34,19 +31,12 @@ class ValuePruning(Technique):
 class LocalValueStage(Stage):
     name = "value"
     explicit = True
+    summary_counts = frozenset({"value", "bits"})
 
     def combine(self, call, probs, v):
-        result = local_value_attention(probs, v, self.technique.value, key_mask=call.mask)
-        counts = self.run.counts(call.layer, self.name)
-        counts["used"] = counts.get("used", 0) + result.v_rows_used
-        counts["dense"] = counts.get("dense", 0) + result.v_rows_dense
+        result = local_value_attention(probs, v, self.technique.value, key_mask=call.mask, query_mask=call.query_mask)
+        stats = self.run.layer_stats[call.layer]
+        for name in ("value_rows_used", "value_rows_dense", "value_rows_fetched", "value_rows_fetched_dense"):
+            setattr(stats, name, getattr(stats, name) + getattr(result, name.replace("value", "v")))
+        call.fetched_values = result.fetched
         return result.output
-
-    def summary(self, out, layers) -> None:
-        out["value_rows_kept"] = self.total(layers, "used") / max(1, self.total(layers, "dense"))
-
-    @staticmethod
-    def merge(summaries: list[dict], merged: dict) -> None:
-        values = [s["value_rows_kept"] for s in summaries if "value_rows_kept" in s]
-        if values:
-            merged["value_rows_kept"] = sum(values) / len(values)

@@ -4,8 +4,9 @@ Q and K are quantized to M + L bits and the probabilities computed with the MSBs
 probability is below T (a flat distribution, where quantization error matters) is recomputed with MSB +
 LSB. V is quantized to M + L bits. ``quant=B``: static B-bit quantization. The paper's settings are
 4+4, 6+4, 8+4, 10+4 and 12+4; any M, L >= 1 with M + L <= 16 is accepted. Role: probability transform.
-Cost: rows needing LSBs (``lsb_row_fraction``) and K bits fetched against fp16
-(``key_bits_fetched_vs_fp16``).
+Cost: the Q/K/V bits fetched at these widths and the rows needing LSBs (the summary's ``quant`` and
+``bits`` counts: ``lsb_row_fraction``, ``key_bits_fetched_vs_fp16``, ...); a QK^T pass more when a row
+needed its LSBs.
 """
 
 from __future__ import annotations
@@ -87,10 +88,6 @@ class Quantization(Technique):
     role = "probs"
     keys = (K.Key("quant", parse_quant, check_quant, json="text"),)
 
-    @staticmethod
-    def merge_summary(summaries: list[dict], merged: dict) -> None:
-        QuantStage.merge(summaries, merged)
-
     def stage(self, run) -> Stage | None:
         return QuantStage(self, run) if self.quant is not None else None
 
@@ -98,41 +95,29 @@ class Quantization(Technique):
 class QuantStage(Stage):
     name = "quant"
     explicit = True
+    summary_counts = frozenset({"quant", "bits"})
 
     def __init__(self, technique: Quantization, run) -> None:
         super().__init__(technique, run)
         self.last_needs_lsb = None  # (B, H, Lq) of the last call, for its trace entry
+        run.work.storage = "simulated"  # fake-quantized floats: no packed codes are stored
 
     def probs(self, call):
         quant, q, k = self.technique.quant, call.q, call.k
-        counts = self.run.counts(call.layer, self.name)
-        n_keys = k.shape[0] * k.shape[1] * k.shape[2]
-        counts["key_bits_dense16"] = counts.get("key_bits_dense16", 0) + n_keys * k.shape[3] * 16
         if not quant.progressive:
-            counts["key_bits"] = counts.get("key_bits", 0) + n_keys * k.shape[3] * quant.bits
             return quantized_attention_probs(q, k, call.scale, quant.bits, call.mask).nan_to_num(0.0)
         result = progressive_attention_probs(q, k, call.scale, quant.bits, quant.lsb_bits, quant.threshold, call.mask)
-        self.last_needs_lsb = result.needs_lsb
-        counts["rows"] = counts.get("rows", 0) + result.rows
-        counts["rows_lsb"] = counts.get("rows_lsb", 0) + result.rows_needing_lsb
-        counts["key_bits"] = counts.get("key_bits", 0) + result.key_bits_fetched
+        self.last_needs_lsb = call.needs_lsb = result.needs_lsb
+        call.qk_passes = 1 + int(result.rows_needing_lsb > 0)
         return result.probs.nan_to_num(0.0)
 
     def values(self, call, v):
         return quantized_values(v, self.technique.quant.total_bits).values
 
+    def bit_widths(self) -> dict[str, int]:
+        quant = self.technique.quant  # V is quantized at M + L
+        return {"key_bits": quant.bits, "lsb_bits": quant.lsb_bits, "value_bits": quant.total_bits}
+
     def trace(self, entry: dict, queries: int) -> None:
         lsb, self.last_needs_lsb = self.last_needs_lsb, None
         entry["needs_lsb"] = lsb[0, :, -queries:].tolist() if lsb is not None else None
-
-    def summary(self, out, layers) -> None:
-        rows, dense_bits = self.total(layers, "rows"), self.total(layers, "key_bits_dense16")
-        out["lsb_row_fraction"] = (self.total(layers, "rows_lsb") / rows) if rows else 0.0
-        out["key_bits_fetched_vs_fp16"] = self.total(layers, "key_bits") / dense_bits if dense_bits else 1.0
-
-    @staticmethod
-    def merge(summaries: list[dict], merged: dict) -> None:
-        for key in ("lsb_row_fraction", "key_bits_fetched_vs_fp16"):
-            values = [s[key] for s in summaries if key in s]
-            if values:
-                merged[key] = sum(values) / len(values)

@@ -122,6 +122,10 @@ class TokenCascadeStage(Stage):
         pruning = [i for i in range(layers) if bool((alive[i + 1] < alive[i]).any())]
         self.last_token_layer = max(pruning, default=-1)  # importance is needed up to this layer only
 
+    @property
+    def wants_probabilities(self) -> bool:
+        return self.run.scorer.uses_attention
+
     def needs_received(self, layer: int) -> bool:
         return self.run.scorer.uses_attention and not self.run.prefilled and layer <= self.last_token_layer
 
