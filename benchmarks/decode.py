@@ -173,15 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cpu":
             check_memory(need, f"decode benchmark (batch {batch}, {context}-token context)")
     t0 = time.perf_counter()
-    rows = [run_case(model, b, c, steps[b, c], budgets, device) for b, c in cases]
-    payload = {"quick": args.quick, "threads": threads, "model": "smollm2-135m", "device": device.type,
-               "kind": f"compacted KV cache (evicted K/V gathered out), fp32 {device.type.upper()}",
-               "timing": "tokens_per_s = batch / mean step over the timed window (compactions inside it); "
-                         "tokens_per_s_median beside it",
-               "compaction_periods": None if args.new_tokens else args.compaction_periods,
-               "target": "batch 8, 4k, kv=0.25: speedup >= 1.5, kv_bytes_held_vs_dense <= 0.27",
-               "results": rows, "seconds": time.perf_counter() - t0}
-    print("wrote", save("decode", payload, path=args.out))
+    rows: list[dict] = []
+    for b, c in cases:  # saved after every case: a long grid on a busy machine keeps what it finished
+        rows.append(run_case(model, b, c, steps[b, c], budgets, device))
+        payload = {"quick": args.quick, "threads": threads, "model": "smollm2-135m", "device": device.type,
+                   "kind": f"compacted KV cache (evicted K/V gathered out), fp32 {device.type.upper()}",
+                   "timing": "tokens_per_s = batch / mean step over the timed window (compactions inside it); "
+                             "tokens_per_s_median beside it",
+                   "compaction_periods": None if args.new_tokens else args.compaction_periods,
+                   "target": "batch 8, 4k, kv=0.25: speedup >= 1.5, kv_bytes_held_vs_dense <= 0.27",
+                   "complete": len(rows) == len(cases), "results": rows, "seconds": time.perf_counter() - t0}
+        path = save("decode", payload, path=args.out)
+    print("wrote", path)
     return payload
 
 

@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from dynaprune.errors import DynapruneError
-from dynaprune.eval.sweep import TASKS
+from dynaprune.eval.sweep import LM_PROTOCOLS, TASKS
 
 app = typer.Typer(
     add_completion=False,
@@ -121,12 +121,20 @@ def run_task(
 
     parsed = Recipe.parse(recipe or "")
     from dynaprune.eval.data import resolve_data_path
+    from dynaprune.prune.recipe_scope import check_recipe_applies
+    from dynaprune.user_paths import check_input_file
 
+    if task == "lm" and protocol not in LM_PROTOCOLS:
+        raise DynapruneError(f"unknown lm protocol {protocol!r} ({', '.join(LM_PROTOCOLS)})")
+    check_recipe_applies(parsed, task, protocol=protocol)  # a key that would change nothing: before any work
     defaults = default_data(task)
     data = resolve_data_path(data) if data else defaults.get("data")
     train_data = resolve_data_path(train_data) if train_data else defaults.get("train_data")
-    if data is None or not Path(data).is_file():
-        raise DynapruneError(f"data file not found: {data}")
+    if data is None:
+        raise DynapruneError(f"task {task} has no default data file; give --data")
+    data = check_input_file(data, "data file")
+    if train_data is not None and task in ("classify", "sst2"):
+        train_data = check_input_file(train_data, "training data file")
     if model is None:
         from dynaprune import load
 
@@ -193,6 +201,10 @@ def run_task(
     pruning = merge_summaries(contexts)
     if pruning:
         result.cost["pruning"] = pruning
+    if parsed.has_kv_budget:  # the budget in tokens, whichever way the recipe gave it (kv share or kv_tokens)
+        from dynaprune.prune.recipe_scope import kv_budget_summary
+
+        result.extra = {**(result.extra or {}), **kv_budget_summary(contexts, result.extra)}
     result.recipe = str(parsed)
     result.model = model_name
     result.seconds = round(time.perf_counter() - t0, 3)
@@ -247,7 +259,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model on a task; prints a table and optionally writes JSON."""
     from dynaprune.io import write_json_atomic
+    from dynaprune.user_paths import check_output_file
 
+    check_output_file(json_path, "--json")  # before the evaluation: a bad path must not lose a finished result
     result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
                       max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
                       context=context, continuation=continuation, batch_size=batch_size, recipe=recipe,
@@ -297,10 +311,15 @@ def run(
 ) -> None:
     """Run one text under a recipe and show which tokens survive each layer (SpAtten Fig. 22/23)."""
     from dynaprune import load
+    from dynaprune.prune.recipe import Recipe
+    from dynaprune.prune.recipe_scope import check_recipe_applies
     from dynaprune.report.pruning_picture import plot_survival, render_terminal, trace_survival
+    from dynaprune.user_paths import check_output_file
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise DynapruneError(f"--plot {plot}: give a path ending in .png")
+    check_output_file(plot, "--plot")
+    check_recipe_applies(Recipe.parse(recipe), "run")  # one prefill: a KV budget would change nothing
     with status(f"loading {model}") as say:
         m = load(model, say)
     survival = trace_survival(m, text, recipe, chat=chat)
@@ -408,6 +427,9 @@ def sweep(
     results = out or (Path(header["results"]) if header.get("results") else None)
     if results is None:
         raise DynapruneError(f"{config}: no 'results:' path in the config and no --out given")
+    from dynaprune.user_paths import check_output_file
+
+    check_output_file(results, "--out" if out else f"{config}: results:", example="results.jsonl")
     ran = _run_specs(specs, results, f"dynaprune sweep {config}" + (f" --out {out}" if out else ""))
     console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
 
@@ -420,8 +442,11 @@ def report(
 ) -> None:
     """Build report.html (self-contained, figures embedded) and report.md from results files."""
     from dynaprune.report.build import build_report, load_rows
+    from dynaprune.user_paths import check_output_folder
 
-    load_rows(results)  # a foreign or broken results file is refused before any picture is drawn
+    check_output_folder(out, "--out")
+    # a foreign or broken results file is refused before any picture is drawn
+    load_rows(results, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
     command = "dynaprune report " + " ".join(map(str, results)) + (" --pictures" if pictures else "")
     path = build_report(results, out, command=command, pictures=_draw_pictures(out) if pictures else None)
     console.print(f"report: {path.resolve()}")
@@ -453,6 +478,14 @@ def calibrate(
                            int_bits, frac_bits)
     if data is not None:
         _check_data_file(data)
+    if recipe is not None:
+        from dynaprune.prune.recipe import Recipe
+        from dynaprune.prune.recipe_scope import check_recipe_applies
+
+        check_recipe_applies(Recipe.parse(recipe), "calibrate")
+    from dynaprune.user_paths import check_output_file
+
+    check_output_file(out, "--out")
     from dynaprune import load
 
     with status(f"loading {model}") as say:
@@ -474,13 +507,16 @@ def calibrate(
     console.print(f"{summary}\nrecipe: {result.recipe}\nwrote {path} (use --recipe @{path})")
 
 
-def _validate_recipe(recipe: str) -> None:
+def _validate_recipe(recipe: str, task: str | None = None, protocol: str | None = None) -> None:
     if recipe not in ("", "dense"):
         try:
             from dynaprune.prune.recipe import Recipe
+            from dynaprune.prune.recipe_scope import check_recipe_applies
         except ImportError:
             raise DynapruneError("pruning recipes are not available in this build") from None
-        Recipe.parse(recipe)
+        parsed = Recipe.parse(recipe)
+        if task is not None:
+            check_recipe_applies(parsed, task, protocol=protocol)
 
 
 def _mount_optional() -> None:

@@ -104,8 +104,6 @@ def test_sts_bad_input(tmp_path, text, match):
 def test_missing_dir_and_non_utf8(tmp_path):
     with pytest.raises(DynapruneError, match="no such file"):
         load_sts(tmp_path / "missing.tsv")
-    with pytest.raises(DynapruneError, match="not a file"):
-        load_sts(tmp_path)
     (tmp_path / "latin1.tsv").write_bytes("caf\xe9\tb\t1\n".encode("latin-1"))
     with pytest.raises(DynapruneError, match="not UTF-8"):
         load_sts(tmp_path / "latin1.tsv")
@@ -170,3 +168,10 @@ def test_relative_paths_resolve_under_data_root(tmp_path, monkeypatch, shared_da
     assert len(load_sts("pairs.tsv")) == 2
     write(tmp_path, "x\ty\t3\n", "pairs.tsv")
     assert resolve_data_path("pairs.tsv") == Path("pairs.tsv")  # the working directory wins
+
+
+def test_a_folder_is_named_a_folder(tmp_path):
+    """Issue 12 item 18: a folder that exists is not "not found"."""
+    for load in (load_sts, load_labeled_text):
+        with pytest.raises(DynapruneError, match="is a folder, expected a data file"):
+            load(tmp_path)

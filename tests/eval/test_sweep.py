@@ -79,6 +79,10 @@ def test_interrupted_sweep_resumes_to_the_same_file(tmp_path, data_file):
         ("runs:\n  - model: minilm-l6\n    task: sts\n    options: {max_tokens: 0}\n", "max_tokens=0"),
         ("runs:\n  - model: minilm-l6\n    task: sts\n    options: {speed: 3}\n", "unknown option 'speed'"),
         ("name: x\n", "non-empty 'runs:'"),
+        ("runs:\n  - model: smollm2-135m\n    task: lm\n    options: {protocol: sliding}\n",
+         "sweep.yaml:2: option protocol='sliding' is not one of window, continue, stream"),
+        ("runs:\n  - model: minilm-l6\n    task: sts\n    data: /\n",
+         "sweep.yaml:2: data / is a folder, expected a file"),
     ],
 )
 def test_bad_configs_name_the_line(tmp_path, body, message):
@@ -87,7 +91,7 @@ def test_bad_configs_name_the_line(tmp_path, body, message):
 
 
 def test_bad_recipe_is_rejected_before_running(tmp_path, data_file):
-    def validate(recipe):
+    def validate(recipe, task, protocol):
         if recipe != "dense":
             raise DynapruneError("unknown recipe key 'tokn'")
 
@@ -116,3 +120,44 @@ def test_shipped_configs_validate(config):
     for sweep in sweep_configs(config, base=root):
         header, specs = load_config(root / sweep, validate_recipe=_validate_recipe)
         assert specs and header["results"].endswith(".jsonl")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("    task: sts\n    recipes: [dense, kv=0.5]\n", "sweep.yaml:2: recipe 'kv=0.5': recipe key 'kv'"),
+    ("    task: lm\n    recipes: [kv=0.25]\n", "lm --protocol window scores each window in one forward"),
+    ("    task: lm\n    recipes: [kv=64]\n", "kv_tokens=64"),
+])
+def test_recipe_without_effect_refused_with_the_line(tmp_path, body, message):
+    from dynaprune.cli import _validate_recipe
+
+    model = "minilm-l6" if "sts" in body else "smollm2-135m"
+    with pytest.raises(DynapruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, f"runs:\n  - model: {model}\n{body}"), validate_recipe=_validate_recipe)
+    ok = "    task: lm\n    options: {protocol: continue}\n    recipes: [kv=0.25, kv_tokens=64]\n"
+    assert len(load_config(write(tmp_path, f"runs:\n  - model: smollm2-135m\n{ok}"),
+                           validate_recipe=_validate_recipe)[1]) == 2
+
+
+ROW = {"schema": SCHEMA, "run_id": "x"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]\n", "r.jsonl:1: not a dynaprune results line (a JSON list, expected an object)"),
+    (f"{json.dumps(ROW)}\n{{cut\n{json.dumps(ROW)}\n", "r.jsonl:2: not a dynaprune results line (not JSON"),
+    ('{"run_id": "x"}\n', "r.jsonl:1: not a dynaprune results line (no 'schema'"),
+])
+def test_broken_results_lines_refused_with_the_line(tmp_path, text, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(text)
+    with pytest.raises(DynapruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_results(path)
+
+
+def test_only_an_interrupted_last_line_is_dropped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(ROW) + "\n" + '{"schema": "dyna')
+    warnings: list[str] = []
+    assert read_results(path, warnings.append) == [ROW]
+    assert warnings == [f"{path}:2: skipped an incomplete last line (an interrupted write)"]
+    with pytest.raises(DynapruneError, match="is a folder"):
+        read_results(tmp_path)

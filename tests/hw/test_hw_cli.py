@@ -63,6 +63,9 @@ def test_dse_grid(tiny, tmp_path):
     (["dse", "{t}", "--sweep", "topk_parallelism="], "has no values"),
     (["simulate", "missing.csv"], "not found"),
     (["simulate", "{t}", "--json", "{d}"], "is a folder"),
+    (["simulate", "{d}"], "is a folder, expected a file"),
+    (["dse", "{d}", "--sweep", "topk_parallelism=1,2"], "is a folder, expected a file"),
+    (["simulate", "{t}", "--plot", "{t}/roof.png"], "is a file, so no folder can be made inside it"),
 ])
 def test_bad_input_raises_one_clear_error(tiny, args, needle):
     res = runner.invoke(app, [a.format(t=tiny, d=tiny.parent) for a in args])

@@ -72,17 +72,18 @@ def _with(field: str, value: str) -> str:
 
 
 @pytest.mark.parametrize("line,needle", [
-    (_with("key_fetch_num", "abc"), "column 'key_fetch_num'"),
+    (_with("key_fetch_num", "abc"), "column 'key_fetch_num': 'abc' is not an integer"),
     (_with("key_fetch_num", "994"), "key_fetch_num 994 > sentence_length_L 993"),
     (_with("key_fetch_num", "-3"), "key_fetch_num must be >= 0"),
     (_with("value_fetch_num", "-1"), "value_fetch_num must be >= 0"),
     (_with("value_fetch_num", "995"), "value_fetch_num 995 > key_fetch_num"),
-    (_with("head_id", "1.5"), "column 'head_id'"),
+    (_with("head_id", "1.5"), "column 'head_id': '1.5' is not an integer"),
     (_with("embedding_length_D", "0"), "embedding_length_D must be >= 1"),
     (_with("quant_key_bit", "0"), "quant_key_bit must be -1"),
     (_with("quant_value_bit", "33"), "quant_value_bit must be -1"),
-    (_with("if_requant", "maybe"), "column 'if_requant'"),
-    (_with("auto_requant_thres", "nan"), "column 'auto_requant_thres'"),
+    (_with("if_requant", "maybe"), "column 'if_requant': 'maybe' is not True or False"),
+    (_with("auto_requant_thres", "nan"), "column 'auto_requant_thres': 'nan' is not a number (finite)"),
+    (_with("auto_requant_thres", "x"), "column 'auto_requant_thres': 'x' is not a number"),
     (_with("auto_requant_thres", "1.5"), "auto_requant_thres must be -1"),
     (_with("if_topk", "True"), "if_topk is True but topk is -1"),
     (_with("topk", "2000"), "topk must be -1 or 0..sentence_length_L"),
@@ -94,6 +95,14 @@ def test_bad_rows_name_line_and_column(tmp_path, line, needle):
     with pytest.raises(DynapruneError) as e:
         read_trace(p)
     assert needle in str(e.value) and ":3:" in str(e.value)
+    assert "is could" not in str(e.value) and "convert string" not in str(e.value)  # plain words, not Python's
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(DynapruneError, match="is a folder, expected a file"):
+        read_trace(tmp_path)
+    with pytest.raises(DynapruneError, match="trace file not found"):
+        read_trace(tmp_path / "none.csv")
 
 
 def test_bad_files(tmp_path):

@@ -37,12 +37,12 @@ def test_parse_example_and_canonical_order() -> None:
 
 
 def test_typed_values() -> None:
-    recipe = Recipe.parse("kv=256,sink=4,recent=64,fixed=4.12,approx=on,block=-0.5,block_size=2")
-    assert recipe.kv == 256 and isinstance(recipe.kv, int)
+    recipe = Recipe.parse("kv_tokens=256,sink=4,recent=64,fixed=4.12,approx=on,block=-0.5,block_size=2")
+    assert recipe.kv_tokens == 256 and recipe.kv is None and recipe.has_kv_budget
     assert Recipe.parse("quant=8").quant == QuantSetting(8) and not Recipe.parse("quant=8").quant.progressive
     assert recipe.fixed == (4, 12) and recipe.approx is True and recipe.block == -0.5
     assert Recipe.parse("kv=0.25").kv == 0.25
-    assert Recipe.parse("kv=1e3").kv == 1000
+    assert Recipe.parse("kv=1").kv == 1.0 and Recipe.parse("kv=1").kv_budget_tokens(300) == 300  # share 1 = all
     assert Recipe.parse("token_schedule=1:0.9/2:0.8").token_schedule == ((1, 0.9), (2, 0.8))
 
 
@@ -103,17 +103,19 @@ def recipes(draw: st.DrawFn) -> Recipe:
             msb = draw(st.integers(1, 15))
             kw["quant"] = QuantSetting(msb, draw(st.integers(1, 16 - msb)), draw(st.floats(0, 1)))
     if draw(st.booleans()):
-        kw["kv"] = draw(st.one_of(st.floats(1e-6, 0.999), st.integers(1, 10_000)))
+        budget_key = draw(st.sampled_from(["kv", "kv_tokens"]))
+        kw[budget_key] = draw(st.floats(1e-6, 1.0) if budget_key == "kv" else st.integers(1, 10_000))
         if draw(st.booleans()):
             kw["sink"] = draw(st.integers(0, 8))
         if draw(st.booleans()):
             kw["recent"] = draw(st.integers(0, 64))
-        if isinstance(kw["kv"], int) and kw.get("sink", 0) + kw.get("recent", 0) > kw["kv"]:
+        if "kv_tokens" in kw and kw.get("sink", 0) + kw.get("recent", 0) > kw["kv_tokens"]:
             kw.pop("sink", None), kw.pop("recent", None)
+    has_budget = "kv" in kw or "kv_tokens" in kw
     options = ["spatten"]
-    if token_mode != "none" or "kv" in kw:
+    if token_mode != "none" or has_budget:
         options += ["random", "instant"]
-    if token_mode == "none" and "kv" in kw:
+    if token_mode == "none" and has_budget:
         options += ["h2o", "streaming"]
     kw["score"] = draw(st.sampled_from(options))
     block_mode = draw(st.sampled_from(["none", "block", "sparsity"]))
@@ -180,12 +182,16 @@ BAD = [
     ("kv=0", "kv"),
     ("kv=-3", "kv"),
     ("kv=1.5", "kv"),
+    ("kv=8", "kv"),  # a share in (0, 1] only: a count is kv_tokens
     ("kv=lots", "kv"),
+    ("kv_tokens=0", "kv_tokens"),
+    ("kv_tokens=0.5", "kv_tokens"),
+    ("kv=0.5,kv_tokens=8", "kv_tokens"),
     ("sink=4", "sink"),
     ("recent=4", "recent"),
-    ("kv=8,sink=-1", "sink"),
-    ("kv=8,sink=4,recent=8", "sink + recent"),
-    ("kv=8,recent=2.5", "recent"),
+    ("kv_tokens=8,sink=-1", "sink"),
+    ("kv_tokens=8,sink=4,recent=8", "sink + recent"),
+    ("kv_tokens=8,recent=2.5", "recent"),
     ("score=foo", "score"),
     ("score=h2o", "score"),
     ("score=streaming,token=0.5", "score"),
@@ -256,13 +262,13 @@ def test_from_dict_refuses_smuggled_keys() -> None:
 
 
 def test_validate_for() -> None:
-    Recipe.parse("token_schedule=11:0.5,kv=128,sink=4,recent=32").validate_for(12, 12, 12, context_len=512)
+    Recipe.parse("token_schedule=11:0.5,kv_tokens=128,sink=4,recent=32").validate_for(12, 12, 12, context_len=512)
     with pytest.raises(DynapruneError, match="'token_schedule'.*12 layers"):
         Recipe.parse("token_schedule=12:0.5").validate_for(12, 12, 12)
     with pytest.raises(DynapruneError, match="'head_schedule'"):
         Recipe.parse("head_schedule=30:0.5").validate_for(30, 9, 3)
-    with pytest.raises(DynapruneError, match="'kv'.*larger than the context"):
-        Recipe.parse("kv=1024").validate_for(12, 12, 12, context_len=512)
+    with pytest.raises(DynapruneError, match="'kv_tokens'.*larger than the context"):
+        Recipe.parse("kv_tokens=1024").validate_for(12, 12, 12, context_len=512)
     with pytest.raises(DynapruneError, match="'sink \\+ recent'"):
         Recipe.parse("kv=0.1,sink=4,recent=16").validate_for(12, 12, 12, context_len=100)
     with pytest.raises(DynapruneError, match="'token_schedule'"):
@@ -273,7 +279,17 @@ def test_kv_budget_tokens() -> None:
     assert Recipe().kv_budget_tokens(100) is None
     assert Recipe.parse("kv=0.25").kv_budget_tokens(100) == 25
     assert Recipe.parse("kv=0.001").kv_budget_tokens(100) == 1
-    assert Recipe.parse("kv=64").kv_budget_tokens(100) == 64
+    assert Recipe.parse("kv_tokens=64").kv_budget_tokens(100) == 64
+    assert Recipe.parse("kv=1").kv_budget_tokens(100) == 100  # a share: kv=1 keeps everything, like token=1
+
+
+def test_kv_count_is_refused_with_the_spelling_of_a_count() -> None:
+    """kv=256 used to mean 256 tokens while kv=0.5 meant a share: the count now has its own key, named."""
+    with pytest.raises(DynapruneError, match=r"recipe key 'kv': 256 is outside \(0, 1\].*kv_tokens=256"):
+        Recipe.parse("kv=256")
+    with pytest.raises(DynapruneError, match=r"'kv': 2.5 is outside \(0, 1\]") as exc:
+        Recipe.parse("kv=2.5")
+    assert "kv_tokens" not in str(exc.value)  # 2.5 is no count of tokens: nothing to suggest
 
 
 def test_head_units() -> None:
@@ -406,3 +422,61 @@ def test_block_score_and_keep_first_keys():
         Recipe.parse("block_score=abs_sum")  # a non-default score
     with pytest.raises(DynapruneError, match="needs block or block_sparsity"):
         Recipe.parse("block_keep_first=on")
+
+
+# ---------------------------------------------------------------------------- suggestions and scope (issue 12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 40))
+def test_every_suggested_quant_form_is_itself_valid(msb: int, lsb: int) -> None:
+    """``quant=20+4`` used to suggest ``quant=20+4@0.1``, itself invalid: whatever form an error message
+    suggests must parse (the oracle: parsing the suggestion)."""
+    import re
+
+    try:
+        Recipe.parse(f"quant={msb}+{lsb}")
+    except DynapruneError as exc:
+        for suggestion in re.findall(r"quant=\d[\d+@.]*", str(exc)):
+            Recipe.parse(suggestion.rstrip("."))
+    else:
+        pytest.fail("a progressive setting without a threshold was accepted")
+
+
+@pytest.mark.parametrize(("recipe", "where", "protocol", "refused"), [
+    ("kv=0.5", "sts", None, "kv"),
+    ("kv_tokens=8,score=h2o", "classify", None, "kv_tokens"),
+    ("kv=0.5,sink=2", "sst2", None, "kv"),
+    ("kv=0.25", "lm", "window", "kv"),
+    ("kv=0.25", "run", None, "kv"),
+    ("kv=0.25", "calibrate", None, "kv"),
+    ("kv=0.25", "lm", "continue", None),
+    ("kv=0.25", "lm", "stream", None),
+    ("kv_tokens=64,score=streaming", "generate", None, None),
+    ("token=0.5", "sts", None, None),
+    ("token=0.5", "run", None, None),
+    ("dense", "lm", "window", None),
+])
+def test_keys_that_would_change_nothing_are_refused(recipe: str, where: str, protocol: str | None,
+                                                    refused: str | None) -> None:
+    from dynaprune.prune.recipe_scope import check_recipe_applies
+
+    if refused is None:
+        check_recipe_applies(Recipe.parse(recipe), where, protocol=protocol)
+        return
+    with pytest.raises(DynapruneError, match=f"recipe key '{refused}': .*no effect"):
+        check_recipe_applies(Recipe.parse(recipe), where, protocol=protocol)
+
+
+def test_kv_budget_summary() -> None:
+    from types import SimpleNamespace
+
+    from dynaprune.prune.recipe_scope import kv_budget_summary
+
+    def ctx(budget: int | None) -> SimpleNamespace:
+        return SimpleNamespace(kv_budget=budget)
+
+    assert kv_budget_summary([ctx(10), ctx(10)], {}) == {"kv_budget_tokens": 10}
+    assert kv_budget_summary([ctx(12), ctx(9), ctx(None)], None) == {"kv_budget_tokens": {"min": 9, "max": 12}}
+    assert kv_budget_summary([ctx(None)], {}) == {"kv_budget_tokens": None}
+    assert kv_budget_summary([ctx(10)], {"kv_budget_tokens": 64}) == {}  # the stream protocol recorded it already

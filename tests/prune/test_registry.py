@@ -98,7 +98,7 @@ def test_techniques_that_cannot_compose_are_refused_naming_both_keys(text, first
 
 def test_what_composes_still_does():
     for text in ("token=0.5,head=0.8,value=0.5,quant=6+4@0.1", "token=0.6,block=0.3,hdp_head=5,fixed=8.8",
-                 "kv=0.25,score=h2o", "approx=on,quant=8", "head=0.5,kv=64"):
+                 "kv=0.25,score=h2o", "approx=on,quant=8", "head=0.5,kv_tokens=64"):
         assert str(Recipe.parse(text)) == str(Recipe.parse(str(Recipe.parse(text))))
 
 

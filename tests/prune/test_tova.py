@@ -66,7 +66,7 @@ def test_prefill_keeps_the_last_querys_top_tokens_per_layer():
     oracle = HandOracle()
     with torch.inference_mode():
         model(ids, ctx=oracle)
-        ctx = make_context(f"kv={budget},score=tova", model)
+        ctx = make_context(f"kv_tokens={budget},score=tova", model)
         cache = model.new_cache(1, n + 4)
         model(ids, cache=cache, ctx=ctx)
     for layer in range(model.config.layers):
@@ -78,7 +78,7 @@ def test_prefill_keeps_the_last_querys_top_tokens_per_layer():
 def test_decode_steps_evict_the_token_the_new_query_attends_least():
     model, budget, n = tiny_llama(), 6, 16
     ids = torch.randint(1, 60, (1, n + 3), generator=torch.Generator().manual_seed(4))
-    recipe = Recipe.parse(f"kv={budget},score=tova")
+    recipe = Recipe.parse(f"kv_tokens={budget},score=tova")
     ctx = Watched(recipe, make_context(recipe, model).shape, protect_first=0, protect_last=1)
     cache = model.new_cache(1, n + 4)
     with torch.inference_mode():

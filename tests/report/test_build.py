@@ -7,12 +7,13 @@ import base64
 import json
 import struct
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.sweep import SCHEMA
-from dynaprune.report.build import build_report, method_of
+from dynaprune.report.build import build_report, load_rows, method_of
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,3 +141,25 @@ def test_probes_of_another_size_are_another_group(tmp_path):
     build_report([write(tmp_path / "r.jsonl", rows)], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "classify (probe on 5000)" in md and "classify (probe on 2000)" in md
+
+
+COMMITTED = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "results").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_results_still_parse(path):
+    """Issue 12 item 17: kv became a share in (0, 1] only (counts are kv_tokens). Every committed results
+    file still loads, and every recipe in it parses under today's rules: no committed run used an
+    integer kv, so no old file needs its recipes mapped."""
+    from dynaprune.prune.recipe import Recipe
+
+    rows = load_rows([path])
+    assert rows
+    for row in rows:
+        recipe = Recipe.parse(row.get("recipe") or "")
+        assert recipe.kv is None or 0 < recipe.kv <= 1
+
+
+def test_kv_share_and_count_are_one_series():
+    assert method_of("kv=0.25") == method_of("kv_tokens=256") == "spatten kv"
+    assert method_of("token=0.5,kv_tokens=64") == "spatten token+kv"

@@ -141,14 +141,14 @@ def tiny_long():
 
 
 def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long, streaming_oracle):
-    """kv=8 on a 16-token prompt: the cache holds 8 tokens + the one a step adds, whether 20 or 120
+    """kv_tokens=8 on a 16-token prompt: the cache holds 8 tokens + the one a step adds, whether 20 or 120
     tokens are generated; the tokens are those of the StreamingLLM oracle (recompute-everything)."""
     prompt = [(7 * i + 3) % 50 for i in range(16)]
     # independent count: layers x (K, V) x batch x KV heads x (budget + 1) slots x head_dim x 4 bytes
     bound = 2 * 2 * 1 * 2 * (8 + 1) * 8 * 4
     held = {}
     for n in (20, 120):
-        ctx = make_context("kv=8,sink=2,score=streaming", tiny_long)
+        ctx = make_context("kv_tokens=8,sink=2,score=streaming", tiny_long)
         out = tiny_long.generate(prompt, max_new_tokens=n, stop_tokens=[], ctx=ctx)
         assert len(out.new_ids) == n and ctx.cache.capacity == 16  # the prompt's prefill needs 16 slots
         held[n] = ctx.cache.bytes_held()
@@ -166,15 +166,16 @@ def test_kv_budget_bounds_the_cache_for_any_generation_length(tiny_long, streami
 
 def test_kv_budget_of_the_whole_prompt_and_batches(tiny_long):
     """A budget of the whole prompt needs budget + 1 slots; a left-padded batch evicts per row."""
-    ctx = make_context("kv=16,score=h2o", tiny_long)
+    ctx = make_context("kv_tokens=16,score=h2o", tiny_long)
     tiny_long.generate(list(range(1, 17)), max_new_tokens=40, stop_tokens=[], ctx=ctx)
     assert ctx.cache.capacity == 17 and ctx.cache.lengths == [16, 16]
     prompts = [list(range(1, 17)), list(range(5, 15))]
-    ctx = make_context("kv=6,sink=2,score=streaming", tiny_long)
+    ctx = make_context("kv_tokens=6,sink=2,score=streaming", tiny_long)
     batch = tiny_long.generate(prompts, max_new_tokens=20, stop_tokens=[], ctx=ctx)
     assert ctx.cache.capacity == 16 and ctx.cache.lengths == [6, 6]
     alone = [tiny_long.generate(p, max_new_tokens=20, stop_tokens=[],
-                                ctx=make_context("kv=6,sink=2,score=streaming", tiny_long)).new_ids for p in prompts]
+                                ctx=make_context("kv_tokens=6,sink=2,score=streaming", tiny_long)).new_ids
+             for p in prompts]
     assert batch.new_ids == alone
     assert cache_capacity(316, 16, 1, None) == 316 and cache_capacity(316, 16, 1, 8) == 16
     assert cache_capacity(316, 16, 1, 24) == 25 and cache_capacity(10, 4, 1, 24) == 10

@@ -124,7 +124,7 @@ def test_kv_budget_bounds_the_cache_and_reports_the_work_saved():
 
     model = tiny_llama()
     prompt = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    dense, pruned = RunContext(), make_context("kv=10,sink=2,recent=3", model)
+    dense, pruned = RunContext(), make_context("kv_tokens=10,sink=2,recent=3", model)
     model.generate(prompt, max_new_tokens=120, stop_tokens=[], ctx=dense)
     caches = []
     original = model.new_cache
@@ -146,7 +146,7 @@ def test_a_large_kv_budget_evicts_in_chunks_and_never_holds_more_than_the_budget
 
     model = tiny_llama()
     prompt = torch.randint(0, 50, (200,), generator=torch.Generator().manual_seed(4)).tolist()
-    ctx = make_context("kv=128", model)
+    ctx = make_context("kv_tokens=128", model)
     held = []
     ends = ctx.end_forward
     ctx.end_forward = lambda cache: (ends(cache), held.append(list(cache.lengths)))

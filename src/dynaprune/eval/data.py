@@ -53,8 +53,10 @@ def _read_rows(path: str | Path) -> tuple[Path, list[tuple[int, list[str]]]]:
     p = resolve_data_path(path)
     if not p.exists():
         raise DynapruneError(f"{path}: no such file (also looked under {data_root()})")
+    if p.is_dir():
+        raise DynapruneError(f"{p} is a folder, expected a data file (.tsv)")
     if not p.is_file():
-        raise DynapruneError(f"{p}: not a file")
+        raise DynapruneError(f"{p}: not a regular file")
     try:
         with open(p, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

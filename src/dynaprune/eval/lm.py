@@ -13,7 +13,7 @@ Three protocols:
   the first of each stream). ``batch_size`` streams are decoded side by side (one context per batch,
   eviction per row): decoding one token is memory-bound on the weights, so a batch of B streams costs
   little more per step than one. The KV budget holds throughout: ``kv=F`` with F < 1 is a fraction of the
-  stream length (``keep_count(F, stream_tokens)``), ``kv=N`` is N tokens. The cache is allocated for
+  stream length (``keep_count(F, stream_tokens)``), ``kv_tokens=N`` is N tokens. The cache is allocated for
   budget + 1 tokens (the whole stream without a budget), so memory is bounded for any stream length.
   Dense, it equals ``window`` with ``window=stream_tokens`` over the same tokens.
 

@@ -33,6 +33,7 @@ from dynaprune.errors import DynapruneError
 
 SCHEMA = "dynaprune.result/1"
 TASKS = ("sts", "classify", "sst2", "lm", "generate")
+LM_PROTOCOLS = ("window", "continue", "stream")  # = eval.lm.PROTOCOLS (that module imports torch)
 OPTIONS = {
     "max_examples": int, "max_train": int, "max_tokens": int, "window": int, "protocol": str,
     "context": int, "continuation": int, "batch_size": int, "train_data": str,
@@ -76,13 +77,16 @@ def _as_list(value: Any) -> list:
 
 
 def load_config(
-    path: str | Path, validate_recipe: Callable[[str], None] | None = None, base: Path | None = None
+    path: str | Path, validate_recipe: Callable[[str, str, str], None] | None = None, base: Path | None = None
 ) -> tuple[dict, list[RunSpec]]:
-    """Parse and validate a sweep config; returns (header, run specs). Raises DynapruneError with the line."""
+    """Parse and validate a sweep config; returns (header, run specs). Raises DynapruneError with the line.
+    ``validate_recipe(recipe, task, lm protocol)`` refuses a recipe that is invalid or would do nothing there."""
     from dynaprune.models.registry import KNOWN_MODELS
     from dynaprune.paths import default_data
 
     path = Path(path)
+    if path.is_dir():
+        raise DynapruneError(f"sweep config {path} is a folder, expected a file (.yaml)")
     if not path.is_file():
         raise DynapruneError(f"sweep config not found: {path}")
     try:
@@ -108,6 +112,9 @@ def load_config(
                 raise DynapruneError(f"{where}: unknown option {key!r} (known: {', '.join(OPTIONS)})")
             if not isinstance(value, OPTIONS[key]) or (OPTIONS[key] is int and value <= 0):
                 raise DynapruneError(f"{where}: option {key}={value!r} must be a positive {OPTIONS[key].__name__}")
+        protocol = options.get("protocol", "window")
+        if protocol not in LM_PROTOCOLS:
+            raise DynapruneError(f"{where}: option protocol={protocol!r} is not one of {', '.join(LM_PROTOCOLS)}")
         recipes = [str(r) for r in _as_list(entry.get("recipes", entry.get("recipe", "dense")))]
         for model in _as_list(entry.get("model")):
             if model is None:
@@ -120,12 +127,14 @@ def load_config(
                 data = entry.get("data")
                 for name, file in (("data", data or default_data(task).get("data")),
                                    ("train_data", options.get("train_data") or default_data(task).get("train_data"))):
+                    if file is not None and Path(file).is_dir():
+                        raise DynapruneError(f"{where}: {name} {file} is a folder, expected a file")
                     if file is not None and not Path(file).is_file():
                         raise DynapruneError(f"{where}: {name} file not found: {file}")
                 for recipe in recipes:
                     if validate_recipe is not None:
                         try:
-                            validate_recipe(recipe)
+                            validate_recipe(recipe, task, protocol)  # keys that act for this task
                         except DynapruneError as e:
                             raise DynapruneError(f"{where}: recipe {recipe!r}: {e}") from None
                     specs.append(RunSpec(str(model), task, str(data) if data else None, recipe, options, line))
@@ -133,22 +142,46 @@ def load_config(
     return header, specs
 
 
-def read_results(path: str | Path) -> list[dict]:
-    """All complete result lines of a results file; refuses lines of another schema."""
+def read_results(path: str | Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """All result lines of a results file (none if it does not exist yet).
+
+    A last line cut short by a kill (no newline after it, not JSON) is dropped, with ``warn`` told its line
+    number; any other line that is not a JSON object of this schema is refused, naming the line: a
+    corrupt line in the middle means the file is not what a sweep wrote, and skipping it would hide runs.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    if path.is_dir():
+        raise DynapruneError(f"{path} is a folder, expected a results file (.jsonl)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DynapruneError(f"{path}: not a dynaprune results file (not UTF-8 text)") from None
+    except OSError as e:
+        raise DynapruneError(f"{path}: cannot be read ({e.strerror or e})") from None
+    lines = text.splitlines()
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a partial last line from an interrupted write
-        if row.get("schema") != SCHEMA:
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n") and rows:  # a partial last line from an interrupted write
+                if warn is not None:
+                    warn(f"{path}:{i}: skipped an incomplete last line (an interrupted write)")
+                continue
+            raise DynapruneError(f"{path}:{i}: not a dynaprune results line (not JSON: {e.msg})") from None
+        if not isinstance(row, dict):
+            raise DynapruneError(f"{path}:{i}: not a dynaprune results line (a JSON {type(row).__name__}, "
+                                 "expected an object)")
+        if "schema" not in row:
+            raise DynapruneError(f"{path}:{i}: not a dynaprune results line (no 'schema'; this dynaprune reads "
+                                 f"{SCHEMA!r})")
+        if row["schema"] != SCHEMA:
             raise DynapruneError(
-                f"{path}:{i}: results of schema {row.get('schema')!r}; this dynaprune reads {SCHEMA!r}"
+                f"{path}:{i}: results of schema {row['schema']!r}; this dynaprune reads {SCHEMA!r}"
             )
         rows.append(row)
     return rows

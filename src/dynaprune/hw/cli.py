@@ -21,6 +21,7 @@ from dynaprune.hw.params import build_configs, config_class, parse_overrides, sp
 from dynaprune.hw.report import SimResult
 from dynaprune.hw.spatten import simulate_spatten
 from dynaprune.hw.trace import Trace, read_trace
+from dynaprune.user_paths import check_output_file
 
 app = typer.Typer(help="Accelerator performance models (SpAtten, HDP) driven by workload traces.",
                   no_args_is_help=True, add_completion=False)
@@ -47,18 +48,6 @@ def _write_json(path: Path, payload: Any) -> None:
     console.print(f"json: {path}")
 
 
-def _writable(path: Path | None, flag: str) -> None:
-    """Fail before simulating when an output path cannot be written (a folder, a missing parent we cannot make)."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise DynapruneError(f"{flag} {path} is a folder; give a file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DynapruneError(f"cannot create the folder for {flag} {path}: {e.strerror or e}") from None
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -75,8 +64,8 @@ def simulate(
 ) -> None:
     """Cycles, seconds, DRAM bytes, GFLOP/s, utilisation and energy of one trace on one accelerator."""
     overrides = parse_overrides(arch, param)
-    _writable(json_path, "--json")
-    _writable(plot, "--plot")
+    check_output_file(json_path, "--json")  # before simulating: a bad output path must not lose the result
+    check_output_file(plot, "--plot")
     tr = read_trace(trace)
     t0 = time.perf_counter()
     result = run_model(arch, tr, overrides)
@@ -124,8 +113,8 @@ def dse(
     """Design-space exploration (Fig. 19 style): simulate a grid of parameter values; speed-ups vs the first point."""
     config_class(arch)
     fixed = parse_overrides(arch, param)
-    _writable(json_path, "--json")
-    _writable(plot, "--plot")
+    check_output_file(json_path, "--json")  # before simulating: a bad output path must not lose the result
+    check_output_file(plot, "--plot")
     sweeps = _parse_sweeps(arch, sweep)
     tr = read_trace(trace)
     names = [k for k, _ in sweeps]

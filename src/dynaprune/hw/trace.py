@@ -202,18 +202,23 @@ def validate_columns(trace: Trace) -> None:
 
 
 def _parse(column: str, raw: str) -> int | float | bool:
+    """A cell's value; ValueError says what the cell should be ("True or False", "a number", ...)."""
     text = raw.strip()
     if column in BOOL_COLUMNS:
         if text.lower() not in _TRUE:
-            raise ValueError("not True/False")
+            raise ValueError("True or False")
         return _TRUE[text.lower()]
-    value = float(text)  # raises ValueError on junk
+    kind = "a number" if column in FLOAT_COLUMNS else "an integer"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(kind) from None
     if math.isnan(value) or math.isinf(value):
-        raise ValueError("not a finite number")
+        raise ValueError(f"{kind} (finite)")
     if column in FLOAT_COLUMNS:
         return value
     if value != int(value):
-        raise ValueError("not an integer")
+        raise ValueError(kind)
     return int(value)
 
 
@@ -230,9 +235,9 @@ def _is_config_line(cells: list[str]) -> bool:
 
 def read_trace(path: str | Path) -> Trace:
     """Read and validate a workload CSV (header row, data rows, optional config-name line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DynapruneError(f"trace file not found: {path}")
+    from dynaprune.user_paths import check_input_file
+
+    path = check_input_file(path, "trace file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -261,7 +266,7 @@ def read_trace(path: str | Path) -> Trace:
             try:
                 row[c] = _parse(c, cells[j])
             except ValueError as e:
-                raise DynapruneError(f"{path}:{lineno}: column '{c}': {cells[j]!r} is {e}") from None
+                raise DynapruneError(f"{path}:{lineno}: column '{c}': {cells[j].strip()!r} is not {e}") from None
         problem = _row_problem(row)
         if problem:
             raise DynapruneError(f"{path}:{lineno}: {problem}")

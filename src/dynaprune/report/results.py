@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,15 +17,19 @@ from dynaprune.errors import DynapruneError
 from dynaprune.eval.sweep import SCHEMA, read_results
 
 HIGHER_IS_BETTER = {"spearman": True, "accuracy": True, "perplexity": False, "rouge_l_f1": True}
-SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv")
+SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv", "kv_tokens")
 HDP_KEYS = ("block", "block_sparsity", "hdp_head", "fixed")
 
 
-def load_rows(paths: list[Path]) -> list[dict]:
-    """Every result row of the files, each tagged with ``_source`` (the file it came from)."""
+def load_rows(paths: list[Path], warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Every result row of the files, each tagged with ``_source`` (the file it came from). A folder, a
+    file of another kind (a trace CSV, plain text) or a broken line is refused with its line number;
+    ``warn`` hears of an incomplete last line that was dropped (a sweep killed mid-write)."""
     rows: list[dict] = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise DynapruneError(f"{path} is a folder, expected a results file: give the files, e.g. {path}/*.jsonl")
         if not path.exists():
             raise DynapruneError(f"results file not found: {path}")
         if path.suffix == ".json":
@@ -32,6 +37,8 @@ def load_rows(paths: list[Path]) -> list[dict]:
                 obj = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise DynapruneError(f"{path}: not valid JSON ({e})") from None
+            except UnicodeDecodeError:
+                raise DynapruneError(f"{path}: not a dynaprune result (not UTF-8 text)") from None
             found = obj if isinstance(obj, list) else [obj]
             for row in found:
                 if not isinstance(row, dict):
@@ -40,8 +47,11 @@ def load_rows(paths: list[Path]) -> list[dict]:
                     raise DynapruneError(
                         f"{path}: results of schema {row['schema']!r}; this dynaprune reads {SCHEMA!r}"
                     )
+        elif path.suffix != ".jsonl" and path.stat().st_size:
+            raise DynapruneError(f"{path}: not a results file (expected .jsonl from `dynaprune sweep` or .json "
+                                 "from `dynaprune eval --json`)")
         else:
-            found = read_results(path)
+            found = read_results(path, warn)
         for row in found:
             if not isinstance(row.get("metric"), dict) or "value" not in row["metric"] or "task" not in row:
                 raise DynapruneError(f"{path}: not a dynaprune result (no 'task'/'metric')")
@@ -58,7 +68,9 @@ def method_of(recipe: str | None) -> str:
     keys = dict(part.split("=", 1) for part in recipe.split(",") if "=" in part)
     if keys.get("score", "spatten") != "spatten":
         return keys["score"]
-    techniques = "+".join(dict.fromkeys(k.removesuffix("_schedule") for k in keys if k in SPATTEN_KEYS))
+    # a budget as a share (kv) or a count (kv_tokens) is the same technique: one series
+    techniques = "+".join(dict.fromkeys(k.removesuffix("_schedule").removesuffix("_tokens")
+                                        for k in keys if k in SPATTEN_KEYS))
     if any(k in keys for k in HDP_KEYS):
         parts = [name for key, name in (("block", "blocks"), ("block_sparsity", "blocks"), ("hdp_head", "heads"))
                  if key in keys]

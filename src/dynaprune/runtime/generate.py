@@ -81,7 +81,7 @@ def kv_budget(ctx: RunContext | None, context_len: int) -> int | None:
     the budget already set on the context (``ctx.kv_budget``), else the recipe's ``kv`` for that prompt;
     None when the context has no budget (dense, or a recipe without ``kv``)."""
     recipe = getattr(ctx, "recipe", None)
-    if recipe is None or getattr(recipe, "kv", None) is None:
+    if recipe is None or not getattr(recipe, "has_kv_budget", False):
         return None
     preset = getattr(ctx, "kv_budget", None)
     return int(preset) if preset is not None else recipe.kv_budget_tokens(context_len)

@@ -27,7 +27,7 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
     key_bits = quant.bits if quant is not None else -1
     total_bits = quant.total_bits if quant is not None else -1
     progressive = quant is not None and quant.progressive
-    accumulate = recipe.prunes_tokens or recipe.kv is not None
+    accumulate = recipe.prunes_tokens or recipe.has_kv_budget
     if getattr(ctx, "hdp", None) is not None:  # HDP's fixed-point word: integer bits as "MSBs", fraction bits as "LSBs"
         key_bits, total_bits = ctx.hdp.int_bits, ctx.hdp.int_bits + ctx.hdp.frac_bits
     rows: list[TraceRow] = []

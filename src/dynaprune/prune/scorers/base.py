@@ -53,12 +53,12 @@ class TokenScorer(Technique):
 
     def check_with(self, recipe: Any) -> None:
         if self.eviction_only:
-            if recipe.kv is None:
-                raise K.err("score", f"score={self.name} is a KV-cache eviction method; it needs kv")
+            if not recipe.has_kv_budget:
+                raise K.err("score", f"score={self.name} is a KV-cache eviction method; it needs kv or kv_tokens")
             if recipe.prunes_tokens:
                 raise K.err("score", f"score={self.name} has no cascade; it cannot drive token/token_schedule")
-        elif not (recipe.prunes_tokens or recipe.kv is not None):
-            raise K.err("score", f"score={self.name} ranks tokens; it needs token, token_schedule or kv")
+        elif not (recipe.prunes_tokens or recipe.has_kv_budget):
+            raise K.err("score", f"score={self.name} ranks tokens; it needs token, token_schedule, kv or kv_tokens")
 
     # cascade token pruning
     def accumulate(self, cumulative: torch.Tensor | None, received: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""Decode-time KV budget: ``kv=B``, ``sink=N``, ``recent=N`` (SpAtten Sec. III-A applied to the KV cache
-of generation, as the official SpAtten-LLM code does; StreamingLLM / H2O style budgets).
+"""Decode-time KV budget: ``kv=F`` or ``kv_tokens=N``, ``sink=N``, ``recent=N`` (SpAtten Sec. III-A
+applied to the KV cache of generation, as the official SpAtten-LLM code does; StreamingLLM / H2O style).
 
 After every decoder forward each layer's cache is compacted to the budget: the first ``sink`` and the
-last ``recent`` cached tokens are protected, the rest ranked by the token scorer (``score=``). B < 1 is
-a fraction of the prompt, else a token count. A budget of at least 64 tokens evicts in chunks (down to
-budget - budget / 16) so the compaction copy runs once per budget / 16 steps. Cost: fewer keys read per
-decode step (the work counter counts the keys attended beside those a dense cache would hold).
+last ``recent`` cached tokens are protected, the rest ranked by the token scorer (``score=``). ``kv`` is
+the share of the prompt kept, in (0, 1] (``kv=1`` keeps every token), ``kv_tokens`` a count of tokens;
+one or the other. The budget acts between forwards of a KV cache, so it changes nothing on an encoder
+or a single prefill (``prune/recipe_scope.py`` refuses it there). A budget of at least 64 tokens evicts
+in chunks (down to budget - budget / 16) so the compaction copy runs once per budget / 16 steps.
+Cost: fewer keys read per decode step (the work counter counts the keys attended beside those a dense
+cache would hold).
 """
 
 from __future__ import annotations
@@ -25,45 +28,53 @@ from dynaprune.prune.tokens import edge_token_mask, gather_tokens, select_tokens
 CHUNKED_EVICTION_MIN_BUDGET = 64
 
 
-def check_kv(key: str, value: Any) -> float | int:
+def check_kv(key: str, value: Any) -> float:
+    """``kv`` is a share of the prompt in (0, 1]; a count of tokens is ``kv_tokens`` (``kv=1`` used to mean
+    one token while ``token=1`` keeps everything: the share is now the only reading of ``kv``)."""
     value = K.as_float(key, value)
-    if value <= 0:
-        raise K.err(key, f"{K.fmt_float(value)} must be > 0 (a fraction of the prompt below 1, else tokens)")
-    if value < 1:
+    if 0.0 < value <= 1.0:
         return value
-    if not value.is_integer():
-        raise K.err(key, f"{K.fmt_float(value)}: a budget of 1 or more is a token count and must be whole")
-    return int(value)
+    hint = f"; for a count of tokens write kv_tokens={int(value)}" if value > 1 and value.is_integer() else ""
+    raise K.err(key, f"{K.fmt_float(value)} is outside (0, 1]: kv is the share of the prompt kept, e.g. kv=0.25{hint}")
 
 
 @dataclass(frozen=True)
 class KVBudget(Technique):
-    """``kv``: tokens each layer's cache keeps; ``sink`` / ``recent``: protected at the start / end."""
+    """``kv``: share of the prompt each layer's cache keeps, or ``kv_tokens``: a count; ``sink`` /
+    ``recent``: tokens protected at the start / end."""
 
-    kv: float | int | None = None
+    kv: float | None = None
+    kv_tokens: int | None = None
     sink: int | None = None
     recent: int | None = None
 
     role = "kv"
     keys = (
         K.Key("kv", K.parse_float, check_kv),
+        K.Key("kv_tokens", K.parse_int, K.at_least(1, integer=True)),
         K.Key("sink", K.parse_int, K.at_least(0, integer=True)),
         K.Key("recent", K.parse_int, K.at_least(0, integer=True)),
     )
-    exports = ("kv_budget_tokens",)
+    exports = ("kv_budget_tokens", "has_kv_budget")
+
+    @property
+    def has_kv_budget(self) -> bool:
+        """A decode-time KV budget is set (``kv`` or ``kv_tokens``)."""
+        return self.kv is not None or self.kv_tokens is not None
 
     def check(self) -> None:
         for name in ("sink", "recent"):
-            if getattr(self, name) is not None and self.kv is None:
-                raise K.err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv")
-        if isinstance(self.kv, int):
-            self._check_protected_fit(self.kv)
+            if getattr(self, name) is not None and not self.has_kv_budget:
+                raise K.err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv or kv_tokens")
+        if self.kv is not None and self.kv_tokens is not None:
+            raise K.err("kv_tokens", "set either kv (a share of the prompt) or kv_tokens (a count), not both")
+        if self.kv_tokens is not None:
+            self._check_protected_fit(self.kv_tokens)
 
     def _check_protected_fit(self, budget: int) -> None:
         protected = (self.sink or 0) + (self.recent or 0)
         if protected > budget:
-            raise K.err("sink + recent",
-                        f"sink + recent = {protected} protected tokens exceed the kv budget of {budget} tokens")
+            raise K.err("sink + recent", f"{protected} protected tokens exceed the kv budget of {budget} tokens")
 
     def validate_for(self, n_layers, n_heads, n_kv_heads, context_len) -> None:
         if context_len is not None:
@@ -71,12 +82,12 @@ class KVBudget(Technique):
 
     def kv_budget_tokens(self, context_len: int) -> int | None:
         """The decode-time KV budget in tokens for a prompt of ``context_len`` tokens (None: no budget)."""
-        if self.kv is None:
+        if not self.has_kv_budget:
             return None
-        if isinstance(self.kv, int):
-            if self.kv > context_len:
-                raise K.err("kv", f"kv={self.kv} tokens is larger than the context of {context_len} tokens")
-            budget = self.kv
+        if self.kv_tokens is not None:
+            if self.kv_tokens > context_len:
+                raise K.err("kv_tokens", f"{self.kv_tokens} tokens is larger than the context of {context_len} tokens")
+            budget = self.kv_tokens
         else:
             budget = K.keep_count(self.kv, context_len)
         self._check_protected_fit(budget)
@@ -89,7 +100,7 @@ class KVBudget(Technique):
         return sink, min(recent, budget - sink)
 
     def stage(self, run) -> Stage | None:
-        return KVBudgetStage(self, run) if self.kv is not None else None
+        return KVBudgetStage(self, run) if self.has_kv_budget else None
 
 
 class KVBudgetStage(Stage):

@@ -52,8 +52,10 @@ def parse_quant(key: str, raw: str) -> QuantSetting:
     if not match:
         raise K.err(key, f"{raw!r} is not B (static bits) or M+L@T (e.g. quant=4+4@0.1)")
     msb, lsb, threshold = match.groups()
-    if threshold is None:
-        raise K.err(key, f"progressive quantization needs a threshold: quant={msb}+{lsb}@0.1")
+    if int(lsb) == 0:  # M+0 is no progressive setting; said so rather than read as static M bits
+        raise K.err(key, f"{raw!r} has no LSB bits: progressive is M+L@T with L >= 1, static is quant=B")
+    if threshold is None:  # the bit widths are checked first, so the suggested form is itself valid
+        return check_quant(key, QuantSetting(int(msb), int(lsb)))
     return QuantSetting(int(msb), int(lsb), K.parse_float(key, threshold))
 
 
@@ -70,7 +72,8 @@ def check_quant(key: str, value: Any) -> QuantSetting:
             raise K.err(key, "a threshold needs MSB+LSB bits: quant=M+L@T")
         return QuantSetting(bits)
     if not 1 <= lsb <= 16 or bits + lsb > 16:
-        raise K.err(key, f"MSB + LSB = {bits}+{lsb} must be 1..16 bits each and at most 16 in total")
+        raise K.err(key, f"MSB + LSB = {bits}+{lsb} must be 1..16 bits each and at most 16 in total "
+                         "(e.g. quant=12+4@0.1)")
     if value.threshold is None:
         raise K.err(key, f"progressive quantization needs a threshold: quant={bits}+{lsb}@0.1")
     threshold = K.as_float(key, value.threshold)
