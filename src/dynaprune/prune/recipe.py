@@ -115,6 +115,12 @@ class Recipe:
             return getattr(self.technique(owner) or owner(), name)
         raise AttributeError(f"'Recipe' has no attribute {name!r}")
 
+    def replace(self, **keys: Any) -> Recipe:
+        """This recipe with some keys changed (None unsets a key), checked like a new recipe."""
+        values = dict(self.to_items())
+        values.update(keys)
+        return Recipe(**{k: v for k, v in values.items() if v is not None})
+
     def technique(self, kind: type[Technique]) -> Technique | None:
         """The recipe's technique of this class (or of a subclass), None when it is off."""
         return next((t for t in self.techniques if isinstance(t, kind)), None)
