@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--cases", default=None, help="LENGTH:BLOCK,... (default 1024:32,1024:64,1024:128,2048:128)")
+    p.add_argument("--save-qkv", metavar="PATH", default=None,
+                   help="capture Q/K/V for the longest case, save them (fp16, K/V per KV head) and exit")
+    p.add_argument("--qkv", metavar="PATH", default=None,
+                   help="read the Q/K/V that --save-qkv wrote instead of running SmolLM2 (a machine without the model)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     threads = setup_threads(args.threads)
@@ -200,7 +204,20 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu":  # the abs_sum score's (3, 9, L, L) product and the reference's mask
         check_memory(3 * 3 * 9 * longest * longest * 4 + (1 << 29), f"blocks benchmark (L = {longest})")
     t0 = time.perf_counter()
-    q_all, k_all, v_all = capture_qkv(longest, device=device)
+    if args.save_qkv:  # fp16 and K/V unrepeated: small enough to travel to a GPU machine without the model
+        q_all, k_all, v_all = capture_qkv(longest)
+        group = q_all.shape[1] // 3  # SmolLM2: 9 query heads share 3 KV heads
+        torch.save({"q": q_all.half(), "k": k_all[:, ::group].half(), "v": v_all[:, ::group].half(),
+                    "group": group}, args.save_qkv)
+        return {}
+    if args.qkv:
+        saved = torch.load(args.qkv)
+        if saved["q"].shape[2] < longest:
+            p.error(f"{args.qkv} holds {saved['q'].shape[2]} tokens, the cases need {longest}")
+        q_all = saved["q"].float().to(device)
+        k_all, v_all = (saved[n].float().repeat_interleave(saved["group"], dim=1).to(device) for n in ("k", "v"))
+    else:
+        q_all, k_all, v_all = capture_qkv(longest, device=device)
     capture_s = time.perf_counter() - t0
     rows = []
     for length, block in cases:
@@ -208,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows += run_case(q, k, v, block, sparsities, repeats, compile_)
     payload = {"quick": args.quick, "threads": threads, "compiled": compile_, "device": device.type,
                "inputs": f"SmolLM2-135M layers {list(LAYERS)} Q/K/V on WikiText-2 valid (batch = layers, "
-                         "K/V repeated to 9 heads, causal)", "capture_s": capture_s,
+                         "K/V repeated to 9 heads, causal)" + (" read from a saved capture (fp16-rounded)"
+                                                               if args.qkv else ""), "capture_s": capture_s,
                "kind": f"block-sparse kernel (FlexAttention block mask), fp32 {device.type.upper()}; "
                        "speedup_vs_sdpa includes the block scoring, keep table and mask build",
                "target": "speedup_vs_sdpa >= 2 at sparsity 0.75, block 64 or 128, L >= 1024",

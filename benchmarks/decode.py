@@ -28,6 +28,7 @@ Target (batch 8, 4k, kv=0.25): >= 1.5x tokens/s and KV bytes <= 0.27x dense.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks.common import check_memory, parser, pick_device, save, setup_threads, synchronize, wikitext_ids
 from dynaprune import load
+from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.techniques.kv_budget import CHUNKED_EVICTION_MIN_BUDGET
 from dynaprune.runtime.pruning import make_context
 
@@ -82,9 +84,13 @@ def window_steps(model, budgets: list[float], context: int, periods: int) -> int
 
 def run_case(model, batch: int, context: int, new_tokens: int, budgets: list[float],
              device: torch.device = torch.device("cpu")) -> dict:
-    tok = model.tokenizer
-    ids = torch.tensor([wikitext_ids(tok, context, offset_chars=row * context * 6) for row in range(batch)],
-                       device=device)
+    if getattr(model, "random_weights", False):  # no tokenizer: random ids (the work does not depend on them)
+        ids = torch.randint(0, model.config.vocab, (batch, context), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+    else:
+        tok = model.tokenizer
+        ids = torch.tensor([wikitext_ids(tok, context, offset_chars=row * context * 6) for row in range(batch)],
+                           device=device)
     variants = {"dense": None} | {f"kv={b}": f"kv={b}" for b in budgets}
     state = {}
     with torch.inference_mode():
@@ -149,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cases", default=None, help="BATCHxCONTEXT,... (default 1x1024,1x4096,8x1024,8x4096)")
     p.add_argument("--budgets", default=None, help="kv budgets, comma-separated (default 0.5,0.25,0.125)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--random-weights", metavar="CONFIG_JSON", default=None,
+                   help="SmolLM2's shapes from this HF config (written by --save-config) with random weights, for a "
+                        "machine without the model file: the work per step does not depend on the weights")
+    p.add_argument("--save-config", metavar="PATH", default=None, help="write SmolLM2's HF config JSON and exit")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if args.new_tokens is not None and args.new_tokens < 1:
@@ -156,7 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compaction_periods < 1:
         p.error("--compaction-periods must be >= 1")
     threads = setup_threads(args.threads)
-    model = load("smollm2-135m").to(device)
+    if args.save_config:
+        Path(args.save_config).write_text(json.dumps(load("smollm2-135m").config.to_hf()))
+        return {}
+    if args.random_weights:
+        model = Llama(LlamaConfig.from_hf(json.loads(Path(args.random_weights).read_text()))).to(device)
+        model.random_weights = True
+    else:
+        model = load("smollm2-135m").to(device)
     if args.quick:  # 256-token prompt, kv=0.25: a 64-token budget, compacting every 5 steps
         cases, budgets = [(1, 256)], [0.25]
     else:
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     for b, c in cases:  # saved after every case: a long grid on a busy machine keeps what it finished
         rows.append(run_case(model, b, c, steps[b, c], budgets, device))
-        payload = {"quick": args.quick, "threads": threads, "model": "smollm2-135m", "device": device.type,
+        payload = {"quick": args.quick, "threads": threads, "device": device.type,
+                   "model": "smollm2-135m" + (" shapes, random weights and ids" if args.random_weights else ""),
                    "kind": f"compacted KV cache (evicted K/V gathered out), fp32 {device.type.upper()}",
                    "timing": "tokens_per_s = batch / mean step over the timed window (compactions inside it); "
                              "tokens_per_s_median beside it",

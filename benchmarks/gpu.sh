@@ -5,6 +5,11 @@
 #     run from the repository root so `benchmarks` imports),
 #   - the SmolLM2 model in the dynaprune cache ($DYNAPRUNE_CACHE, default ~/.cache/dynaprune),
 #   - WikiText-2 ($DYNAPRUNE_DATA/wikitext2/{valid,test}.txt, default ../shared/data).
+#     or, where the model file cannot travel (the lent GPU machine takes 64 MiB of files, the GGUF is 98 MB),
+#   - $ASSETS/smollm2.json (`python -m benchmarks.decode --save-config`): decode runs SmolLM2's shapes
+#     with random weights and ids (the work per step does not depend on them), and
+#   - $ASSETS/qkv4096.pt (`python -m benchmarks.blocks --cases 4096:128 --save-qkv`): blocks reads the
+#     captured SmolLM2 Q/K/V (fp16-rounded) instead of running the model.
 # usage: benchmarks/gpu.sh OUTDIR     (writes OUTDIR/{decode,blocks,sparse24}.json, env.txt, status.txt)
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUTDIR}
@@ -33,9 +38,13 @@ step() {  # step NAME LIMIT_S ARGS...: run one benchmark under a time limit, rec
 
 # decode: batch 1/8 x 1k/4k x kv 0.5/0.25/0.125; the timed window spans 2 compaction periods of the
 # largest budget (66 steps at 1k, 258 at 4k), so every budget compacts inside it
-step decode 160 --device cuda --compaction-periods 2
+ASSETS=${ASSETS:-.gpu}
+decode_model=() blocks_input=()
+[ -f "$ASSETS/smollm2.json" ] && decode_model=(--random-weights "$ASSETS/smollm2.json")
+[ -f "$ASSETS/qkv4096.pt" ] && blocks_input=(--qkv "$ASSETS/qkv4096.pt")
+step decode 160 --device cuda --compaction-periods 2 "${decode_model[@]}"
 # blocks: FlexAttention block-sparse (compiled once per length) vs dense SDPA on SmolLM2 Q/K, scoring included
-step blocks 140 --device cuda --cases 1024:128,2048:128,4096:128
+step blocks 140 --device cuda --cases 1024:128,2048:128,4096:128 "${blocks_input[@]}"
 # 2:4 semi-structured fp16 weights (SmolLM2 shapes) vs dense
 step sparse24 50 --device cuda
 cat "$out/status.txt"

@@ -5,7 +5,7 @@ rows. Our calls return Algorithm 3's selection (the k largest, earliest among ti
 torch.topk returns them sorted by value. Ratio = our time / torch.topk's (target <= 1.5). Medians over
 repeats of ``inner`` calls each, all variants interleaved.
 
-On the CPU our calls take the numpy path (``NUMPY_MAX_N`` in prune/topk.py); ``topk_indices_torch_path``
+On the CPU our calls take the numpy path (``NUMPY_MAX_N`` in prune/topk/__init__.py); ``topk_indices_torch_path``
 times the same call forced onto the torch path (the one other devices use), which is how the size limit
 of the numpy path was chosen: ``numpy_path_faster_at`` lists the cases where it wins.
 

@@ -5,107 +5,28 @@ are fused into one matmul each (fewer, larger GEMMs); attention always goes thro
 ``runtime.attention`` and the block loop through ``ctx.between_layers`` so pruning stays outside.
 Mistral / Qwen2 sliding-window attention is not implemented: inputs longer than the window are
 refused rather than computed with full attention.
+
+The configuration is ``llama_config.py``; checkpoint name conversion (HF / GGUF tensors in,
+transformers out) and the lazy GGUF tokenizer are ``llama_checkpoint.py``; both re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.checkpoint import assign_weights, read_hf_folder, strip_prefix
+from dynaprune.models.checkpoint import assign_weights, read_hf_folder
+from dynaprune.models.llama_checkpoint import LazyTokenizer, llama_state_from_hf, llama_to_transformers
+from dynaprune.models.llama_config import SUPPORTED_TYPES, LlamaConfig
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-
-
-@dataclass
-class LlamaConfig:
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    rms_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_positions: int = 2048
-    tie_embeddings: bool = False
-    rope_scaling: dict | None = None  # None, {"rope_type": "linear"|"llama3", ...}
-    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias)
-    o_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None  # refused beyond it, see module docstring
-    arch: str = "llama"
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
-        arch = d.get("model_type", "llama")
-        if arch not in SUPPORTED_TYPES:
-            raise DynapruneError(f"model_type {arch!r} is not a Llama-family model ({', '.join(SUPPORTED_TYPES)})")
-        if d.get("hidden_act", "silu") != "silu":
-            raise DynapruneError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
-        rope = dict(d.get("rope_parameters") or {})  # transformers 5 layout
-        rope.update(d.get("rope_scaling") or {})  # transformers 4 layout
-        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "linear":
-            scaling = {"rope_type": "linear", "factor": float(rope["factor"])}
-        elif rope_type == "llama3":
-            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
-        elif rope_type != "default":
-            raise DynapruneError(f"rope scaling {rope_type!r} is not supported (default, linear, llama3)")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise DynapruneError("partial rotary embeddings are not supported")
-        window = None
-        if arch == "mistral" or (arch == "qwen2" and d.get("use_sliding_window")):
-            window = d.get("sliding_window")
-        heads = d["num_attention_heads"]
-        attn_bias = bool(d.get("attention_bias", False))
-        return cls(
-            vocab=d["vocab_size"],
-            hidden=d["hidden_size"],
-            layers=d["num_hidden_layers"],
-            heads=heads,
-            kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            intermediate=d["intermediate_size"],
-            rms_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_positions=int(d.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            rope_scaling=scaling,
-            qkv_bias=arch == "qwen2" or attn_bias,
-            o_bias=attn_bias and arch != "qwen2",
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=window,
-            arch=arch,
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers config dict (used by ``Llama.to_transformers``)."""
-        d = {
-            "model_type": self.arch, "vocab_size": self.vocab, "hidden_size": self.hidden,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate, "rms_norm_eps": self.rms_eps,
-            "max_position_embeddings": self.max_positions, "tie_word_embeddings": self.tie_embeddings,
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "mlp_bias": self.mlp_bias,
-            "attention_bias": self.o_bias,
-        }
-        if self.sliding_window is not None:
-            d.update(sliding_window=self.sliding_window, use_sliding_window=True)
-        return d
+__all__ = ["SUPPORTED_TYPES", "LazyTokenizer", "Llama", "LlamaConfig"]
 
 
 def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
@@ -201,19 +122,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, layer, positions, mask, cache, ctx):
         x = x + self.attention(self.attention_norm(x), cos, sin, layer, positions, mask, cache, ctx)
         return x + self.feed_forward(self.ffn_norm(x))
-
-
-@dataclass
-class LazyTokenizer:
-    """The tokenizer transformers builds from a GGUF's metadata (chat template included), made on demand."""
-
-    gguf_path: Path
-
-    def load(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.gguf_path.parent), gguf_file=self.gguf_path.name)
-
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, tokenizer=None, name: str = "llama"):
@@ -318,46 +226,11 @@ class Llama(nn.Module):
     def from_hf_state(cls, config: LlamaConfig, state: dict[str, torch.Tensor], *, tokenizer=None,
                       name: str = "llama", source: str = "checkpoint") -> Llama:
         """Build from an HF-named state dict (``model.layers.N.self_attn.q_proj.weight``, ...)."""
-        sd = strip_prefix(state, ("model.",))
-        c = config
-        out: dict[str, torch.Tensor] = {}
-
-        def take(key: str) -> torch.Tensor:
-            if key not in sd:
-                raise DynapruneError(f"{source}: missing tensor {key!r} for a {c.arch} model")
-            return sd.pop(key)
-
-        out["tok_embeddings.weight"] = take("embed_tokens.weight")
-        out["norm.weight"] = take("norm.weight")
-        if c.tie_embeddings:
-            sd.pop("lm_head.weight", None)
-            out["output.weight"] = out["tok_embeddings.weight"]
-        else:
-            out["output.weight"] = take("lm_head.weight")
-        for i in range(c.layers):
-            p = q = f"layers.{i}."
-            a = p + "self_attn."
-            out[q + "attention.wqkv.weight"] = torch.cat([take(a + f"{x}_proj.weight") for x in "qkv"])
-            if c.qkv_bias:
-                out[q + "attention.wqkv.bias"] = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"])
-            out[q + "attention.wo.weight"] = take(a + "o_proj.weight")
-            if c.o_bias:
-                out[q + "attention.wo.bias"] = take(a + "o_proj.bias")
-            m = p + "mlp."
-            out[q + "feed_forward.w13.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
-            out[q + "feed_forward.w2.weight"] = take(m + "down_proj.weight")
-            if c.mlp_bias:
-                out[q + "feed_forward.w13.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
-                out[q + "feed_forward.w2.bias"] = take(m + "down_proj.bias")
-            out[q + "attention_norm.weight"] = take(p + "input_layernorm.weight")
-            out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        leftover = [k for k in sd if not k.endswith("rotary_emb.inv_freq")]
-        if leftover:
-            raise DynapruneError(f"{source}: unexpected tensors, e.g. {leftover[:3]} (not a {c.arch} checkpoint?)")
+        out = llama_state_from_hf(config, state, source)
         with torch.device("meta"):  # no random init: every weight comes from the checkpoint
-            model = cls(c, tokenizer=tokenizer, name=name)
+            model = cls(config, tokenizer=tokenizer, name=name)
         assign_weights(model, out, source)
-        if c.tie_embeddings:
+        if config.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         return model.eval()
 
@@ -383,33 +256,4 @@ class Llama(nn.Module):
 
     def to_transformers(self):
         """The same weights in a transformers ``*ForCausalLM`` (the test oracle and the speed baseline)."""
-        import transformers
-
-        c = self.config
-        cls_name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[c.arch]
-        hf_cfg = getattr(transformers, f"{cls_name}Config")(**c.to_hf())
-        hf = getattr(transformers, f"{cls_name}ForCausalLM")(hf_cfg).float().eval()
-        sd = {"model.embed_tokens.weight": self.tok_embeddings.weight, "model.norm.weight": self.norm.weight,
-              "lm_head.weight": self.output.weight}
-        qs, ks, _ = self.layers[0].attention.sizes
-        for i, blk in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            for part in ("weight", "bias"):
-                fused = getattr(blk.attention.wqkv, part)
-                if fused is not None:
-                    for x, t in zip("qkv", fused.split([qs, ks, ks]), strict=True):
-                        sd[p + f"self_attn.{x}_proj.{part}"] = t
-                if getattr(blk.attention.wo, part) is not None:
-                    sd[p + f"self_attn.o_proj.{part}"] = getattr(blk.attention.wo, part)
-                if getattr(blk.feed_forward.w13, part) is not None:
-                    gate, up = getattr(blk.feed_forward.w13, part).chunk(2)
-                    sd[p + f"mlp.gate_proj.{part}"], sd[p + f"mlp.up_proj.{part}"] = gate, up
-                    sd[p + f"mlp.down_proj.{part}"] = getattr(blk.feed_forward.w2, part)
-            sd[p + "input_layernorm.weight"] = blk.attention_norm.weight
-            sd[p + "post_attention_layernorm.weight"] = blk.ffn_norm.weight
-        missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise RuntimeError(f"to_transformers: missing {missing}, unexpected {unexpected}")
-        if c.tie_embeddings:
-            hf.tie_weights()
-        return hf
+        return llama_to_transformers(self)
