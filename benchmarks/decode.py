@@ -38,7 +38,8 @@ import torch
 from benchmarks.common import check_memory, parser, pick_device, save, setup_threads, synchronize, wikitext_ids
 from dynaprune import load
 from dynaprune.models.llama import Llama, LlamaConfig
-from dynaprune.runtime.pruning import CHUNKED_EVICTION_MIN_BUDGET, make_context
+from dynaprune.prune.techniques.kv_budget import CHUNKED_EVICTION_MIN_BUDGET
+from dynaprune.runtime.pruning import make_context
 
 BUDGETS = [0.5, 0.25, 0.125]
 

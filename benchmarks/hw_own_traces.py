@@ -157,7 +157,7 @@ def traced(model, recipe: str, run) -> tuple[Trace, object, float]:
         run(ctx)
     seconds = time.perf_counter() - t0
     rows = trace_rows(ctx)
-    if ctx.hdp is not None:
+    if getattr(ctx, "hdp", None) is not None:
         rows = with_hdp_decisions(rows, ctx, decisions)
     config = f"dynaprune {getattr(model, 'name', 'model')} {recipe}".replace(",", ";")
     return Trace.from_rows(rows, config=config), ctx, seconds

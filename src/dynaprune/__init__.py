@@ -4,5 +4,25 @@ __version__ = "0.1.0"
 
 from dynaprune.errors import DynapruneError  # noqa: E402
 from dynaprune.models import load  # noqa: E402
+from dynaprune.prune.recipe import Recipe  # noqa: E402
+from dynaprune.prune.scorers.h2o import H2OScore  # noqa: E402
+from dynaprune.prune.scorers.instant import InstantScore  # noqa: E402
+from dynaprune.prune.scorers.random import RandomScore  # noqa: E402
+from dynaprune.prune.scorers.spatten import SpAttenScore  # noqa: E402
+from dynaprune.prune.scorers.streaming import StreamingScore  # noqa: E402
+from dynaprune.prune.scorers.tova import TOVAScore  # noqa: E402
+from dynaprune.prune.techniques.hdp import HybridDynamicPruning  # noqa: E402
+from dynaprune.prune.techniques.head_cascade import HeadPruning  # noqa: E402
+from dynaprune.prune.techniques.kv_budget import KVBudget  # noqa: E402
+from dynaprune.prune.techniques.local_value import ValuePruning  # noqa: E402
+from dynaprune.prune.techniques.progressive_quant import Quantization, QuantSetting  # noqa: E402
+from dynaprune.prune.techniques.token_cascade import TokenPruning  # noqa: E402
 
-__all__ = ["DynapruneError", "load", "__version__"]
+__all__ = [
+    "DynapruneError", "load", "__version__", "Recipe",
+    # the techniques a recipe composes (their fields are the recipe keys)
+    "TokenPruning", "HeadPruning", "ValuePruning", "Quantization", "QuantSetting", "KVBudget",
+    "HybridDynamicPruning",
+    # token scorers (score=...)
+    "SpAttenScore", "H2OScore", "StreamingScore", "RandomScore", "InstantScore", "TOVAScore",
+]

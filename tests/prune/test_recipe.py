@@ -37,9 +37,9 @@ def test_parse_example_and_canonical_order() -> None:
 
 
 def test_typed_values() -> None:
-    recipe = Recipe.parse("kv_tokens=256,sink=4,recent=64,quant=8,fixed=4.12,approx=on,block=-0.5,block_size=2")
+    recipe = Recipe.parse("kv_tokens=256,sink=4,recent=64,fixed=4.12,approx=on,block=-0.5,block_size=2")
     assert recipe.kv_tokens == 256 and recipe.kv is None and recipe.has_kv_budget
-    assert recipe.quant == QuantSetting(8) and not recipe.quant.progressive
+    assert Recipe.parse("quant=8").quant == QuantSetting(8) and not Recipe.parse("quant=8").quant.progressive
     assert recipe.fixed == (4, 12) and recipe.approx is True and recipe.block == -0.5
     assert Recipe.parse("kv=0.25").kv == 0.25
     assert Recipe.parse("kv=1").kv == 1.0 and Recipe.parse("kv=1").kv_budget_tokens(300) == 300  # share 1 = all
@@ -51,8 +51,9 @@ def test_explicit_defaults_are_dense() -> None:
 
 
 def test_constructor_accepts_string_forms_and_lists() -> None:
-    recipe = Recipe(quant="6+4@0.05", fixed="8.8", token_schedule=[[1, 0.9], [3, 0.5]])
-    assert recipe == Recipe.parse("quant=6+4@0.05,fixed=8.8,token_schedule=1:0.9/3:0.5")
+    recipe = Recipe(quant="6+4@0.05", token_schedule=[[1, 0.9], [3, 0.5]])
+    assert recipe == Recipe.parse("quant=6+4@0.05,token_schedule=1:0.9/3:0.5")
+    assert Recipe(fixed="8.8", token=0.5) == Recipe.parse("fixed=8.8,token=0.5")
     assert hash(recipe) == hash(Recipe.parse(str(recipe)))
 
 
@@ -130,6 +131,8 @@ def recipes(draw: st.DrawFn) -> Recipe:
     if draw(st.booleans()):
         int_bits = draw(st.integers(1, 15))
         kw["fixed"] = (int_bits, draw(st.integers(1, 16 - int_bits)))
+    if any(k in kw for k in ("block", "block_sparsity", "hdp_head", "fixed")):  # HDP computes the attention
+        kw.pop("quant", None), kw.pop("value", None)
     return Recipe(**kw)
 
 

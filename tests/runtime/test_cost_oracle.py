@@ -38,8 +38,8 @@ def test_hdp_attention_work_is_the_integer_pass_plus_kept_pairs_and_the_emulatio
     assert whole["figure_kinds"]["attention_flops_kept"] == "modelled"
     assert whole["attention_flops_computed_kept"] == pytest.approx(6 * 3 * 144 * HEADS * LAYERS / (2 * VALID))
     ctx, blocks = run("block=0.3,block_score=max")
-    kept = sum(s.hdp["pairs_kept"] for s in ctx.layer_stats.values())
-    assert sum(s.hdp["pairs_valid"] for s in ctx.layer_stats.values()) == VALID
+    kept = sum(s.counts["hdp"]["pairs_kept"] for s in ctx.layer_stats.values())
+    assert sum(s.counts["hdp"]["pairs_valid"] for s in ctx.layer_stats.values()) == VALID
     assert 0 < kept < VALID
     assert blocks["attention_flops_kept"] == pytest.approx((VALID + 2 * kept) / (2 * VALID))
     assert blocks["attention_flops_computed_kept"] > 1.0  # the emulation computes more than dense

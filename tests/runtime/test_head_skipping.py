@@ -110,11 +110,15 @@ def test_bert_with_skipped_projections_matches_projecting_every_head(recipe):
 class PerRowHeads:
     """After layer 0, each row of the batch keeps different heads (the projections run on their union)."""
 
-    def _prune_heads(self, layer):
-        if layer == 0:
-            self.head_index = torch.tensor([[0, 1, 2], [1, 2, 3], [0, 2, 3]])
-            self._head_plan = HeadPlan.make(self.head_index, self.shape.heads, self.shape.kv_heads,
-                                            self.shape.head_dim)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        stage = next(s for s in self.stages if hasattr(s, "prune_heads"))
+
+        def prune_heads(layer):
+            if layer == 0:
+                stage.head_index = torch.tensor([[0, 1, 2], [1, 2, 3], [0, 2, 3]])
+
+        stage.prune_heads = prune_heads
 
 
 class PerRowSkipping(PerRowHeads, PruningContext):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -308,8 +308,7 @@ def calibrate_model(
         raise DynapruneError("the calibration run made no attention call")
     block = recorder.block_ratio()
     head = recorder.head_threshold()
-    recipe = replace(
-        base,
+    recipe = base.replace(
         block=block.value,
         block_size=spec.block_size,
         block_score=spec.block_score,

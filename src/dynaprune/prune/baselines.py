@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from dynaprune.prune.recipe import keep_count
+from dynaprune.prune.keys import keep_count
 from dynaprune.prune.tokens import (
     TokenKeep,
     accumulate_token_importance,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from dynaprune.prune.recipe import keep_counts
+from dynaprune.prune.keys import keep_counts
 
 
 class LocalValueResult(NamedTuple):

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynaprune.prune import registry
+from dynaprune.prune.technique import ROLES
+
 # counts summed over a run's layers and carried in the summary; each fraction is a ratio of two of them
 BIT_COUNTS = ("query_bits_fetched", "query_bits_dense16", "key_bits_fetched", "key_bits_dense16",
               "value_bits_fetched", "value_bits_dense16")
@@ -53,17 +56,7 @@ class LayerStats:
     value_rows_dense: int = 0  # the same over every visible key
     value_rows_fetched: int = 0  # (head, V row) fetched: kept by at least one real query
     value_rows_fetched_dense: int = 0  # (head, V row) visible to at least one real query
-    hdp: dict[str, float] = field(default_factory=dict)
-
-
-def hdp_sparsities(totals: dict[str, float]) -> dict[str, float]:
-    """HDP count totals with the block, pair and head sparsities they imply added."""
-    return {
-        **totals,
-        "block_sparsity": 1 - totals["blocks_kept"] / max(1.0, totals["blocks_valid"]),
-        "pair_sparsity": 1 - totals["pairs_kept"] / max(1.0, totals["pairs_valid"]),
-        "head_sparsity": 1 - totals["head_kept"] / max(1.0, totals["heads_total"]),
-    }
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)  # a stage's own counters, by stage name
 
 
 def _fractions(counts: dict[str, int], enabled: set[str]) -> dict[str, float]:
@@ -75,11 +68,11 @@ def _fractions(counts: dict[str, int], enabled: set[str]) -> dict[str, float]:
     return out
 
 
-def summarize(layer_stats: dict[int, LayerStats], *, quant: bool, value: bool, hdp: bool) -> dict:
-    """Per-layer tokens and heads alive, the counts above summed over layers and the fractions they give."""
+def summarize(layer_stats: dict[int, LayerStats], enabled: set[str]) -> dict:
+    """Per-layer tokens and heads alive and, for the ``enabled`` groups of fractions (``quant``, ``value``,
+    ``bits``: what the stages ask for), the counts above summed over layers and the fractions they give."""
     layers = sorted(layer_stats)
     s = layer_stats
-    enabled = {name for name, on in (("quant", quant), ("value", value), ("bits", quant or value)) if on}
     out: dict = {
         "tokens_per_layer": [s[i].tokens_in for i in layers],
         "heads_per_layer": [s[i].heads_alive for i in layers],
@@ -89,18 +82,13 @@ def summarize(layer_stats: dict[int, LayerStats], *, quant: bool, value: bool, h
         out["counts"] = counts
         out["enabled"] = sorted(enabled)
         out.update(_fractions(counts, enabled))
-    if hdp:
-        totals: dict[str, float] = {}
-        for i in layers:
-            for key, value in s[i].hdp.items():
-                totals[key] = totals.get(key, 0.0) + value
-        out["hdp"] = hdp_sparsities(totals)
     return out
 
 
 def merge_summaries(contexts: list) -> dict:
     """Summaries of the pruning contexts of one task run, merged: per-layer lists and counts summed,
-    fractions recomputed from the summed counts (weighted by the rows / bits they cover)."""
+    fractions recomputed from the summed counts (weighted by the rows / bits they cover); each technique
+    merges its own figures (``Technique.merge_summary``)."""
     summaries = [c.summary() for c in contexts if getattr(c, "layer_stats", None) is not None]
     if not summaries:
         return {}
@@ -115,8 +103,6 @@ def merge_summaries(contexts: list) -> dict:
         enabled = set().union(*(s["enabled"] for s in counted))
         merged["counts"] = counts
         merged.update(_fractions(counts, enabled))
-    hdp = [s["hdp"] for s in summaries if "hdp" in s]
-    if hdp:
-        totals = {k: sum(h.get(k, 0.0) for h in hdp) for k in hdp[0] if not k.endswith("sparsity")}
-        merged["hdp"] = hdp_sparsities(totals)
+    for technique in sorted(registry.TECHNIQUES, key=lambda t: ROLES.index(t.role)):
+        technique.merge_summary(summaries, merged)
     return merged

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynaprune.hw.trace import TraceRow, write_trace
-from dynaprune.prune.recipe import keep_count
+from dynaprune.prune.keys import keep_count
 from dynaprune.runtime.pruning import PruningContext
 
 
@@ -28,7 +28,7 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
     total_bits = quant.total_bits if quant is not None else -1
     progressive = quant is not None and quant.progressive
     accumulate = recipe.prunes_tokens or recipe.has_kv_budget
-    if ctx.hdp is not None:  # HDP's fixed-point word: integer bits as "MSBs", fraction bits as "LSBs"
+    if getattr(ctx, "hdp", None) is not None:  # HDP's fixed-point word: integer bits as "MSBs", fraction bits as "LSBs"
         key_bits, total_bits = ctx.hdp.int_bits, ctx.hdp.int_bits + ctx.hdp.frac_bits
     rows: list[TraceRow] = []
     for call in ctx.trace_calls:

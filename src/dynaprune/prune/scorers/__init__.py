@@ -1,0 +1,1 @@
+"""Token scorers (``score=``): one file each; ``prune/registry.py`` lists them."""
