@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
+
+from dynaprune.models.llama import Llama, LlamaConfig
+
+
+class CharTokenizer:
+    """One token per character (enough to test the protocols without a real vocabulary)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return SimpleNamespace(input_ids=[ord(ch) % 64 for ch in text])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer random-weight Llama (GQA 4/2 heads) with a character tokenizer."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, intermediate=48,
+                      max_positions=128)
+    return Llama(cfg, tokenizer=CharTokenizer(), name="tiny").eval()
 
 
 class AttentionRecorder:

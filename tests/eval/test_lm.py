@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,24 +10,9 @@ import torch.nn.functional as F
 
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.lm import evaluate_lm
-from dynaprune.models.llama import Llama, LlamaConfig
+from dynaprune.models.llama import Llama
 from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.pruning import make_context
-
-
-class CharTokenizer:
-    """One token per character (enough to test the protocols without a real vocabulary)."""
-
-    def __call__(self, text, add_special_tokens=True):
-        return SimpleNamespace(input_ids=[ord(ch) % 64 for ch in text])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, intermediate=48,
-                      max_positions=128)
-    return Llama(cfg, tokenizer=CharTokenizer(), name="tiny").eval()
 
 
 @pytest.fixture
@@ -45,7 +29,7 @@ def nll_sum(model, ids):
 
 
 def test_window_protocol_matches_a_manual_computation(tiny, text):
-    ids = CharTokenizer()(text.read_text()).input_ids[:301]
+    ids = tiny.tokenizer(text.read_text()).input_ids[:301]
     calls = []
     res = evaluate_lm(tiny, text, window=100, max_tokens=301, progress=lambda d, t: calls.append((d, t)))
     # windows of 100, 100, 100 and a last one of 1 token, which predicts nothing and is dropped
@@ -59,7 +43,7 @@ def test_window_protocol_matches_a_manual_computation(tiny, text):
 
 
 def test_continue_protocol_scores_the_continuation_only(tiny, text):
-    ids = CharTokenizer()(text.read_text()).input_ids
+    ids = tiny.tokenizer(text.read_text()).input_ids
     made = []
 
     def factory():
@@ -117,7 +101,7 @@ def test_token_pruning_after_the_last_layer_scores_the_dense_logits_of_the_survi
     """token_schedule=1:0.5 prunes after the last of the 2 layers, so every layer runs dense and each
     surviving row of the logits is a dense row. The oracle finds which rows by matching them against
     the dense logits (not from the code under test), and sums the dense NLL of their next tokens."""
-    ids = CharTokenizer()(text.read_text()).input_ids
+    ids = tiny.tokenizer(text.read_text()).input_ids
     recipe = "token_schedule=1:0.5"
     res = evaluate_lm(tiny, text, window=100, ctx_factory=lambda: make_context(recipe, tiny))
     nll, scored = 0.0, 0
@@ -171,7 +155,7 @@ def contexts_of(recipe, model):
 
 @pytest.mark.parametrize("prefill", [1, 7])
 def test_dense_stream_equals_the_window_protocol(tiny, text, prefill):
-    ids = CharTokenizer()(text.read_text()).input_ids
+    ids = tiny.tokenizer(text.read_text()).input_ids
     res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=60, prefill=prefill, max_examples=2)
     expected = (nll_sum(tiny, ids[:60]) + nll_sum(tiny, ids[60:120])) / 118
     assert res.n == 2 and res.metric["tokens"] == 118
@@ -194,7 +178,7 @@ def test_stream_with_nothing_pruned_is_dense(tiny, text):
 
 def test_stream_under_a_kv_budget_equals_the_streaming_oracle(tiny, text, streaming_oracle):
     """kv=0.25 of a 100-token stream is 25 tokens; StreamingLLM keeps 2 sinks + the 23 newest keys."""
-    ids = CharTokenizer()(text.read_text()).input_ids
+    ids = tiny.tokenizer(text.read_text()).input_ids
     made, factory = contexts_of("kv=0.25,sink=2,score=streaming", tiny)
     res = evaluate_lm(tiny, text, protocol="stream", stream_tokens=100, max_examples=2, ctx_factory=factory)
     oracle = 0.0

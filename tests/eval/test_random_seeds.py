@@ -6,28 +6,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from types import SimpleNamespace
-
-import pytest
-import torch
 
 from dynaprune.eval.lm import evaluate_lm
-from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.baselines import RANDOM_SEEDS
 from dynaprune.runtime.pruning import make_context
-
-
-class CharTokenizer:
-    def __call__(self, text, add_special_tokens=True):
-        return SimpleNamespace(input_ids=[ord(ch) % 64 for ch in text])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, intermediate=48,
-                      max_positions=128)
-    return Llama(cfg, tokenizer=CharTokenizer(), name="tiny").eval()
 
 
 def test_random_recipe_reports_mean_and_spread_of_three_seeds(tiny, tmp_path, monkeypatch, dynaprune_cli):
