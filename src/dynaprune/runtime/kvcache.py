@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dynaprune.errors import DynapruneError
+from dynaprune.runtime import kvquant
 
 
 class KVCache:
@@ -40,6 +41,8 @@ class KVCache:
         self.valid = [torch.ones(batch, max_len, dtype=torch.bool, device=device) for _ in range(n_layers)]
         self.has_padding = [False] * n_layers
         self.lengths = [0] * n_layers
+        self.packed: list[kvquant.PackedLayer | None] = [None] * n_layers  # packed prefix per layer (kvquant.py)
+        self.appended = [0] * n_layers  # slots ever appended: what a cache without eviction would hold
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -87,6 +90,9 @@ class KVCache:
         else:
             self.valid[layer][:, start:end] = True
         self.lengths[layer] = end
+        self.appended[layer] += n
+        if self.packed[layer] is not None:  # a packed prefix is read back dequantized
+            return kvquant.read_layer(self, layer, end)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def key_mask(self, layer: int) -> torch.Tensor | None:
@@ -99,6 +105,7 @@ class KVCache:
     def compact(self, layer: int, keep_index: torch.Tensor) -> None:
         """Keep only the tokens at ``keep_index`` (B, Lkeep) of ``layer``, gathered to the front in the
         given order (pass them sorted to keep the causal order). No re-rotation: K is stored post-RoPE."""
+        kvquant.unpack_layer(self, layer)  # a packed prefix goes back to fp first: eviction regroups tokens
         length = self.lengths[layer]
         if keep_index.dim() != 2 or keep_index.shape[0] != self.batch:
             raise DynapruneError(f"keep_index must be (batch={self.batch}, Lkeep), got {tuple(keep_index.shape)}")
@@ -119,13 +126,20 @@ class KVCache:
         self.has_padding[layer] = not bool(valid.all())
         self.lengths[layer] = n
 
-    def bytes_held(self) -> int:
-        """Bytes of K and V actually in use (the tokens held), not the preallocated capacity."""
-        total = 0
-        for layer in range(self.n_layers):
-            k = self.k[layer]
-            total += 2 * k.shape[0] * k.shape[1] * self.lengths[layer] * k.shape[3] * k.element_size()
-        return total
+    def bytes_held(self, fp_bytes: int | None = None) -> int:
+        """Bytes of K and V actually in use (the tokens held), not the preallocated capacity: a packed
+        prefix counts its codes, scales and zero-points; ``fp_bytes`` counts the unpacked tokens at that
+        width per element instead of the buffer's (2: the fp16 axis of ``runtime/cost.py``)."""
+        return sum(kvquant.layer_bytes(self, layer, fp_bytes) for layer in range(self.n_layers))
+
+    def pack_prefix(self, layer: int, n: int, spec) -> None:
+        """Hold the first ``n`` tokens of ``layer`` packed (``spec``: a ``groupquant.KVQuantSpec``)."""
+        kvquant.pack_layer(self, layer, n, spec)
+
+    def dense_fp16_bytes(self) -> int:
+        """Bytes a fp16 cache of every slot ever appended (nothing evicted or packed) would hold."""
+        k = self.k[0]
+        return sum(2 * k.shape[0] * k.shape[1] * n * k.shape[3] * 2 for n in self.appended)
 
     def bytes_allocated(self) -> int:
         """Bytes of the preallocated K and V buffers (capacity, not use)."""
