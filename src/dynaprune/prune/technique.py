@@ -10,6 +10,7 @@ Roles (``Technique.role``), in hook order (the order stages run in every hook):
     probs    probability transform: progressive / static quantization of Q, K, V
     values   value selector: local value pruning (which V rows each query uses)
     kernel   attention kernel: HDP computes the attention of the alive heads itself
+    kvstore  K/V storage: quantizes and packs the cached tokens (after the KV budget evicted)
 
 A technique may name roles it cannot compose with (``excludes``); a recipe with both is refused with
 one message naming a key of each. See docs/architecture.md for the hooks of one attention call.
@@ -24,7 +25,7 @@ import torch
 
 from dynaprune.prune.keys import Key
 
-ROLES = ("tokens", "heads", "kv", "scorer", "probs", "values", "kernel")
+ROLES = ("tokens", "heads", "kv", "scorer", "probs", "values", "kernel", "kvstore")
 
 
 class Technique:

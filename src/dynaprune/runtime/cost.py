@@ -20,6 +20,16 @@ Two views of a run (``work_cost``):
   masked scores (the whole Lq x Lk rectangle unless SDPA's causal kernel skipped the upper triangle),
   every pass of an emulation (HDP's float64 masked passes, a progressive recompute), over the same
   dense useful FLOPs. A dense run on a padded batch computes more than 1.0 of it.
+
+One bytes axis for K/V (``kv_bytes_vs_fp16``): the bytes of the KV cache each forward after the prompt
+finds there, i.e. what it reads FOR THE CONTEXT (packed codes, fp16 scales and zero-points, and tokens
+not packed at 2 bytes an element), over a fp16 cache of every token appended so far (nothing evicted,
+nothing packed), summed over those forwards (a ratio of sums: bytes read over dense bytes read). Under
+``lm --protocol continue`` that is the compressed context cache the continuation reads (what kvpress's
+budgets mean); under ``stream`` and ``generate`` the cache held at each decode step. Runs that decode
+nothing from a cache (encoders, ``window``) fall back to ``kv_bytes_kept``. ``kv_bytes_held_vs_fp16``:
+the same count after the last forward. ``kv_bytes_kept`` (older) is another figure: the keys every
+attention call read, the continuation's own included, at 16 bits.
 """
 
 from __future__ import annotations
@@ -191,6 +201,8 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
         out["flops_computed_kept"] = computed["total"] / dense_total
         out["attention_flops_computed_kept"] = _attention(computed) / dense_attention
         out["figure_kinds"].update(flops_computed_kept="executed", attention_flops_computed_kept="executed")
+    out.update(_kv_bytes_axis(work, out["kv_bytes_kept"]))
+    out["figure_kinds"].update(kv_bytes_vs_fp16="executed", kv_bytes_held_vs_fp16="executed")
     if work.storage is not None:
         out["storage"] = work.storage  # quantized values are simulated: bytes above are at fp16 width
     return out
@@ -208,3 +220,16 @@ def _computed_flops(shape: CostShape, work: WorkCounter) -> dict[str, int]:
     flops["lm_head"] = 2 * shape.hidden * shape.vocab * work.lm_head_tokens_computed
     flops["total"] = sum(flops.values())
     return flops
+
+
+def _kv_bytes_axis(work: WorkCounter, kv_bytes_kept: float) -> dict:
+    """``kv_bytes_vs_fp16`` and ``kv_bytes_held_vs_fp16`` (module docstring); ``kv_bytes_axis`` says what
+    was counted."""
+    if not work.kv_read_bytes_dense:  # no forward read a cache after a prompt (or a dense RunContext)
+        return {"kv_bytes_vs_fp16": kv_bytes_kept, "kv_bytes_held_vs_fp16": kv_bytes_kept,
+                "kv_bytes_axis": "attention K/V reads at fp16 (no KV cache read after a prompt)"}
+    return {
+        "kv_bytes_vs_fp16": work.kv_read_bytes / work.kv_read_bytes_dense,
+        "kv_bytes_held_vs_fp16": work.kv_held_bytes / max(1, work.kv_held_bytes_dense),
+        "kv_bytes_axis": "KV cache read by each forward after the prompt, over a fp16 cache of every token",
+    }

@@ -275,6 +275,9 @@ class PruningContext(RunContext):
 
     def begin_forward(self, cache) -> None:
         self.cache = cache
+        if cache is not None and self.prefilled:  # the context cache this forward reads (runtime/cost.py)
+            self.work.kv_read_bytes += cache.bytes_held(fp_bytes=2)
+            self.work.kv_read_bytes_dense += cache.dense_fp16_bytes()
         for s in self.stages:
             s.begin_forward(cache)
 
@@ -286,6 +289,7 @@ class PruningContext(RunContext):
         self.prefilled = True
         for s in self.stages:
             s.end_forward(cache)
+        self.work.kv_held_bytes, self.work.kv_held_bytes_dense = cache.bytes_held(fp_bytes=2), cache.dense_fp16_bytes()
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict:

@@ -35,6 +35,13 @@ class WorkCounter:
     lm_head_tokens_dense: int = 0
     heads: int = 0  # query heads of the model (for the dense figure)
     storage: str | None = None  # "simulated": quantized values live in float tensors (fp16-width bytes)
+    # K/V cache bytes (packed codes, scales, zero-points; unpacked tokens at fp16) beside a fp16 cache of every
+    # token appended (runtime/cost.py kv_bytes_vs_fp16): summed over the forwards after the prompt (what each
+    # reads of the context), and held after the last forward
+    kv_read_bytes: int = 0
+    kv_read_bytes_dense: int = 0
+    kv_held_bytes: int = 0
+    kv_held_bytes_dense: int = 0
 
     def add(
         self, layer: int, tokens: int, pairs: int, heads_computed: int, keys: int,
@@ -87,6 +94,8 @@ class WorkCounter:
         self.lm_head_tokens_computed += other.lm_head_tokens_computed
         self.lm_head_tokens_dense += other.lm_head_tokens_dense
         self.heads = max(self.heads, other.heads)
+        for name in ("kv_read_bytes", "kv_read_bytes_dense", "kv_held_bytes", "kv_held_bytes_dense"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.storage = self.storage or other.storage
 
 
