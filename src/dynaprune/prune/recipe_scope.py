@@ -15,6 +15,7 @@ from dynaprune.prune.recipe import Recipe
 
 ENCODER_TASKS = ("sts", "classify", "sst2")  # sentence embeddings: encoder models only
 DECODING = {"lm": ("continue", "stream"), "generate": None}  # task -> protocols that decode (None: all)
+KV_STORE_KEYS = ("kv_bits", "kv_key_bits", "kv_value_bits", "kv_group", "kv_value_group", "kv_residual")
 
 
 def kv_budget_key(recipe: Recipe) -> str | None:
@@ -26,9 +27,12 @@ def check_recipe_applies(recipe: Recipe, where: str, *, protocol: str | None = N
     """Refuse keys that have no effect ``where``: a task name (``sts``, ``lm``, ...), ``run`` or
     ``calibrate``; ``protocol`` is the ``lm`` protocol."""
     key = kv_budget_key(recipe)
+    why = "a KV-cache budget evicts between the forwards of a decoder; "
+    if key is None:  # a quantized KV cache (kv_quant.py) packs between forwards too
+        key = next((k for k in KV_STORE_KEYS if getattr(recipe, k) is not None), None)
+        why = "a quantized KV cache packs the cached tokens between the forwards of a decoder; "
     if key is None:
         return
-    why = "a KV-cache budget evicts between the forwards of a decoder; "
     if where in ENCODER_TASKS:
         raise DynapruneError(f"recipe key '{key}': {why}task {where} runs an encoder (no KV cache), "
                              "so it would have no effect")
