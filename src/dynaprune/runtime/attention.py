@@ -41,6 +41,8 @@ def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal:
         n_keys = torch.full((batch,), lk)
     else:
         n_keys = key_padding_mask.sum(dim=-1).cpu()
+        if n_keys.dim() == 2:  # per-KV-head key mask: the mean count over the heads
+            n_keys = n_keys.float().mean(1).round().long()
     n_queries = n_keys if (lq == lk and key_padding_mask is not None) else torch.full((batch,), lq)
     pairs = n_queries * n_keys
     if causal:  # a query sees the cached keys and the new keys up to itself
@@ -51,14 +53,24 @@ def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal:
 def build_mask(
     lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device: torch.device
 ) -> torch.Tensor | None:
-    """Boolean mask (True = attend), broadcastable to (B, H, Lq, Lk); None when nothing is masked."""
+    """Boolean mask (True = attend), broadcastable to (B, H, Lq, Lk); None when nothing is masked.
+    ``key_padding_mask`` (B, Lk), or (B, H, Lk) per head (``heads_key_mask`` expands KV heads)."""
     mask = None
     if key_padding_mask is not None:
-        mask = key_padding_mask[:, None, None, :].to(torch.bool)
+        m = key_padding_mask.to(torch.bool)
+        mask = m[:, :, None, :] if m.dim() == 3 else m[:, None, None, :]
     if causal and lq > 1:
         tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
         mask = tri if mask is None else mask & tri
     return mask
+
+
+def heads_key_mask(key_padding_mask: torch.Tensor | None, n_heads: int) -> torch.Tensor | None:
+    """A per-KV-head key mask (B, Hkv, Lk) repeated for the query heads of each group (B, H, Lk);
+    a (B, Lk) mask or None as it is."""
+    if key_padding_mask is None or key_padding_mask.dim() == 2 or key_padding_mask.shape[1] == n_heads:
+        return key_padding_mask
+    return key_padding_mask.repeat_interleave(n_heads // key_padding_mask.shape[1], dim=1)
 
 
 def expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +96,7 @@ def sdpa(
         key_padding_mask = None
     lq, lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    key_padding_mask = heads_key_mask(key_padding_mask, q.shape[1])
     if causal and key_padding_mask is None and lq == lk and lq > 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
@@ -120,6 +133,7 @@ def attention_with_received(
     causal: bool,
     query_mask: torch.Tensor | None = None,
     block_bytes: int = 1 << 25,
+    per_kv_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit attention that returns the outputs (B, Hq, Lq, D) and the attention each key received,
     summed over heads and real queries (B, Lk) fp32 — SpAtten's token importance of this call — without
@@ -129,7 +143,8 @@ def attention_with_received(
     ``out = probs @ v`` and ``received = probs.sum(heads, real queries)`` (masked keys get 0). Queries
     are processed in blocks of about ``block_bytes`` of scores; a causal block only reads the keys its
     last query can see (half the work of a full score matrix). GQA: each K/V group serves its query
-    heads through a reshape, never a copy of K/V.
+    heads through a reshape, never a copy of K/V. ``per_kv_head``: ``received`` is (B, Hkv, Lk), summed
+    over the query heads of each KV group only. ``key_padding_mask`` may be (B, Hkv, Lk) (per-head cache).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -140,9 +155,13 @@ def attention_with_received(
     q5, k, v = q.contiguous().view(B, Hkv, G, Lq, D), _foldable(k), _foldable(v)
     weight = torch.ones(B, Lq, dtype=q.dtype, device=q.device) if query_mask is None else query_mask.to(q.dtype)
     out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
-    received = torch.zeros(B, Lk, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    received = torch.zeros(B, *((Hkv,) if per_kv_head else ()), Lk, dtype=torch.promote_types(q.dtype, torch.float32),
+                           device=q.device)
     rows = max(1, block_bytes // max(1, B * Hq * Lk * q.element_size()))
-    key_ok = key_padding_mask[:, None, None, None, :].to(torch.bool) if key_padding_mask is not None else None
+    key_ok = None
+    if key_padding_mask is not None:
+        m = key_padding_mask.to(torch.bool)
+        key_ok = m[:, :, None, None, :] if m.dim() == 3 else m[:, None, None, None, :]
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)
         n = q1 - q0
@@ -162,10 +181,15 @@ def attention_with_received(
                 probs.masked_fill_(dead, 0.0)
         out[:, :, :, q0:q1] = (probs.view(B, Hkv, G * n, end) @ v[:, :, :end]).view(B, Hkv, G, n, D)
         # column sums over heads and real queries as one batched GEMV: (B, 1, Hq n) @ (B, Hq n, end)
-        w = weight[:, None, None, q0:q1].expand(B, Hkv, G, n).reshape(B, 1, Hq * n)
-        received[:, :end] += (w @ probs.view(B, Hq * n, end)).squeeze(1).to(received.dtype)
-    if key_padding_mask is not None:
-        received = received.masked_fill(~key_padding_mask.to(torch.bool), 0.0)
+        if per_kv_head:  # over each KV group's query heads only: (B, Hkv, 1, G n) @ (B, Hkv, G n, end)
+            w = weight[:, None, None, q0:q1].expand(B, Hkv, G, n).reshape(B, Hkv, 1, G * n)
+            received[:, :, :end] += (w @ probs.view(B, Hkv, G * n, end)).squeeze(2).to(received.dtype)
+        else:
+            w = weight[:, None, None, q0:q1].expand(B, Hkv, G, n).reshape(B, 1, Hq * n)
+            received[:, :end] += (w @ probs.view(B, Hq * n, end)).squeeze(1).to(received.dtype)
+    if key_ok is not None:
+        seen = key_ok[:, :, 0, 0]  # (B, Hkv or 1, Lk)
+        received = received.masked_fill(~(seen if per_kv_head else seen.any(1)), 0.0)
     return out.view(B, Hq, Lq, D), received
 
 

@@ -6,6 +6,10 @@ the original position id of every cached token, so ``compact`` can drop pruned t
 gather and the survivors keep their rotation. ``next_position`` (B,) counts the positions consumed by
 the sequence so far and is independent of how many tokens a layer still holds.
 
+Per-KV-head eviction (``compact`` with a (B, Hkv, Lkeep) index) lets each KV head keep its own
+tokens: the layer then also holds per-head positions and validity (``head_positions``/``head_valid``),
+and ``key_mask`` becomes (B, Hkv, Lk) when heads keep different counts (padded with invalid slots).
+
 Slots are not positions: ``max_len`` is the capacity in tokens held at once, and a sequence may run to
 any position (the model's limit) as long as compaction keeps each layer within it. Decoding under a KV
 budget therefore allocates budget + step slots (``generate.cache_capacity``), not the whole length.
@@ -40,6 +44,9 @@ class KVCache:
         # True for real tokens; left padding of a batch is stored as False and masked in attention.
         self.valid = [torch.ones(batch, max_len, dtype=torch.bool, device=device) for _ in range(n_layers)]
         self.has_padding = [False] * n_layers
+        # per-KV-head state, only for layers compacted per head (None: every head holds the same tokens)
+        self.head_positions: list[torch.Tensor | None] = [None] * n_layers  # (B, Hkv, max_len)
+        self.head_valid: list[torch.Tensor | None] = [None] * n_layers  # (B, Hkv, max_len)
         self.lengths = [0] * n_layers
         self.packed: list[kvquant.PackedLayer | None] = [None] * n_layers  # packed prefix per layer (kvquant.py)
         self.appended = [0] * n_layers  # slots ever appended: what a cache without eviction would hold
@@ -89,6 +96,9 @@ class KVCache:
             self.has_padding[layer] = self.has_padding[layer] or not bool(mask.all())
         else:
             self.valid[layer][:, start:end] = True
+        if self.head_positions[layer] is not None:  # new tokens enter every head of a per-head layer
+            self.head_positions[layer][:, :, start:end] = self.positions[layer][:, None, start:end]
+            self.head_valid[layer][:, :, start:end] = self.valid[layer][:, None, start:end]
         self.lengths[layer] = end
         self.appended[layer] += n
         if self.packed[layer] is not None:  # a packed prefix is read back dequantized
@@ -96,41 +106,96 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def key_mask(self, layer: int) -> torch.Tensor | None:
-        """(B, Lk) bool mask of the real cached tokens, or None when nothing is padding (faster SDPA)."""
-        return self.valid[layer][:, : self.lengths[layer]] if self.has_padding[layer] else None
+        """(B, Lk) bool mask of the real cached tokens, or None when nothing is padding (faster SDPA);
+        (B, Hkv, Lk) in a layer whose KV heads hold different numbers of tokens."""
+        if not self.has_padding[layer]:
+            return None
+        if self.head_valid[layer] is not None:
+            return self.head_valid[layer][:, :, : self.lengths[layer]]
+        return self.valid[layer][:, : self.lengths[layer]]
 
     def cached_positions(self, layer: int) -> torch.Tensor:
+        """(B, Lk) original positions of the cached tokens (head 0's in a layer compacted per head)."""
         return self.positions[layer][:, : self.lengths[layer]]
 
-    def compact(self, layer: int, keep_index: torch.Tensor) -> None:
-        """Keep only the tokens at ``keep_index`` (B, Lkeep) of ``layer``, gathered to the front in the
-        given order (pass them sorted to keep the causal order). No re-rotation: K is stored post-RoPE."""
+    def head_cached_positions(self, layer: int) -> torch.Tensor:
+        """(B, Hkv, Lk) original positions of every KV head's cached tokens."""
+        if self.head_positions[layer] is not None:
+            return self.head_positions[layer][:, :, : self.lengths[layer]]
+        return self.cached_positions(layer)[:, None, :].expand(-1, self.k[layer].shape[1], -1)
+
+    def head_valid_mask(self, layer: int) -> torch.Tensor:
+        """(B, Hkv, Lk) bool: the real tokens of every KV head."""
+        if self.head_valid[layer] is not None:
+            return self.head_valid[layer][:, :, : self.lengths[layer]]
+        return self.valid[layer][:, None, : self.lengths[layer]].expand(-1, self.k[layer].shape[1], -1)
+
+    def padding_slots(self, layer: int) -> int:
+        """Slots of ``layer`` (over batch and KV heads) that hold no real token of a per-head layer."""
+        if self.head_valid[layer] is None:
+            return 0
+        return int((~self.head_valid[layer][:, :, : self.lengths[layer]]).sum())
+
+    def compact(self, layer: int, keep_index: torch.Tensor, keep_mask: torch.Tensor | None = None) -> None:
+        """Keep only the tokens at ``keep_index`` of ``layer``, gathered to the front in the given order
+        (pass them sorted to keep the causal order). No re-rotation: K is stored post-RoPE.
+
+        ``keep_index`` (B, Lkeep): one token set for the layer; (B, Hkv, Lkeep): each KV head keeps its
+        own tokens (the query heads of a GQA group share them). ``keep_mask`` (same shape, bool) marks
+        the real kept entries when rows or heads keep different counts: the others become invalid slots,
+        masked in attention and not counted by ``bytes_held``."""
         kvquant.unpack_layer(self, layer)  # a packed prefix goes back to fp first: eviction regroups tokens
-        length = self.lengths[layer]
-        if keep_index.dim() != 2 or keep_index.shape[0] != self.batch:
-            raise DynapruneError(f"keep_index must be (batch={self.batch}, Lkeep), got {tuple(keep_index.shape)}")
+        length, n_kv = self.lengths[layer], self.k[layer].shape[1]
+        per_head = keep_index.dim() == 3
+        shape_ok = keep_index.dim() in (2, 3) and keep_index.shape[0] == self.batch
+        if not shape_ok or (per_head and keep_index.shape[1] != n_kv):
+            raise DynapruneError(
+                f"keep_index must be (batch={self.batch}, Lkeep) or (batch, kv_heads={n_kv}, Lkeep), "
+                f"got {tuple(keep_index.shape)}")
+        if keep_mask is not None and keep_mask.shape != keep_index.shape:
+            raise DynapruneError(f"keep_mask {tuple(keep_mask.shape)} must match keep_index {tuple(keep_index.shape)}")
         if keep_index.numel() and (int(keep_index.min()) < 0 or int(keep_index.max()) >= length):
             raise DynapruneError(f"keep_index out of range for layer {layer} holding {length} tokens")
-        n = keep_index.shape[1]
+        n = keep_index.shape[-1]
         idx = keep_index.to(self.k[layer].device)
-        kv_idx = idx[:, None, :, None].expand(-1, self.k[layer].shape[1], -1, self.k[layer].shape[3])
+        head_idx = idx if per_head else idx[:, None, :].expand(-1, n_kv, -1)
+        kv_idx = head_idx[..., None].expand(-1, -1, -1, self.k[layer].shape[3])
         # gather into fresh tensors first: source and destination overlap in the buffer
         k = self.k[layer][:, :, :length].gather(2, kv_idx)
         v = self.v[layer][:, :, :length].gather(2, kv_idx)
-        pos = self.positions[layer][:, :length].gather(1, idx)
-        valid = self.valid[layer][:, :length].gather(1, idx)
         self.k[layer][:, :, :n] = k
         self.v[layer][:, :, :n] = v
+        if per_head or self.head_positions[layer] is not None:
+            head_pos = self.head_cached_positions(layer).gather(2, head_idx)
+            head_valid = self.head_valid_mask(layer).gather(2, head_idx)
+            if keep_mask is not None:
+                head_valid = head_valid & keep_mask.to(head_valid.device).expand(head_valid.shape)
+            if self.head_positions[layer] is None:
+                self.head_positions[layer] = torch.zeros_like(self.k[layer][..., 0], dtype=torch.long)
+                self.head_valid[layer] = torch.ones_like(self.k[layer][..., 0], dtype=torch.bool)
+            self.head_positions[layer][:, :, :n] = head_pos
+            self.head_valid[layer][:, :, :n] = head_valid
+            pos, valid = head_pos[:, 0], head_valid.any(dim=1)  # the layer view: head 0's positions
+        else:
+            pos = self.positions[layer][:, :length].gather(1, idx)
+            valid = self.valid[layer][:, :length].gather(1, idx)
+            if keep_mask is not None:
+                valid = valid & keep_mask.to(valid.device)
+            head_valid = valid
         self.positions[layer][:, :n] = pos
         self.valid[layer][:, :n] = valid
-        self.has_padding[layer] = not bool(valid.all())
+        self.has_padding[layer] = not bool(head_valid.all())
         self.lengths[layer] = n
 
     def bytes_held(self, fp_bytes: int | None = None) -> int:
         """Bytes of K and V actually in use (the tokens held), not the preallocated capacity: a packed
         prefix counts its codes, scales and zero-points; ``fp_bytes`` counts the unpacked tokens at that
         width per element instead of the buffer's (2: the fp16 axis of ``runtime/cost.py``)."""
-        return sum(kvquant.layer_bytes(self, layer, fp_bytes) for layer in range(self.n_layers))
+        total = sum(kvquant.layer_bytes(self, layer, fp_bytes) for layer in range(self.n_layers))
+        width = self.k[0].element_size() if fp_bytes is None else fp_bytes
+        # slots padding a per-head layer (heads keeping fewer tokens) hold nothing real
+        return total - sum(2 * self.padding_slots(layer) * self.k[layer].shape[3] * width
+                           for layer in range(self.n_layers))
 
     def pack_prefix(self, layer: int, n: int, spec) -> None:
         """Hold the first ``n`` tokens of ``layer`` packed (``spec``: a ``groupquant.KVQuantSpec``)."""
