@@ -16,6 +16,7 @@ from dynaprune.prune.techniques.head_cascade import HeadPruning  # noqa: E402
 from dynaprune.prune.techniques.kv_budget import KVBudget  # noqa: E402
 from dynaprune.prune.techniques.kv_quant import KVQuantization  # noqa: E402
 from dynaprune.prune.techniques.local_value import ValuePruning  # noqa: E402
+from dynaprune.prune.techniques.prefill_window import PrefillSelection  # noqa: E402
 from dynaprune.prune.techniques.progressive_quant import Quantization, QuantSetting  # noqa: E402
 from dynaprune.prune.techniques.token_cascade import TokenPruning  # noqa: E402
 
@@ -23,7 +24,7 @@ __all__ = [
     "DynapruneError", "load", "__version__", "Recipe",
     # the techniques a recipe composes (their fields are the recipe keys)
     "TokenPruning", "HeadPruning", "ValuePruning", "Quantization", "QuantSetting", "KVBudget",
-    "HybridDynamicPruning", "KVQuantization",
+    "HybridDynamicPruning", "KVQuantization", "PrefillSelection",
     # token scorers (score=...)
     "SpAttenScore", "H2OScore", "StreamingScore", "RandomScore", "InstantScore", "TOVAScore",
 ]

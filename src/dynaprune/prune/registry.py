@@ -21,12 +21,13 @@ from dynaprune.prune.techniques.head_cascade import HeadPruning
 from dynaprune.prune.techniques.kv_budget import KVBudget
 from dynaprune.prune.techniques.kv_quant import KVQuantization
 from dynaprune.prune.techniques.local_value import ValuePruning
+from dynaprune.prune.techniques.prefill_window import PrefillSelection
 from dynaprune.prune.techniques.progressive_quant import Quantization
 from dynaprune.prune.techniques.token_cascade import TokenPruning
 
 TECHNIQUES: tuple[type[Technique], ...] = (
     TokenPruning, HeadPruning, ValuePruning, Quantization, KVBudget, TokenScorer, HybridDynamicPruning,
-    KVQuantization,
+    KVQuantization, PrefillSelection,
 )
 SCORERS: dict[str, type[TokenScorer]] = {}
 KEYS: dict[str, Key] = {}  # recipe key -> its spec, in canonical order

@@ -95,6 +95,11 @@ class Stage:
         """(B, Hk) query heads the next attention computes, None = all."""
         return None
 
+    def queries_keys(self, layer: int, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                     scale: float) -> None:
+        """q (B, Hq, Lq, D) and k (B, Hk, Lk, D) of every call, whatever kernel runs (an importance of
+        its own next to SDPA's fused kernel, e.g. an observation window)."""
+
     def needs_received(self, layer: int) -> bool:
         """Whether this call's attention received per key feeds this stage's importance."""
         return False

@@ -30,13 +30,14 @@ import torch
 from dynaprune.prune.quant import bits_fetched
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.technique import ROLES, Stage
-from dynaprune.prune.tokens import accumulate_token_importance
+from dynaprune.prune.tokens import accumulate_token_importance, received_per_kv_head
 from dynaprune.runtime.attention import (
     RunContext,
     attention_with_received,
     build_mask,
     count_pairs,
     expand_kv,
+    heads_key_mask,
     padded_pairs,
     received_pairs,
     sdpa,
@@ -102,6 +103,8 @@ class PruningContext(RunContext):
         self.explicit = any(s.explicit for s in self.stages)
         self._kernel = next((s for s in self.stages if _overrides(s, "attention")), None)
         self._kernel_probs = any(s.wants_probabilities for s in self.stages)  # beside a kernel's own attention
+        self._per_kv_head = any(getattr(s, "received_per_kv_head", False) for s in self.stages)
+        self._observers = [s for s in self.stages if _overrides(s, "queries_keys")]  # read q / k of every call
 
     # stage state reads as context state (ctx.head_index, ctx.kv_budget, ctx.token_importance, ...)
     def __getattr__(self, name: str):
@@ -147,15 +150,19 @@ class PruningContext(RunContext):
         if needs:  # which queries' attention counts (a scorer may count the last query only)
             found = next((w for s in self.stages if (w := s.query_weights(query_mask, B, lq)) is not None), None)
             weights = found.to(q.device) if found is not None else query_mask
-        mask = build_mask(lq, k.shape[2], key_padding_mask, causal, q.device) if explicit else None
+        mask = build_mask(lq, k.shape[2], _explicit_key_mask(key_padding_mask, n_heads, heads), causal,
+                          q.device) if explicit else None
         call = AttentionCall(layer, q, k, v, key_padding_mask, causal, scale, mask, query_mask)
+        for s in self._observers:
+            s.queries_keys(layer, q, k, key_padding_mask, scale)
         received = probs = head_pairs = None
         lk = k.shape[2]
         rectangle = padded_pairs(B, lq, lk, False) * q.shape[1]  # scores of every computed head, masked too
         qk_passes = pv_passes = 1  # full-rectangle passes the emulation ran (fast paths: set below)
         if not explicit:  # SDPA's fused kernel, or one blocked pass that also sums what each key received
-            if needs:
-                out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, weights)
+            if needs:  # per KV head when a stage ranks each KV head's tokens (kv_alloc=head|ada)
+                out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, weights,
+                                                        per_kv_head=self._per_kv_head)
                 computed_pairs = received_pairs(B, q.shape[1], lq, lk, causal, q.element_size())
             else:
                 out = sdpa(q, k, v, key_padding_mask, causal, scale)
@@ -175,13 +182,16 @@ class PruningContext(RunContext):
             out = probs @ v if out is None else out
             qk_passes = call.qk_passes
             self._count_bits(stats, call)
-        if probs is not None and needs:
+        if probs is not None and needs and self._per_kv_head:
+            received = received_per_kv_head(probs, self.shape.kv_heads, heads, key_padding_mask, weights)
+        elif probs is not None and needs:
             received = accumulate_token_importance(None, probs, key_padding_mask, query_mask=weights)
         # In a decoder the padding queries (left padding) see no key, so their rows are 0 and ``received``
         # with the query mask is also what every query gave the cached keys.
         if received is not None:
+            summed = received.sum(1) if received.dim() == 3 else received  # for the stages ranking per layer
             for s in self.stages:
-                s.received(layer, received)
+                s.received(layer, received if getattr(s, "received_per_kv_head", False) else summed)
         for s in self.stages:
             s.after_attention(layer, out, heads, n_heads, query_mask)
         if self.record_probs and probs is not None:
@@ -200,6 +210,8 @@ class PruningContext(RunContext):
         layer, key_padding_mask = call.layer, call.key_padding_mask
         tokens, pairs = count_pairs(lq, lk, key_padding_mask, call.causal, B)
         keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * lk
+        if key_padding_mask is not None and key_padding_mask.dim() == 3:  # per-KV-head mask: mean over heads
+            keys //= key_padding_mask.shape[1]
         dense_pairs = dense_keys = None
         if self.cache is not None and self.prefilled:  # keys evicted so far would have been attended too
             seen = self.cache.next_position.cpu() + (tokens // B)
@@ -236,6 +248,8 @@ class PruningContext(RunContext):
     def _trace(self, layer, heads, lq, lk, head_dim, key_padding_mask, causal) -> None:
         """Record what the first input of the batch did in this call (one entry per call)."""
         n_keys = int(key_padding_mask[0].sum()) if key_padding_mask is not None else lk
+        if key_padding_mask is not None and key_padding_mask.dim() == 3:
+            n_keys //= key_padding_mask.shape[1]
         queries = n_keys if (lq == lk and key_padding_mask is not None) else lq
         if layer == 0:
             start = int(self.cache.next_position[0]) if self.cache is not None else 0
@@ -306,6 +320,15 @@ def _probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).nan_to_num(0.0)  # padding queries see no key: rows of 0, not NaN
+
+
+def _explicit_key_mask(key_padding_mask: torch.Tensor | None, n_heads: int,
+                       heads: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-KV-head key mask (B, Hkv, Lk) for the explicit path: one row per computed query head."""
+    if key_padding_mask is None or key_padding_mask.dim() == 2:
+        return key_padding_mask
+    mask = heads_key_mask(key_padding_mask, n_heads)
+    return mask if heads is None else mask.gather(1, heads[:, :, None].expand(-1, -1, mask.shape[2]))
 
 
 def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
