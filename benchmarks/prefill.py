@@ -1,99 +1,262 @@
-"""SmolLM2-135M prefill of a 2048-token prompt with cascade token pruning: time to first token vs dense,
-with the perplexity cost beside it.
+"""SmolLM2-135M prefill of a 2048-token (or ``--length``) prompt: time to first token vs dense, with
+the perplexity cost beside it, for cascade token pruning, the prefill selection (``prefill_keep`` /
+``prefill=F``, one layer's observation window) and GemFilter (``runtime/gemfilter.py``).
 
-Prompt: 2048 tokens of WikiText-2 (test). Recipes: the ``token=K,token_adapt=0`` whose schedule
-removes about 15 / 30 / 45% of the prefill FLOPs (K bisected from the schedule; FLOPs kept reported from the run's work
-counter). Time to first token = one prefill forward into a fresh KV cache, logits of the last token
-only; dense and every recipe interleaved in one process, medians of ``--repeats``. The pruned prefill
-gathers the surviving tokens (later layers' projections, attention, FFN and cache all shrink); up to
-the last pruning layer the attention gives the column sums of its probabilities in causal blocks,
-after it SDPA's causal kernel runs on the survivors.
+Time to first token = one prefill forward into a fresh KV cache, logits of the last token only; dense
+and every variant interleaved in one process (round-robin), median, min and max of ``--repeats``.
+FLOPs kept from the runs' work counters (GemFilter: both passes; the window's (w x L) scores added).
+KV bytes: what the pruned prefill leaves in the cache (fp16 axis) over a dense cache of the prompt.
 
-Perplexity cost: WikiText-2 (valid) chunks of 2048 + 128 tokens, the 2048 prefilled (where pruning
-acts), the 128 teacher-forced on that cache (``eval.lm``'s ``continue`` protocol); cost = pruned / dense
-perplexity - 1 (target: >= 1.5x with <= 2% cost).
+Perplexity cost: WikiText-2 VALID chunks of ``length`` + 128 tokens, the prompt prefilled (where
+pruning acts), the 128 teacher-forced on that cache (``eval.lm``'s ``continue`` protocol); cost = pruned
+/ dense perplexity - 1. TEST chunks (same protocol) are reported next to it, never used to choose.
 
-    python -m benchmarks.prefill [--quick] [--repeats N] [--ppl-examples N]
+    python -m benchmarks.prefill [--quick] [--repeats N] [--ppl-examples N] [--test-examples N]
+                                 [--length 4096] [--variants NAME,...]
+    python -m benchmarks.prefill --search [--ship]   # the VALID grid behind prefill=F (no timing)
+
+``--search`` measures the grid of ``prefill_layer`` x ``prefill_keep`` on VALID and writes
+``prefill-search.json``; ``--ship`` then writes the lowest-cost point at or under each FLOPs target to
+the package's ``prefill_choices.json`` (what ``prefill=F`` runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import check_memory, interleaved, parser, save, setup_threads, token_recipe_for, wikitext_ids
+from benchmarks.common import (
+    check_memory,
+    interleaved,
+    parser,
+    save,
+    setup_threads,
+    token_recipe_for,
+    wikitext_ids,
+)
 from dynaprune import load
 from dynaprune.eval.lm import evaluate_lm
+from dynaprune.eval.result import write_json_atomic
 from dynaprune.paths import shared_data_dir
+from dynaprune.prune.techniques.prefill_window import CHOICES_FILE, prefill_choices
+from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.cost import cost_shape, work_cost
+from dynaprune.runtime.gemfilter import GemFilter, GemFilterModel, SelectionPass, gemfilter_prefill, gemfilter_select
 from dynaprune.runtime.pruning import make_context
 
-FLOPS_KEPT = [0.85, 0.7, 0.55]
+SEARCH_LAYERS = [4, 6, 8, 10, 12, 15]
+SEARCH_KEEP = [0.3, 0.5, 0.7]
+SHIP_TARGETS = [0.5, 0.6, 0.7, 0.8, 0.9]
+GEMFILTER = [GemFilter(6, 0.5), GemFilter(10, 0.5)]
+
+
+def variants(model, length: int, names: list[str] | None) -> dict[str, dict]:
+    """name -> {"recipe": str | None, "gemfilter": GemFilter | None}: dense, the old cascade point, every
+    shipped prefill=F point and the GemFilter points (``names`` picks some)."""
+    shape = cost_shape(model)
+    out: dict[str, dict] = {"dense": {"recipe": None}}
+    old = token_recipe_for(shape, length, 0.85, extra=",token_adapt=0")
+    out[str(old)] = {"recipe": str(old)}
+    for c in prefill_choices():
+        out[f"prefill={c['flops_kept']:g}"] = {"recipe": f"prefill={c['flops_kept']:g}"}
+    for g in GEMFILTER:
+        out[f"gemfilter:{g.layer}/{g.keep:g}"] = {"gemfilter": g}
+    if names:
+        missing = [n for n in names if n not in out and not n.startswith("prefill_keep=")]
+        if missing:
+            raise SystemExit(f"error: unknown variants {missing}; known: {', '.join(out)}")
+        out = {"dense": out["dense"]} | {n: out.get(n, {"recipe": n}) for n in names}
+    return out
+
+
+def perplexity(model, split: str, length: int, continuation: int, examples: int, v: dict) -> float:
+    text = shared_data_dir() / "wikitext2" / f"{split}.txt"
+    recipe, g = v.get("recipe"), v.get("gemfilter")
+    factory = (lambda: make_context(recipe, model)) if recipe is not None else None
+    runner = GemFilterModel(model, g) if g is not None else model
+    result = evaluate_lm(runner, text, protocol="continue", context=length, continuation=continuation,
+                         max_examples=examples, max_tokens=examples * (length + continuation), ctx_factory=factory)
+    return result.metric["value"]
+
+
+def prefill_cost(model, ids: torch.Tensor, v: dict) -> dict:
+    """FLOPs kept (work counters against a dense run of the prompt; the window's (w x L) scores added)
+    and the KV bytes the prefill leaves (fp16) over a dense cache of the prompt."""
+    shape = cost_shape(model)
+    length = ids.shape[1]
+    dense, dense_cache = RunContext(), model.new_cache(1, length)
+    model(ids, cache=dense_cache, ctx=dense, last_only=True)
+    cache, extra = model.new_cache(1, length), {}
+    if v.get("gemfilter") is not None:
+        g = v["gemfilter"]
+        first, second = SelectionPass(g), RunContext()
+        index = gemfilter_select(model, ids, g, first)
+        model(torch.gather(ids, 1, index), positions=index, cache=cache, ctx=second, last_only=True)
+        kept = sum(work_cost(shape, c.work, dense=dense.work)["flops_kept"] for c in (first, second))
+        window_pairs = shape.heads * g.window * length
+        extra = {"settings": dataclasses.asdict(g), "tokens_kept": int(index.shape[1])}
+    else:
+        ctx = make_context(v.get("recipe"), model)
+        model(ids, cache=cache, ctx=ctx, last_only=True)
+        kept = work_cost(shape, ctx.work, dense=dense.work)["flops_kept"]
+        summary = ctx.summary().get("prefill", {}) if hasattr(ctx, "summary") else {}
+        window_pairs = summary.get("window_pairs", 0)
+        if summary:
+            extra = {"settings": {k: summary[k] for k in ("layer", "keep", "window", "sinks", "pool")},
+                     "tokens_kept": summary["tokens_kept"]}
+    dense_flops = work_cost(shape, dense.work)["flops_useful"]
+    window_flops = 2 * window_pairs * shape.head_dim  # the window's QK^T (its softmax sums are minor)
+    return {"flops_kept": kept + window_flops / dense_flops, "window_flops_share": window_flops / dense_flops,
+            "kv_bytes_vs_dense": cache.bytes_held(fp_bytes=2) / dense_cache.bytes_held(fp_bytes=2), **extra}
+
+
+def search(model, args, length: int, continuation: int) -> dict:
+    """The VALID grid behind prefill=F; with ``--ship`` its choices go to the package."""
+    ids = torch.tensor([wikitext_ids(model.tokenizer, length, split="valid")])
+    examples = args.ppl_examples
+    dense = perplexity(model, "valid", length, continuation, examples, {})
+    grid = []
+    for layer in args.layers:
+        for keep in args.keep:
+            v = {"recipe": f"prefill_keep={keep:g},prefill_layer={layer}"}
+            cost = prefill_cost(model, ids, v)
+            ppl = perplexity(model, "valid", length, continuation, examples, v)
+            grid.append({"recipe": v["recipe"], **cost, "perplexity": ppl, "perplexity_cost": ppl / dense - 1})
+            print(f"{v['recipe']:36s} flops kept {cost['flops_kept']:.3f}: perplexity {ppl:.3f} "
+                  f"({100 * (ppl / dense - 1):+.2f}%)", flush=True)
+    choices = []
+    for target in SHIP_TARGETS:
+        fitting = [r for r in grid if r["flops_kept"] <= target + 0.005]
+        if fitting:
+            best = min(fitting, key=lambda r: r["perplexity_cost"])
+            c = {"flops_kept": round(target, 3), "measured_flops_kept": round(best["flops_kept"], 4),
+                 "valid_perplexity_cost": round(best["perplexity_cost"], 5), **best["settings"]}
+            if c not in choices:
+                choices.append(c)
+    payload = {"mode": "search", "prompt_tokens": length, "data": "wikitext2/valid.txt",
+               "perplexity_protocol": {"context": length, "continuation": continuation, "examples": examples},
+               "dense_perplexity": dense, "grid": grid, "choices": choices,
+               "command": "python -m benchmarks.prefill --search " + " ".join(args.argv)}
+    print("wrote", save("prefill-search", payload, path=args.out))
+    if args.ship:
+        write_json_atomic(CHOICES_FILE, {
+            "what": "prefill=F -> the point with the lowest WikiText-2 VALID perplexity cost among those "
+                    "keeping <= F of the dense prefill FLOPs (SmolLM2-135M, 2048-token prompts)",
+            "source": "benchmarks/results/prefill-search.json", "choices": choices})
+        print("shipped", CHOICES_FILE)
+    return payload
+
+
+def picture(rows: list[dict], length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("token", "s"), ("prefill", "o"), ("gemfilter", "^")):
+        pts = [r for r in rows if r["kind"] == kind]
+        if pts:
+            ax.plot([100 * r["valid_perplexity_cost"] for r in pts], [r["speedup"] for r in pts], marker,
+                    label=kind)
+            for r in pts:
+                ax.annotate(r["name"], (100 * r["valid_perplexity_cost"], r["speedup"]), fontsize=6)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.axvline(2.0, color="grey", lw=0.5, ls=":")
+    ax.set_xscale("symlog", linthresh=2)
+    ax.set_xlabel("perplexity cost on WikiText-2 valid (%)")
+    ax.set_ylabel("time-to-first-token speed-up vs dense")
+    ax.set_title(f"SmolLM2-135M prefill, {length}-token prompt (CPU, shared machine)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
-    p.add_argument("--ppl-examples", type=int, default=3, help="2048 + 128-token chunks for the perplexity")
+    p.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
+    p.add_argument("--ppl-examples", type=int, default=3, help="VALID chunks of length + 128 for the perplexity")
+    p.add_argument("--test-examples", type=int, default=3, help="TEST chunks (reported, never used to choose)")
+    p.add_argument("--variants", default="", help="comma list of variant names (default: all)")
+    p.add_argument("--search", action="store_true", help="the VALID grid behind prefill=F (no timing)")
+    p.add_argument("--ship", action="store_true", help="with --search: write the package's prefill_choices.json")
+    p.add_argument("--layers", default=",".join(map(str, SEARCH_LAYERS)), help="--search: prefill_layer values")
+    p.add_argument("--keep", default=",".join(map(str, SEARCH_KEEP)), help="--search: prefill_keep values")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.layers = [int(x) for x in args.layers.split(",")]
+    args.keep = [float(x) for x in args.keep.split(",")]
     threads = setup_threads(args.threads)
-    length, continuation, targets = (64, 16, [0.7]) if args.quick else (2048, 128, FLOPS_KEPT)
-    repeats, examples = (1, 1) if args.quick else (args.repeats, args.ppl_examples)
+    length, continuation = (64, 16) if args.quick else (args.length, 128)
+    repeats = 1 if args.quick else args.repeats
+    if args.quick:
+        args.ppl_examples = args.test_examples = 1
     model = load("smollm2-135m")
     c = model.config
-    # weights + one layer's activations at the FFN width and a 32 MB score block, with margin
     need = 2 * sum(t.numel() * 4 for t in model.parameters()) + 16 * length * max(c.intermediate, c.hidden) * 4
     check_memory(need + (1 << 28), f"prefill benchmark ({length} tokens)")
-    shape = cost_shape(model)
-    ids = torch.tensor([wikitext_ids(model.tokenizer, length)])
-    # token_adapt=0: K is the final keep share as written (the length-adaptive default already keeps
-    # only 0.52 of the FLOPs at 2048 tokens with K = 1, so it cannot reach the milder targets)
-    recipes = [token_recipe_for(shape, length, f, extra=",token_adapt=0") for f in targets]
     t0 = time.perf_counter()
-
-    def prefill(recipe=None):
-        ctx = make_context(recipe, model) if recipe is not None else None
-        return model(ids, cache=model.new_cache(1, length), ctx=ctx, last_only=True)
-
-    fns = {"dense": prefill} | {str(r): (lambda r=r: prefill(r)) for r in recipes}
     with torch.inference_mode():
-        times = interleaved(fns, repeats)
-        kept = {}
-        for r in recipes:
-            ctx = make_context(r, model)
-            model(ids, cache=model.new_cache(1, length), ctx=ctx, last_only=True)
-            kept[str(r)] = work_cost(shape, ctx.work)["flops_kept"]
+        if args.search:
+            return search(model, args, length, continuation)
+        found = variants(model, length, [n for n in args.variants.split(",") if n] or None)
+        if args.quick:  # tiny prompts: the shipped points' windows and the GemFilter layers still fit
+            found = {n: v for n, v in found.items() if not n.startswith("gemfilter")}
+        ids = torch.tensor([wikitext_ids(model.tokenizer, length)])
 
-    text = shared_data_dir() / "wikitext2" / "valid.txt"
+        def prefill(v: dict):
+            cache = model.new_cache(1, length)
+            if v.get("gemfilter") is not None:
+                return gemfilter_prefill(model, ids, cache, v["gemfilter"])
+            ctx = make_context(v["recipe"], model) if v.get("recipe") else None
+            return model(ids, cache=cache, ctx=ctx, last_only=True)
 
-    def perplexity(recipe=None) -> float:
-        factory = (lambda: make_context(recipe, model)) if recipe is not None else None
-        result = evaluate_lm(model, text, protocol="continue", context=length, continuation=continuation,
-                             max_examples=examples, max_tokens=examples * (length + continuation),
-                             ctx_factory=factory)
-        return result.metric["value"]
-
-    dense_ppl = perplexity()
-    dense_s = times["dense"]["median_s"]
-    rows = []
-    for target, r in zip(targets, recipes, strict=True):
-        ppl = perplexity(r)
-        t = times[str(r)]["median_s"]
-        rows.append({"recipe": str(r), "target_flops_kept": target, "flops_kept": kept[str(r)],
-                     "time_to_first_token": times[str(r)], "speedup": dense_s / t,
-                     "efficiency": dense_s / t * kept[str(r)], "perplexity": ppl,
-                     "perplexity_cost": ppl / dense_ppl - 1})
-        print(f"{str(r):12s} flops kept {kept[str(r)]:.3f}: TTFT x{dense_s / t:.2f}, "
-              f"perplexity {ppl:.3f} ({100 * (ppl / dense_ppl - 1):+.1f}%)")
-    print(f"dense TTFT {dense_s:.3f} s, perplexity {dense_ppl:.3f}")
+        times = interleaved({n: (lambda v=v: prefill(v)) for n, v in found.items()}, repeats)
+        ppl = {split: {n: perplexity(model, split, length, continuation, ex, v) for n, v in found.items()}
+               for split, ex in (("valid", args.ppl_examples), ("test", args.test_examples))}
+        rows = []
+        dense_s = times["dense"]["median_s"]
+        for name, v in found.items():
+            if name == "dense":
+                continue
+            cost = prefill_cost(model, ids, v)
+            t = times[name]
+            kind = "gemfilter" if v.get("gemfilter") else ("token" if name.startswith("token") else "prefill")
+            row = {"name": name, "kind": kind, "recipe": v.get("recipe"), **cost, "time_to_first_token": t,
+                   "speedup": dense_s / t["median_s"], "speedup_range": [dense_s / t["max_s"], dense_s / t["min_s"]],
+                   "valid_perplexity": ppl["valid"][name],
+                   "valid_perplexity_cost": ppl["valid"][name] / ppl["valid"]["dense"] - 1,
+                   "test_perplexity": ppl["test"][name],
+                   "test_perplexity_cost": ppl["test"][name] / ppl["test"]["dense"] - 1}
+            rows.append(row)
+            print(f"{name:28s} flops kept {row['flops_kept']:.3f} KV {row['kv_bytes_vs_dense']:.3f}: TTFT "
+                  f"x{row['speedup']:.2f} ({row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}), valid "
+                  f"{100 * row['valid_perplexity_cost']:+.2f}%, test {100 * row['test_perplexity_cost']:+.2f}%",
+                  flush=True)
+    print(f"dense TTFT {dense_s:.3f} s, perplexity valid {ppl['valid']['dense']:.3f} test {ppl['test']['dense']:.3f}")
+    name = "prefill" if length == 2048 or args.quick else f"prefill-{length}"
     payload = {"quick": args.quick, "threads": threads, "model": "smollm2-135m", "prompt_tokens": length,
-               "kind": "gathered tensors (cascade token pruning in prefill), fp32 CPU",
-               "perplexity_protocol": {"data": "wikitext2/valid.txt", "context": length,
-                                       "continuation": continuation, "examples": examples},
-               "target": "speedup >= 1.5 with perplexity_cost <= 0.02",
-               "dense": {"time_to_first_token": times["dense"], "perplexity": dense_ppl},
-               "recipes": rows, "seconds": time.perf_counter() - t0}
-    print("wrote", save("prefill", payload, path=args.out))
+               "command": "python -m benchmarks.prefill " + " ".join(args.argv),
+               "kind": "prefill into a fresh KV cache, logits of the last token, fp32 CPU",
+               "perplexity_protocol": {"valid": "wikitext2/valid.txt", "test": "wikitext2/test.txt",
+                                       "protocol": "continue", "context": length, "continuation": continuation,
+                                       "valid_examples": args.ppl_examples, "test_examples": args.test_examples},
+               "targets": "speedup >= 1.5 at valid cost <= 0.02; >= 2 at <= 0.05",
+               "shipped_choices": [dict(c) for c in prefill_choices()],
+               "dense": {"time_to_first_token": times["dense"], "valid_perplexity": ppl["valid"]["dense"],
+                         "test_perplexity": ppl["test"]["dense"]},
+               "rows": rows, "seconds": time.perf_counter() - t0}
+    path = save(name, payload, path=args.out)
+    if not args.quick:
+        picture(rows, length, path.with_suffix(".png"))
+    print("wrote", path)
     return payload
 
 

@@ -52,7 +52,7 @@ class _Selected(Exception):  # noqa: N818 - control flow: pass 1 stops at the se
         self.scores = scores
 
 
-class _SelectionPass(RunContext):
+class SelectionPass(RunContext):
     """Dense layers before the selection layer; at it, the window attention only, then stop."""
 
     def __init__(self, g: GemFilter) -> None:
@@ -66,12 +66,14 @@ class _SelectionPass(RunContext):
         return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
 
 
-def gemfilter_select(model: Any, input_ids: torch.Tensor, g: GemFilter) -> torch.Tensor:
-    """(B, n_keep) original positions of the tokens GemFilter keeps, ascending (pass 1)."""
+def gemfilter_select(model: Any, input_ids: torch.Tensor, g: GemFilter,
+                     pass_ctx: SelectionPass | None = None) -> torch.Tensor:
+    """(B, n_keep) original positions of the tokens GemFilter keeps, ascending (pass 1; ``pass_ctx``
+    runs it, e.g. to read its work counter afterwards)."""
     B, L = input_ids.shape
     g.check(model.config.layers, L)
     try:
-        model(input_ids, ctx=_SelectionPass(g), last_only=True)
+        model(input_ids, ctx=pass_ctx or SelectionPass(g), last_only=True)
     except _Selected as found:
         scores = found.scores
     else:  # pragma: no cover - the selection layer always runs
