@@ -151,6 +151,37 @@ def search(model, args, length: int, continuation: int) -> dict:
     return payload
 
 
+def hw_replay(model, args, length: int) -> dict:
+    """SpAtten's model (``hw/``) on the workload traces of a dense and a pruned prefill of the same prompt
+    (iteration 0 only: the summarization stage)."""
+    from dynaprune.hw.params import build_configs
+    from dynaprune.hw.spatten import simulate_spatten
+    from dynaprune.hw.trace import read_trace, write_trace
+    from dynaprune.prune.recipe import Recipe
+    from dynaprune.runtime.pruning import PruningContext
+    from dynaprune.runtime.trace import trace_rows
+
+    shape = cost_shape(model)
+    ids = torch.tensor([wikitext_ids(model.tokenizer, length)])
+    cfg, energy = build_configs("spatten", {})
+    out = {}
+    for name, recipe in (("dense", ""), ("pruned", args.hw_recipe)):
+        ctx = PruningContext(Recipe.parse(recipe), shape, trace=True, protect_first=0, protect_last=1)
+        model(ids, cache=model.new_cache(1, length), ctx=ctx, last_only=True)
+        path = Path(args.hw_trace_dir) / f"prefill-trace-{name}.csv"
+        write_trace(path, trace_rows(ctx), config=f"dynaprune {recipe or 'dense'}".replace(",", ";"))
+        result = simulate_spatten(read_trace(path), cfg, energy)
+        out[name] = {"recipe": recipe or "dense", "trace": str(path), **result.to_json()}
+        print(f"SpAtten on the {name} prefill: {result.cycles} cycles, {result.dram_bytes / 1e6:.1f} MB DRAM")
+    d, p = out["dense"], out["pruned"]
+    payload = {"mode": "hw", "prompt_tokens": length, "arch": "spatten", "simulated": out,
+               "speedup_vs_dense": d["cycles"] / p["cycles"], "dram_bytes_vs_dense": p["dram_bytes"] / d["dram_bytes"],
+               "command": "python -m benchmarks.prefill --hw " + " ".join(args.argv)}
+    print(f"SpAtten: x{payload['speedup_vs_dense']:.2f} cycles, DRAM {payload['dram_bytes_vs_dense']:.3f} of dense")
+    print("wrote", save("prefill-hw", payload, path=args.out))
+    return payload
+
+
 def picture(rows: list[dict], length: int, path: Path) -> None:
     import matplotlib
 
@@ -187,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     p.add_argument("--search", action="store_true", help="the VALID grid behind prefill=F (no timing)")
     p.add_argument("--ship", action="store_true", help="with --search: write the package's prefill_choices.json")
+    p.add_argument("--hw", action="store_true", help="replay a traced prefill on SpAtten's model (hw/)")
+    p.add_argument("--hw-recipe", default="prefill=0.7", help="--hw: the pruned recipe traced")
+    p.add_argument("--hw-trace-dir", default="/tmp", help="--hw: where the (large) trace CSVs go")
     p.add_argument("--layers", default=",".join(map(str, SEARCH_LAYERS)), help="--search: prefill_layer values")
     p.add_argument("--keep", default=",".join(map(str, SEARCH_KEEP)), help="--search: prefill_keep values")
     args = p.parse_args(argv)
@@ -206,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         if args.search:
             return search(model, args, length, continuation)
+        if args.hw:
+            return hw_replay(model, args, length)
         found = variants(model, length, [n for n in args.variants.split(",") if n] or None)
         if args.quick:  # tiny prompts: the shipped points' windows and the GemFilter layers still fit
             found = {n: v for n, v in found.items() if not n.startswith("gemfilter")}
