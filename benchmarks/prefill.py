@@ -48,10 +48,10 @@ from dynaprune.runtime.cost import cost_shape, work_cost
 from dynaprune.runtime.gemfilter import GemFilter, GemFilterModel, SelectionPass, gemfilter_prefill, gemfilter_select
 from dynaprune.runtime.pruning import make_context
 
-SEARCH_LAYERS = [4, 6, 8, 10, 12, 15]
-SEARCH_KEEP = [0.3, 0.5, 0.7]
+SEARCH_LAYERS = [3, 6]
+SEARCH_KEEP = [0.5, 0.65, 0.8]
 SHIP_TARGETS = [0.5, 0.6, 0.7, 0.8, 0.9]
-GEMFILTER = [GemFilter(6, 0.5), GemFilter(10, 0.5)]
+GEMFILTER = [GemFilter(3, 0.5), GemFilter(6, 0.65)]
 
 
 def variants(model, length: int, names: list[str] | None) -> dict[str, dict]:
