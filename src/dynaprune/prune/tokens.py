@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from dynaprune.errors import DynapruneError
+
 
 class TokenKeep(NamedTuple):
     """Which tokens survive, right-padded to the longest row of the batch.
@@ -68,6 +70,26 @@ def accumulate_token_importance(
     if missing:  # decode step: the newly appended keys start with no history
         cumulative = torch.nn.functional.pad(cumulative, (0, missing))
     return cumulative.to(acc_dtype) + received
+
+
+def received_per_kv_head(probs: torch.Tensor, n_kv_heads: int, heads: torch.Tensor | None,
+                         key_mask: torch.Tensor | None, query_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention each key received per KV head (B, Hkv, L): ``probs`` (B, H, Lq, L) of every query
+    head summed over the real queries and over the query heads of each KV group. ``key_mask`` (B, L) or
+    (B, H or Hkv, L). Needs every head (``heads`` None): a pruned head's group is unknown."""
+    if heads is not None:
+        raise DynapruneError("per-KV-head scores need every attention head; they cannot run with head pruning")
+    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
+    if query_mask is not None:
+        probs = probs.masked_fill(~query_mask[:, None, :, None].to(torch.bool), 0.0)
+    b, h, _, length = probs.shape
+    received = probs.sum(dim=2, dtype=acc_dtype).view(b, n_kv_heads, h // n_kv_heads, length).sum(2)
+    if key_mask is not None:
+        m = key_mask.to(torch.bool)
+        if m.dim() == 3 and m.shape[1] != n_kv_heads:  # repeated for the query heads: one per group
+            m = m[:, :: h // n_kv_heads]
+        received = received.masked_fill(~(m if m.dim() == 3 else m[:, None]), 0.0)
+    return received
 
 
 def select_tokens_to_keep(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynaprune.prune.merge import proportional_probs, size_bias
 from dynaprune.prune.quant import bits_fetched
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.technique import ROLES, Stage
@@ -153,6 +154,9 @@ class PruningContext(RunContext):
         mask = build_mask(lq, k.shape[2], _explicit_key_mask(key_padding_mask, n_heads, heads), causal,
                           q.device) if explicit else None
         call = AttentionCall(layer, q, k, v, key_padding_mask, causal, scale, mask, query_mask)
+        # merged tokens (token_policy=merge): + log(size) on each key's logits (ToMe's proportional attention)
+        sizes = next((z for s in self.stages if (z := s.key_sizes(layer)) is not None), None)
+        key_bias = size_bias(sizes, q.dtype) if sizes is not None and not explicit else None
         for s in self._observers:
             s.queries_keys(layer, q, k, key_padding_mask, scale)
         received = probs = head_pairs = None
@@ -162,10 +166,10 @@ class PruningContext(RunContext):
         if not explicit:  # SDPA's fused kernel, or one blocked pass that also sums what each key received
             if needs:  # per KV head when a stage ranks each KV head's tokens (kv_alloc=head|ada)
                 out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, weights,
-                                                        per_kv_head=self._per_kv_head)
+                                                        per_kv_head=self._per_kv_head, key_bias=key_bias)
                 computed_pairs = received_pairs(B, q.shape[1], lq, lk, causal, q.element_size())
             else:
-                out = sdpa(q, k, v, key_padding_mask, causal, scale)
+                out = sdpa(q, k, v, key_padding_mask, causal, scale, key_bias=key_bias)
                 all_real = key_padding_mask is None or bool(key_padding_mask.all())
                 computed_pairs = padded_pairs(B, lq, lk, causal and all_real and lq == lk) * q.shape[1]
             qk_passes = pv_passes = computed_pairs / max(1, rectangle)
@@ -176,6 +180,8 @@ class PruningContext(RunContext):
         else:
             probs = next((p for s in self.stages if (p := s.probs(call)) is not None), None)
             probs = _probs(q, k, scale, mask) if probs is None else probs
+            if sizes is not None:  # the same as log(size) on the logits, for stages that give probabilities
+                probs = proportional_probs(probs, sizes)
             for s in self.stages:
                 v = s.values(call, v)
             out = next((o for s in self.stages if (o := s.combine(call, probs, v)) is not None), None)

@@ -15,6 +15,7 @@ from dynaprune.prune.scorers.base import TokenScorer
 @dataclass(frozen=True)
 class SpAttenScore(TokenScorer):
     name = "spatten"
+    by_position = True
 
     def track(self, state, layer, received, cache) -> None:
         positions = cache.cached_positions(layer)

@@ -9,6 +9,10 @@ or a single prefill (``prune/recipe_scope.py`` refuses it there). A budget of at
 in chunks (down to budget - budget / 16) so the compaction copy runs once per budget / 16 steps.
 Cost: fewer keys read per decode step (the work counter counts the keys attended beside those a dense
 cache would hold).
+
+Allocation (``prune/kv_alloc.py``): ``kv_alloc=layer|head|ada`` (one token set per layer, per KV head,
+or Ada-KV's budget spread over a layer's heads by score) and ``kv_depth=flat|pyramid|w0/w1/...``
+(budgets per layer, the same total). The defaults are today's behaviour (SpAtten and H2O rows).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import torch
 
 from dynaprune.prune import keys as K
+from dynaprune.prune.kv_alloc import ALLOCATIONS, ada_select, check_depth, depth_weights, layer_budgets
 from dynaprune.prune.technique import Stage, Technique
-from dynaprune.prune.tokens import edge_token_mask, gather_tokens, select_tokens_to_keep
+from dynaprune.prune.tokens import edge_token_mask, select_tokens_to_keep
 
 # A KV budget of at least CHUNKED_EVICTION_MIN_BUDGET tokens evicts down to (1 - slack) x budget when a
 # layer goes over it (``run.evict_slack``, 1/16 by default): one compaction (a copy of the layer's cache)
@@ -47,6 +52,8 @@ class KVBudget(Technique):
     kv_tokens: int | None = None
     sink: int | None = None
     recent: int | None = None
+    kv_alloc: str = "layer"
+    kv_depth: str = "flat"
 
     role = "kv"
     keys = (
@@ -54,6 +61,8 @@ class KVBudget(Technique):
         K.Key("kv_tokens", K.parse_int, K.at_least(1, integer=True)),
         K.Key("sink", K.parse_int, K.at_least(0, integer=True)),
         K.Key("recent", K.parse_int, K.at_least(0, integer=True)),
+        K.Key("kv_alloc", K.parse_word, K.choice(*ALLOCATIONS), default="layer"),
+        K.Key("kv_depth", K.parse_word, check_depth, default="flat", json="text"),
     )
     exports = ("kv_budget_tokens", "has_kv_budget")
 
@@ -68,17 +77,33 @@ class KVBudget(Technique):
                 raise K.err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv or kv_tokens")
         if self.kv is not None and self.kv_tokens is not None:
             raise K.err("kv_tokens", "set either kv (a share of the prompt) or kv_tokens (a count), not both")
+        for name, default in (("kv_alloc", "layer"), ("kv_depth", "flat")):
+            if getattr(self, name) != default and not self.has_kv_budget:
+                raise K.err(name, f"{name} spreads the decode-time KV budget; it needs kv or kv_tokens")
         if self.kv_tokens is not None:
             self._check_protected_fit(self.kv_tokens)
 
-    def _check_protected_fit(self, budget: int) -> None:
+    def check_with(self, recipe: Any) -> None:
+        if self.kv_alloc != "layer" and recipe.scorer.by_position:
+            raise K.err("kv_alloc", f"kv_alloc={self.kv_alloc} ranks each KV head's tokens; score={recipe.scorer.name} "
+                        "has one score per position for all layers (use e.g. score=h2o or score=observed)")
+
+    def _check_protected_fit(self, budget: int, where: str = "") -> None:
         protected = (self.sink or 0) + (self.recent or 0)
         if protected > budget:
-            raise K.err("sink + recent", f"{protected} protected tokens exceed the kv budget of {budget} tokens")
+            raise K.err("sink + recent", f"{protected} protected tokens exceed the kv budget of {budget} tokens{where}")
 
     def validate_for(self, n_layers, n_heads, n_kv_heads, context_len) -> None:
-        if context_len is not None:
-            self.kv_budget_tokens(context_len)
+        depth_weights(self.kv_depth, n_layers)  # a kv_depth of the wrong length, whatever the context
+        budgets = self.layer_budgets(context_len, n_layers) if context_len is not None else []
+        if budgets:
+            layer = min(range(n_layers), key=budgets.__getitem__)
+            self._check_protected_fit(budgets[layer], f" of layer {layer} (kv_depth={self.kv_depth})")
+
+    def layer_budgets(self, context_len: int, n_layers: int) -> list[int]:
+        """The budget of each layer for a prompt of ``context_len`` (``kv_depth``; empty: no budget)."""
+        budget = self.kv_budget_tokens(context_len)
+        return [] if budget is None else layer_budgets(budget, self.kv_depth, n_layers)
 
     def kv_budget_tokens(self, context_len: int) -> int | None:
         """The decode-time KV budget in tokens for a prompt of ``context_len`` tokens (None: no budget)."""
@@ -110,6 +135,13 @@ class KVBudgetStage(Stage):
         super().__init__(technique, run)
         self.kv_budget: int | None = None  # a caller may set it before the first forward (lm stream)
         self.scores = run.scorer.new_state()  # the scorer's importance of the cached tokens
+        # per-KV-head ranking needs the attention each KV head's keys received (runtime/pruning.py)
+        self.received_per_kv_head = technique.kv_alloc != "layer"
+        self._layer_budgets: list[int] | None = None
+
+    def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
+        if self.run.cache is not None and self.run.scorer.observes:
+            self.run.scorer.observe(self.scores, layer, q, k, key_padding_mask, scale)
 
     def needs_received(self, layer: int) -> bool:
         return self.run.cache is not None and self.run.scorer.uses_attention
@@ -127,13 +159,19 @@ class KVBudgetStage(Stage):
             return
         if self.kv_budget is None:
             self.kv_budget = self.technique.kv_budget_tokens(int(cache.next_position.max()))
+        if self._layer_budgets is None:
+            # a layer above the mean budget is held to the cache's capacity (a stream allocates budget + step)
+            self._layer_budgets = [min(b, cache.capacity - 1) if b > self.kv_budget else b
+                                   for b in layer_budgets(self.kv_budget, self.technique.kv_depth, cache.n_layers)]
         # Evict in chunks: a layer over the budget drops to budget - slack, so the compaction (a copy of
         # the whole layer cache) runs once every ``slack`` steps. Never more than the budget after a forward.
-        slack = int(self.kv_budget * self.run.evict_slack) if self.kv_budget >= CHUNKED_EVICTION_MIN_BUDGET else 0
-        target = self.kv_budget - slack
         evicted = False
+        target = self.kv_budget
         for layer in range(cache.n_layers):
-            if cache.lengths[layer] > self.kv_budget:
+            budget = self._layer_budgets[layer]
+            slack = int(budget * self.run.evict_slack) if budget >= CHUNKED_EVICTION_MIN_BUDGET else 0
+            if cache.lengths[layer] > budget:
+                target = budget - slack
                 self.evict(cache, layer, target)
                 evicted = True
         if evicted and self.run.trace_calls:  # the budget's top-k, after the last layer, for the next step
@@ -141,13 +179,24 @@ class KVBudgetStage(Stage):
 
     def evict(self, cache, layer: int, budget: int) -> None:
         """Compact one layer's cache to ``budget`` tokens: sinks and recent tokens, then the most important."""
-        run = self.run
-        valid = cache.valid[layer][:, : cache.lengths[layer]]
+        run, alloc = self.run, self.technique.kv_alloc
         positions = cache.cached_positions(layer)
         sink, recent = self.technique.protected(budget, run.scorer)
-        protected = edge_token_mask(valid, first=sink, last=recent)
         scores = run.scorer.kv_scores(self.scores, layer, positions, run.generator)
-        index = select_tokens_to_keep(scores, budget, protected, valid).index
-        if layer in self.scores.by_layer:
-            self.scores.by_layer[layer] = gather_tokens(self.scores.by_layer[layer], index)
-        cache.compact(layer, index)
+        keep_mask = None
+        if alloc == "layer":  # one token set for the layer (per-head scores summed over the heads)
+            valid = cache.valid[layer][:, : cache.lengths[layer]]
+            scores = scores.sum(1) if scores.dim() == 3 else scores
+            index = select_tokens_to_keep(scores, budget, edge_token_mask(valid, first=sink, last=recent), valid).index
+        else:  # each KV head its own tokens
+            valid = cache.head_valid_mask(layer)
+            scores = scores[:, None].expand(valid.shape) if scores.dim() == 2 else scores
+            protected = edge_token_mask(valid, first=sink, last=recent)
+            if alloc == "head":
+                keep = select_tokens_to_keep(scores, budget, protected, valid)
+                index, keep_mask = keep.index, keep.mask
+            else:
+                index, keep_mask = ada_select(scores, budget, protected, valid)
+            keep_mask = None if bool(keep_mask.all()) else keep_mask
+        run.scorer.compact_state(self.scores, layer, index)
+        cache.compact(layer, index, keep_mask)

@@ -1,0 +1,84 @@
+"""How a KV budget is spread over layers and KV heads (issue 14 item 1; ``kv_alloc``, ``kv_depth``).
+
+- ``kv_alloc=layer`` (default): one token set per layer, shared by its KV heads (H2O, SpAtten).
+- ``kv_alloc=head``: each KV head keeps its own ``budget`` tokens (kvpress's presses select per head).
+- ``kv_alloc=ada``: Ada-KV (Feng et al. 2024, Alg. 1): a layer's ``budget x Hkv`` slots go to the
+  highest scores over all its heads together, so a head with concentrated attention gives slots to a
+  head with spread-out attention; each head first keeps its protected tokens and a floor of
+  ``ADA_FLOOR x budget`` (the paper's safeguard). Heads then hold different counts: padded with invalid
+  slots that attention masks and the byte count ignores.
+- ``kv_depth=flat`` (default): every layer the same budget; ``pyramid``: PyramidKV (Cai et al. 2024)
+  budgets shrinking linearly with depth (1.5x the mean at layer 0 to 0.5x at the last, the same total);
+  or one relative weight per layer ``w0/w1/...`` (normalised to mean 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynaprune.prune import keys as K
+from dynaprune.prune.tokens import select_tokens_to_keep
+
+ALLOCATIONS = ("layer", "head", "ada")
+DEPTHS = ("flat", "pyramid")
+ADA_FLOOR = 0.2  # share of a head's uniform budget it keeps whatever the other heads score
+PYRAMID_SPAN = 0.5  # pyramid weights run from 1 + span (first layer) to 1 - span (last layer)
+
+
+def check_depth(key: str, value: object) -> str:
+    """``flat``, ``pyramid`` or positive weights ``w0/w1/...`` (canonical string)."""
+    text = str(value)
+    if text in DEPTHS:
+        return text
+    weights = [K.parse_float(key, part) for part in text.split("/")]
+    if any(not w > 0 for w in weights):
+        raise K.err(key, f"{text!r}: layer weights must be positive (or write flat / pyramid)")
+    return "/".join(K.fmt_float(w) for w in weights)
+
+
+def depth_weights(depth: str, n_layers: int) -> list[float]:
+    """Relative budget of each layer, mean 1."""
+    if depth == "flat":
+        return [1.0] * n_layers
+    if depth == "pyramid":
+        if n_layers == 1:
+            return [1.0]
+        return [1 + PYRAMID_SPAN - 2 * PYRAMID_SPAN * i / (n_layers - 1) for i in range(n_layers)]
+    weights = [float(w) for w in depth.split("/")]
+    if len(weights) != n_layers:
+        raise K.err("kv_depth", f"{len(weights)} layer weights for a model of {n_layers} layers")
+    mean = sum(weights) / n_layers
+    return [w / mean for w in weights]
+
+
+def layer_budgets(budget: int, depth: str, n_layers: int) -> list[int]:
+    """Tokens each layer keeps: ``budget x weight`` rounded so the total is ``budget x n_layers``
+    (largest remainders round up), at least 1."""
+    if depth == "flat":
+        return [budget] * n_layers
+    exact = [budget * w for w in depth_weights(depth, n_layers)]
+    out = [max(1, int(x)) for x in exact]
+    short = budget * n_layers - sum(out)
+    for i in sorted(range(n_layers), key=lambda i: int(exact[i]) - exact[i])[: max(0, short)]:
+        out[i] += 1
+    return out
+
+
+def ada_select(scores: torch.Tensor, budget: int, protected: torch.Tensor, valid: torch.Tensor,
+               floor: float = ADA_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ada-KV selection of one layer: scores, protected, valid (B, Hkv, L) -> (index, mask) (B, Hkv, W),
+    each head's kept tokens in order then filler, ``mask`` True for the kept entries. About
+    ``budget x Hkv`` tokens are kept per row in all (more only where protected tokens demand it)."""
+    b, h, length = scores.shape
+    base = select_tokens_to_keep(scores, max(1, round(floor * budget)), protected, valid)
+    sure = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    sure.scatter_(-1, base.index, base.mask)
+    flat = select_tokens_to_keep(scores.reshape(b, h * length), budget * h, sure.reshape(b, h * length),
+                                 valid.reshape(b, h * length))
+    selected = torch.zeros(b, h * length, dtype=torch.bool, device=scores.device)
+    selected.scatter_(-1, flat.index, flat.mask)
+    selected = selected.view(b, h, length)
+    counts = selected.sum(-1)
+    width = int(counts.max())
+    index = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[..., :width]
+    return index, torch.arange(width, device=scores.device) < counts[..., None]
