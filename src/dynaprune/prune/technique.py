@@ -100,6 +100,11 @@ class Stage:
         """q (B, Hq, Lq, D) and k (B, Hk, Lk, D) of every call, whatever kernel runs (an importance of
         its own next to SDPA's fused kernel, e.g. an observation window)."""
 
+    def key_sizes(self, layer: int) -> torch.Tensor | None:
+        """(B, Lk) original tokens each key stands for (token merging: the attention adds log size to
+        each key's logits), None: one each."""
+        return None
+
     def needs_received(self, layer: int) -> bool:
         """Whether this call's attention received per key feeds this stage's importance."""
         return False

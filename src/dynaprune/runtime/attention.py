@@ -88,18 +88,23 @@ def sdpa(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float | None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention through SDPA's fused kernels when no probabilities are needed (GQA without copying K/V).
 
-    An all-real padding mask is dropped, so a causal prefill takes SDPA's mask-free causal kernel."""
+    An all-real padding mask is dropped, so a causal prefill takes SDPA's mask-free causal kernel.
+    ``key_bias`` (B, Lk): added to every query's logit of that key (a float mask, still the fused kernel)."""
     if key_padding_mask is not None and bool(key_padding_mask.all()):
         key_padding_mask = None
     lq, lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     key_padding_mask = heads_key_mask(key_padding_mask, q.shape[1])
-    if causal and key_padding_mask is None and lq == lk and lq > 1:
+    if causal and key_padding_mask is None and lq == lk and lq > 1 and key_bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
+    if key_bias is not None:  # masked keys at -inf, the others at their bias
+        bias = key_bias[:, None, None, :].to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -134,6 +139,7 @@ def attention_with_received(
     query_mask: torch.Tensor | None = None,
     block_bytes: int = 1 << 25,
     per_kv_head: bool = False,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit attention that returns the outputs (B, Hq, Lq, D) and the attention each key received,
     summed over heads and real queries (B, Lk) fp32 — SpAtten's token importance of this call — without
@@ -145,6 +151,7 @@ def attention_with_received(
     last query can see (half the work of a full score matrix). GQA: each K/V group serves its query
     heads through a reshape, never a copy of K/V. ``per_kv_head``: ``received`` is (B, Hkv, Lk), summed
     over the query heads of each KV group only. ``key_padding_mask`` may be (B, Hkv, Lk) (per-head cache).
+    ``key_bias`` (B, Lk) is added to the logits of each key (proportional attention of merged tokens).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -168,6 +175,8 @@ def attention_with_received(
         end = Lk - (Lq - q1) if causal else Lk  # keys the block's last query can see
         scores = (q5[:, :, :, q0:q1].reshape(B, Hkv, G * n, D) @ k[:, :, :end].transpose(-1, -2))
         scores = scores.view(B, Hkv, G, n, end).mul_(scale)
+        if key_bias is not None:
+            scores += key_bias[:, None, None, None, :end].to(scores.dtype)
         ok = key_ok[..., :end] if key_ok is not None else None
         if causal and n > 1:  # within the block, query i sees keys up to i + (Lk - Lq)
             tri = torch.arange(end, device=q.device) <= torch.arange(q0, q1, device=q.device)[:, None] + (Lk - Lq)

@@ -8,6 +8,7 @@ Hkv KV heads, h = head dim, f = FFN width, V = vocabulary):
                L^2 for an encoder, L (L + 1) / 2 for a causal decoder (plus the cached keys).
   ffn          2 L d f per matrix (2 matrices for BERT/GPT-2, 3 for Llama's gated MLP)
   lm_head      2 d V per position whose logits are computed (decoders; our encoders have no head)
+  token_merge  token_policy=merge: key similarity and size-weighted merge (prune/merge.py merge_flops)
 K/V bytes: what the K and V cache of those tokens holds at 16 bits (the accelerators' dense baseline).
 
 Two views of a run (``work_cost``):
@@ -112,6 +113,7 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
     }
     flops = {k: v * shape.layers for k, v in per_layer.items()}
     flops["lm_head"] = 2 * tokens * shape.hidden * shape.vocab  # every position's logits
+    flops["token_merge"] = 0
     flops["total"] = sum(flops.values())
     kv_tokens = tokens + sum(cached)
     return {
@@ -176,6 +178,7 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
             kv_bytes += keys * kv_row_bytes
         head_tokens = counter.lm_head_tokens_dense if replicate_first else counter.lm_head_tokens
         flops["lm_head"] = head_flops * head_tokens
+        flops["token_merge"] = 0 if replicate_first else sum(counter.merge_flops.values())
         flops["total"] = sum(flops.values())
         return {"flops": flops, "kv_bytes_read_fp16": kv_bytes,
                 "tokens_per_layer": [counter.tokens.get(0 if replicate_first else i, 0) for i in layers]}
@@ -218,6 +221,7 @@ def _computed_flops(shape: CostShape, work: WorkCounter) -> dict[str, int]:
         for key, value in part.items():
             flops[key] += value
     flops["lm_head"] = 2 * shape.hidden * shape.vocab * work.lm_head_tokens_computed
+    flops["token_merge"] = sum(work.merge_flops.values())
     flops["total"] = sum(flops.values())
     return flops
 

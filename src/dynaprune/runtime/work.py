@@ -22,6 +22,8 @@ class WorkCounter:
     kv_head_tokens: dict[int, int] = field(default_factory=dict)
     # HDP: (query, key, head) pairs of the integer pass (every valid pair of every head it scores)
     int_head_pairs: dict[int, int] = field(default_factory=dict)
+    # token merging (token_policy=merge): FLOPs of the similarity and the merge after each layer (prune/merge.py)
+    merge_flops: dict[int, int] = field(default_factory=dict)
     # what the tensors really computed, padding and emulation overhead included (see ``add_computed``)
     tokens_computed: dict[int, int] = field(default_factory=dict)
     q_head_tokens_computed: dict[int, int] = field(default_factory=dict)
@@ -100,7 +102,7 @@ class WorkCounter:
 
 
 _PER_LAYER = ("tokens", "pairs", "head_pairs", "keys", "dense_pairs", "dense_keys", "q_head_tokens", "kv_head_tokens",
-              "int_head_pairs", "tokens_computed", "q_head_tokens_computed", "kv_head_tokens_computed",
+              "int_head_pairs", "merge_flops", "tokens_computed", "q_head_tokens_computed", "kv_head_tokens_computed",
               "qk_head_pairs_computed", "pv_head_pairs_computed")
 
 

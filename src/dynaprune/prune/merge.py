@@ -1,0 +1,104 @@
+"""Token merging: the math of ``token_policy=merge`` (ToMe, Bolya et al., "Token Merging: Your ViT but
+Faster", ICLR 2023, Sec. 3), applied to the tokens cascade token pruning removes.
+
+ToMe's ingredients, as we use them:
+
+- similarity: the cosine similarity of the tokens' keys averaged over heads (Sec. 3, "Token
+  similarity": the keys already summarise what each token contains);
+- merging: a merged state is the size-weighted mean of the tokens it stands for, and sizes add up
+  (sizes start at 1, so a size counts original tokens);
+- proportional attention: ``softmax(q k^T / sqrt(d) + log s)`` with ``s`` the size of each key (Sec. 3,
+  "Tracking token size"), so a merged token of size s gets the attention s identical copies would.
+
+Unlike ToMe's bipartite soft matching, which tokens disappear is decided elsewhere (SpAtten's
+cumulative importance, ``prune/tokens.py``); each of them is merged into its most similar *kept* token,
+so the kept set is exactly the one token dropping keeps and the two policies cost the same after the
+merge. Pure functions on tensors; the run-time wiring is ``prune/techniques/token_cascade.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Merged(NamedTuple):
+    """The result of one merge step, aligned with the kept tokens (width of the selection's index).
+
+    hidden: (B, Lkeep, d) size-weighted means; a kept token nothing merged into is its state, untouched.
+    sizes: (B, Lkeep) original tokens each kept entry stands for (0 at filler entries of the selection).
+    dest: (B, L) for every token before the step, the kept entry that now holds it (padding: any entry).
+    pruned: (B, L) the real tokens merged away in this step.
+    """
+
+    hidden: torch.Tensor
+    sizes: torch.Tensor
+    dest: torch.Tensor
+    pruned: torch.Tensor
+
+
+def key_metric(keys: torch.Tensor) -> torch.Tensor:
+    """Keys (B, H, L, D) -> (B, L, D): averaged over heads and scaled to unit length (ToMe's metric)."""
+    metric = keys.mean(dim=1)
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def merge_into_kept(hidden: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, keep_index: torch.Tensor,
+                    keep_mask: torch.Tensor, valid: torch.Tensor) -> Merged:
+    """Merge every real token the selection drops into its most similar kept token.
+
+    hidden (B, L, d), sizes (B, L), metric (B, L, D) unit keys (:func:`key_metric`), valid (B, L) real
+    tokens; ``keep_index`` / ``keep_mask`` (B, Lkeep) as ``select_tokens_to_keep`` returns them (kept
+    tokens first, in order; filler entries masked). Most similar = the largest cosine similarity among
+    the row's kept tokens, ties to the earlier kept token. A kept token's new state is
+    ``sum(s_i h_i) / sum(s_i)`` over itself and the tokens merged into it.
+    """
+    B, L, d = hidden.shape
+    valid = valid.to(torch.bool)
+    slots = torch.arange(keep_index.shape[1], device=hidden.device).expand_as(keep_index)
+    kept = torch.zeros_like(valid).scatter(1, keep_index, keep_mask)
+    pruned = valid & ~kept
+    # own slot of each kept token (the inverse of keep_index on its kept entries)
+    own = torch.zeros(B, L, dtype=torch.long, device=hidden.device).scatter(1, keep_index, slots)
+    kept_metric = torch.gather(metric, 1, keep_index[..., None].expand(-1, -1, metric.shape[-1]))
+    similarity = metric @ kept_metric.transpose(1, 2)  # (B, L, Lkeep)
+    similarity = similarity.masked_fill(~keep_mask[:, None, :], float("-inf"))
+    nearest = similarity.argmax(dim=-1)  # the first of equal maxima: ties to the earlier kept token
+    dest = torch.where(kept, own, nearest)
+    weight = sizes.to(hidden.dtype) * valid.to(hidden.dtype)
+    total = torch.zeros(B, keep_index.shape[1], d, dtype=hidden.dtype, device=hidden.device)
+    total.scatter_add_(1, dest[..., None].expand(-1, -1, d), hidden * weight[..., None])
+    new_sizes = torch.zeros(B, keep_index.shape[1], dtype=weight.dtype, device=hidden.device)
+    new_sizes.scatter_add_(1, dest, weight)
+    grew = torch.zeros(B, keep_index.shape[1], dtype=torch.long, device=hidden.device)
+    grew.scatter_add_(1, dest, pruned.long())
+    gathered = torch.gather(hidden, 1, keep_index[..., None].expand(-1, -1, d))
+    # untouched kept tokens stay bit-identical (s h / s need not round back to h)
+    merged = torch.where((grew > 0)[..., None], total / new_sizes.clamp_min(1e-12)[..., None], gathered)
+    return Merged(merged, new_sizes * keep_mask, dest, pruned)
+
+
+def merge_flops(pruned: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, heads: int, head_dim: int,
+                hidden: int) -> int:
+    """FLOPs of one merge step, per row summed (multiply-add = 2): the metric (head mean and
+    normalisation of every real token, ``L D (H + 3)``), the similarity of each pruned token with each
+    kept one and its argmax (``P K (2 D + 1)``) and the size-weighted merge (scale, add, divide:
+    ``2 d (P + K)``). ``pruned`` / ``kept`` / ``valid``: (B, L) bool, or counts per row."""
+    n_pruned, n_kept, n_valid = (t.sum(-1).long() if t.dtype == torch.bool else t.long()
+                                 for t in (pruned, kept, valid))
+    flops = (n_valid * head_dim * (heads + 3) + n_pruned * n_kept * (2 * head_dim + 1)
+             + 2 * hidden * (n_pruned + n_kept))
+    return int(flops.sum())
+
+
+def proportional_probs(probs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``softmax(x + log s)`` from ``p = softmax(x)`` (B, H, Lq, Lk) and key sizes (B, Lk): ``p s / sum(p s)``
+    (the same function; for paths that produce probabilities rather than logits). Rows of 0 stay 0."""
+    weighted = probs * sizes[:, None, None, :].to(probs.dtype)
+    return weighted / weighted.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+
+
+def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``log s`` per key (B, Lk) for the attention logits; entries of size 0 (filler, masked anyway) get 0."""
+    return sizes.clamp_min(1).log().to(dtype)
