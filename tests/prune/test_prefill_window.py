@@ -135,3 +135,13 @@ def test_prefill_resolves_to_a_shipped_point():
     assert resolve_prefill(1.0) == top
     r = Recipe.parse(f"prefill={top['flops_kept']}")
     assert str(r) == f"prefill={top['flops_kept']:g}"
+
+
+@pytest.mark.parametrize("recipe,key", [("prefill_keep=0.5,prefill_window=0", "prefill_window"),
+                                        ("prefill_keep=0.5,prefill_layer=30", "prefill_layer"),
+                                        ("prefill_keep=0.5,prefill_window=300", "prefill_window")])
+def test_cli_bad_prefill_input_is_one_line_and_exit_2(dynaprune_cli, smollm2_path, recipe, key):
+    code, text = dynaprune_cli("eval", "smollm2-135m", "lm", "--protocol", "continue", "--context", "256",
+                               "--max-examples", "1", "--recipe", recipe)
+    assert code == 2 and "Traceback" not in text and key in text
+    assert len([line for line in text.splitlines() if line.startswith("error")]) == 1
