@@ -11,7 +11,9 @@ from dynaprune.prune.keys import Key
 from dynaprune.prune.scorers.base import SCORE_KEY, TokenScorer
 from dynaprune.prune.scorers.h2o import H2OScore
 from dynaprune.prune.scorers.instant import InstantScore
+from dynaprune.prune.scorers.observed import ObservedScore
 from dynaprune.prune.scorers.random import RandomScore
+from dynaprune.prune.scorers.snapkv import SnapKVScore
 from dynaprune.prune.scorers.spatten import SpAttenScore
 from dynaprune.prune.scorers.streaming import StreamingScore
 from dynaprune.prune.scorers.tova import TOVAScore
@@ -66,5 +68,7 @@ register_scorer(StreamingScore)
 register_scorer(RandomScore)
 register_scorer(InstantScore)
 register_scorer(TOVAScore)
+register_scorer(ObservedScore)
+register_scorer(SnapKVScore)
 
 assert KEYS["score"] is SCORE_KEY

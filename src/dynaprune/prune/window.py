@@ -38,8 +38,9 @@ def window_attention(
     scores = (qw @ k.transpose(-1, -2)).view(B, Hkv, G, window, Lk).float().mul_(scale)
     # window query i (0-based in the window) sits at key position Lk - window + i
     visible = torch.arange(Lk, device=q.device) <= torch.arange(Lk - window, Lk, device=q.device)[:, None]
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, None, :].to(torch.bool)
+    if key_padding_mask is not None:  # (B, Lk), or (B, Hkv, Lk) for a cache compacted per KV head
+        m = key_padding_mask.to(torch.bool)
+        visible = visible & (m[:, :, None, None, :] if m.dim() == 3 else m[:, None, None, None, :])
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1).nan_to_num(0.0)  # a query that sees no real key: a row of 0
     return probs.sum(dim=3).reshape(B, Hq, Lk)

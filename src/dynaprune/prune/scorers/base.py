@@ -45,6 +45,19 @@ def add_received(cumulative: torch.Tensor | None, received: torch.Tensor) -> tor
     return accumulate_token_importance(cumulative, received[:, None, None, :])
 
 
+def add_aligned(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``old`` + ``new`` along the cache axis (last dim), ``old`` zero-extended for new keys; a (B, L) and
+    a (B, Hkv, L) operand broadcast over the heads."""
+    if old is None:
+        return new
+    old = torch.nn.functional.pad(old, (0, new.shape[-1] - old.shape[-1]))
+    if old.dim() > new.dim():
+        new = new[:, None]
+    elif new.dim() > old.dim():
+        old = old[:, None]
+    return old + new
+
+
 def gather_scores(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The entries of ``scores`` (B, L) or (B, Hkv, L) at a compaction's ``index`` (B, Lkeep) or
     (B, Hkv, Lkeep): a per-layer score follows a per-head index head by head and vice versa."""

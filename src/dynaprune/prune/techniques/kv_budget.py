@@ -141,6 +141,8 @@ class KVBudgetStage(Stage):
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         if self.run.cache is not None and self.run.scorer.observes:
+            groups = k.shape[1] // self.run.shape.kv_heads  # explicit paths repeat K per query head
+            k = k[:, ::groups] if groups > 1 else k
             self.run.scorer.observe(self.scores, layer, q, k, key_padding_mask, scale)
 
     def needs_received(self, layer: int) -> bool:
