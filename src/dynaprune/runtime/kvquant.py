@@ -15,7 +15,10 @@ that bypassed the packed form could not go unnoticed. The tokens after the prefi
 - ``layer_bytes``: the bytes one layer holds, packed prefix (codes + scales + zero-points) included.
 
 Speed: every read dequantizes the whole prefix on the CPU; nothing is cached, so the packed form is
-the only copy held between forwards.
+the only copy held between forwards. Not optimised: one SmolLM2 layer of 1536 tokens (3 KV heads x 64)
+takes 15 ms at 4 bits, 13 ms at 8, 68 ms at 3 bits (codes straddle bytes) on one CPU thread, i.e.
+~0.45 s of dequantization per decode step over 30 layers at 4 bits; under ``continue`` it is paid once
+per chunk, under ``stream`` / ``generate`` once per step.
 """
 
 from __future__ import annotations
