@@ -1,195 +1,182 @@
-"""Linear symmetric and progressive quantization (Sec. III-D) against integer/numpy references."""
+"""Progressive quantization on group-quantized K (per channel) and V (per token), prune/quant.py,
+against brute-force references built from groupquant's independent quantize / fake_quantize."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from dynaprune.prune import groupquant
 from dynaprune.prune.quant import (
-    fake_quantize,
-    max_code,
-    progressive_attention_probs,
-    quantize_symmetric,
-    quantized_attention_probs,
-    quantized_values,
-    split_msb_lsb,
+    bits_fetched,
+    progressive_output,
+    progressive_probs,
+    quantize_key_channels,
+    quantize_value_tokens,
+    quantized_key_slots,
+    residual_keys,
 )
 
-PAPER_SETTINGS = [(4, 4), (6, 4), (8, 4), (10, 4), (12, 4)]
+SCALE = 8**-0.5
 
 
 def _randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-# ---------------------------------------------------------------------------- static quantization
+def _keys(b=2, h=3, n=16, d=8, seed=0) -> torch.Tensor:
+    k = _randn(b, h, n, d, seed=seed)
+    k[..., 1] *= 20.0  # an outlier channel, as Llama keys have
+    return k
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8, 12, 16])
-@pytest.mark.parametrize("dim", [-1, None])
-def test_quantize_matches_numpy(bits: int, dim: int | None) -> None:
-    x = _randn(3, 5, 7, seed=bits)
-    x[0, 0] = 0.0  # an all-zero row gets scale 1 and codes 0
-    got = quantize_symmetric(x, bits, dim)
-    xn = x.numpy().astype(np.float32)
-    amax = np.abs(xn).max(axis=-1, keepdims=True) if dim == -1 else np.abs(xn).max()
-    qmax = max(1, 2 ** (bits - 1) - 1)
-    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
-    codes = np.clip(np.round(xn / scale), -qmax, qmax).astype(np.int32)  # numpy also rounds half to even
-    assert got.codes.dtype == torch.int32 and got.bits == bits
-    np.testing.assert_array_equal(got.codes.numpy(), codes)
-    np.testing.assert_array_equal(got.scale.numpy(), scale)
-    assert int(got.codes.abs().max()) <= qmax == max_code(bits)
+def _mid_rise_reference(x: torch.Tensor, msb: int, lsb: int, group: int) -> torch.Tensor:
+    """Group-quantize the last dim at msb + lsb bits, keep the MSBs of each code and fill the LSBs
+    with 10..0, element by element."""
+    codes, scale, zero = groupquant.quantize_groups(x, msb + lsb, group)
+    out = torch.empty_like(codes, dtype=torch.float32)
+    for idx in torch.cartesian_prod(*(torch.arange(s) for s in codes.shape)):
+        idx = tuple(idx.tolist())
+        c = (int(codes[idx]) // 2**lsb) * 2**lsb + 2 ** (lsb - 1)
+        out[idx] = c * scale[idx[:-1]].float() + zero[idx[:-1]].float()
+    return out.flatten(-2)
 
 
-def test_sixteen_bits_error_bound() -> None:
-    # Stated bound: |x - Q16(x)| <= scale / 2 * (1 + 2^-10) + 2^-23 |x|, with scale = max|x| / 32767:
-    # half a quantization step plus float32 rounding of x / scale and of codes * scale.
-    for seed, magnitude in [(0, 1.0), (1, 1e-3), (2, 1e4)]:
-        x = _randn(4, 64, 96, seed=seed, scale=magnitude)
-        q = quantize_symmetric(x, 16)
-        error = (q.dequantize() - x).abs()
-        bound = q.scale / 2 * (1 + 2**-10) + x.abs() * 2**-23
-        assert bool((error <= bound).all())
-        assert float((error / q.scale).max()) > 0.45  # the bound is tight: errors do reach half a step
+@pytest.mark.parametrize(("msb", "lsb"), [(3, 4), (4, 4), (6, 4)])
+def test_keys_per_channel_msb_lsb_against_groupquant(msb: int, lsb: int) -> None:
+    k = _keys(b=1, h=2, n=8, d=4, seed=msb)
+    got = quantize_key_channels(k, msb, lsb, group=4)
+    # MSB + LSB: exactly groupquant's (M + L)-bit quantization along the tokens of each channel
+    full = groupquant.fake_quantize(k.transpose(-1, -2), msb + lsb, 4).transpose(-1, -2)
+    assert torch.equal(got.full, full)
+    assert torch.equal(got.msb_only, _mid_rise_reference(k.transpose(-1, -2), msb, lsb, 4).transpose(-1, -2))
+    # per channel: the outlier channel does not widen the others' steps
+    step = (k[..., 0].amax() - k[..., 0].amin()) / 2**msb
+    assert (got.msb_only[..., 0] - k[..., 0]).abs().max() <= step
 
 
-def test_fake_quantize_dtype_and_idempotence() -> None:
-    x = _randn(2, 8, 16)
-    once = fake_quantize(x, 8)
-    assert torch.equal(fake_quantize(once, 8), once)
-    assert fake_quantize(x.to(torch.bfloat16), 8).dtype == torch.float32
-    with pytest.raises(ValueError):
-        max_code(17)
+def test_partial_groups_and_padding_keys_do_not_change_the_range() -> None:
+    k = _keys(b=2, h=1, n=10, d=4, seed=3)
+    valid = torch.ones(2, 1, 10, dtype=torch.bool)
+    valid[1, :, :3] = False  # left padding of batch row 1
+    padded = k.clone()
+    padded[1, :, :3] = 1e4  # garbage in the padding slots
+    got = quantize_key_channels(padded, 4, 4, group=4, key_valid=valid)
+    # brute force per (batch, group): the real keys of the group alone, groupquant on them
+    for b, start in ((0, 0), (0, 4), (0, 8), (1, 0), (1, 4), (1, 8)):
+        real = [j for j in range(start, min(start + 4, 10)) if valid[b, 0, j]]
+        if not real:
+            continue
+        ref = groupquant.fake_quantize(k[b, :, real].transpose(-1, -2), 8, len(real)).transpose(-1, -2)
+        assert torch.equal(got.full[b, :, real], ref)
 
 
-# ---------------------------------------------------------------------------- MSB / LSB split
+def test_values_per_token_against_groupquant() -> None:
+    v = _randn(2, 3, 5, 8, seed=4)
+    got = quantize_value_tokens(v, 4, 4, group=4)
+    assert torch.equal(got.full, groupquant.fake_quantize(v, 8, 4))
+    assert torch.equal(got.msb_only, _mid_rise_reference(v, 4, 4, 4))
+    static = quantize_value_tokens(v, 8, 0, group=4)
+    assert torch.equal(static.full, static.msb_only) and torch.equal(static.full, got.full)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 8), st.integers(0, 2**31 - 1))
-def test_split_reconstructs_exactly(msb_bits: int, lsb_bits: int, seed: int) -> None:
-    if msb_bits + lsb_bits > 16:
-        msb_bits = 16 - lsb_bits
-    x = _randn(3, 11, seed=seed)
-    split = split_msb_lsb(x, msb_bits, lsb_bits)
-    reference = quantize_symmetric(x, msb_bits + lsb_bits)
-    assert torch.equal(split.full(), reference.dequantize())  # MSB + LSB: bit for bit
-    # the integer layout, by hand: c = msb * 2^L + lsb, msb signed M-bit, lsb unsigned L-bit
-    for code, msb, lsb in zip(
-        reference.codes.flatten().tolist(), split.msb.flatten().tolist(), split.lsb.flatten().tolist(), strict=True
-    ):
-        assert msb * 2**lsb_bits + lsb == code
-        assert 0 <= lsb < 2**lsb_bits
-        assert -(2 ** (msb_bits - 1)) <= msb <= 2 ** (msb_bits - 1) - 1
-        assert msb == code // 2**lsb_bits  # top bits of the two's complement = floor division
-    # MSB-only: the M-bit mid-rise value, on a grid of step 2^L * scale, unbiased within half a step
-    msb_only = split.msb_only()
-    step = split.scale * 2**lsb_bits
-    grid = msb_only / step - 0.5
-    assert torch.allclose(grid, grid.round(), atol=1e-3)
-    assert bool(((msb_only - x).abs() <= step / 2 + split.scale / 2 + 1e-5 * x.abs().amax()).all())
+def test_causal_slots_brute_force_and_no_future_leak() -> None:
+    lq, lk, g = 7, 12, 4
+    slots = quantized_key_slots(lq, lk, g, causal=True)
+    for i in range(lq):
+        s = lk - lq + i
+        for j in range(lk):  # key j read quantized iff its whole group exists at query slot s
+            assert bool(slots[i, j]) == ((j // g + 1) * g <= s + 1)
+    assert quantized_key_slots(lq, lk, g, causal=False) is None
+    assert residual_keys(lk, g, True) == 0 and residual_keys(13, g, True) == 1 and residual_keys(13, g, False) == 0
+    # a key changed at slot t changes no probability of a query before t
+    q, k = _randn(1, 2, lk, 8, seed=1), _keys(1, 2, lk, 8, seed=2)
+    mask = torch.ones(lk, lk, dtype=torch.bool).tril()[None, None]
+    slots = quantized_key_slots(lk, lk, g, causal=True)
+    before = progressive_probs(q, quantize_key_channels(k, 4, 4, g), k, SCALE, 0.3, mask, slots).probs
+    for t in (5, 9):
+        k2 = k.clone()
+        k2[:, :, t] += 50.0
+        after = progressive_probs(q, quantize_key_channels(k2, 4, 4, g), k2, SCALE, 0.3, mask, slots).probs
+        assert torch.equal(after[:, :, :t], before[:, :, :t])
+        assert not torch.equal(after[:, :, t:], before[:, :, t:])
 
 
-@pytest.mark.parametrize(("msb_bits", "lsb_bits"), PAPER_SETTINGS)
-def test_more_bits_less_error(msb_bits: int, lsb_bits: int) -> None:
-    x = _randn(64, 64, seed=msb_bits)
-    split = split_msb_lsb(x, msb_bits, lsb_bits)
-    msb_error = (split.msb_only() - x).abs().mean()
-    full_error = (split.full() - x).abs().mean()
-    assert full_error < msb_error / 4
-    # MSB-only is about as good as direct M-bit quantization (mid-rise vs mid-tread grid)
-    direct = (fake_quantize(x, msb_bits) - x).abs().mean()
-    assert msb_error < 1.5 * direct
+def _softmax_rows(q, keys, k_fp, slots, mask):
+    """Row by row: scores from quantized keys where slots say so, fp keys elsewhere."""
+    b, h, lq, _ = q.shape
+    out = torch.zeros(b, h, lq, keys.shape[2])
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lq):
+                row = torch.stack([
+                    q[bi, hi, i] @ (keys[bi, hi, j] if slots is None or slots[i, j] else k_fp[bi, hi, j])
+                    for j in range(keys.shape[2])]) * SCALE
+                row = row.masked_fill(~mask[0, 0, i], float("-inf"))
+                out[bi, hi, i] = row.softmax(-1)
+    return out
 
 
-# ---------------------------------------------------------------------------- progressive attention
-
-
-def _qk(batch=2, heads=4, kv_heads=2, n_q=5, n_k=9, dim=8, seed=0, sharp=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n_q, dim, generator=gen) * sharp
-    k = torch.randn(batch, kv_heads, n_k, dim, generator=gen)
-    return q, k
-
-
-@pytest.mark.parametrize(("msb_bits", "lsb_bits"), PAPER_SETTINGS)
-def test_threshold_zero_never_recomputes(msb_bits: int, lsb_bits: int) -> None:
-    q, k = _qk(seed=msb_bits)
-    got = progressive_attention_probs(q, k, 8**-0.5, msb_bits, lsb_bits, 0.0)
-    assert not got.needs_lsb.any() and got.rows_needing_lsb == 0 and got.lsb_fraction == 0.0
-    q_msb = split_msb_lsb(q, msb_bits, lsb_bits).msb_only()
-    k_msb = split_msb_lsb(k, msb_bits, lsb_bits).msb_only().repeat_interleave(2, dim=1)
-    expected = ((q_msb @ k_msb.transpose(-1, -2)) * 8**-0.5).softmax(-1)
-    assert torch.equal(got.probs, expected)
-    n_key_rows = 2 * 2 * 9
-    assert got.key_bits_fetched == n_key_rows * 8 * msb_bits
-    assert got.key_bits_full == n_key_rows * 8 * (msb_bits + lsb_bits)
-    assert got.query_bits_fetched == 2 * 4 * 5 * 8 * msb_bits
-
-
-@pytest.mark.parametrize(("msb_bits", "lsb_bits"), PAPER_SETTINGS)
-def test_threshold_one_always_recomputes_and_equals_full_quantized(msb_bits: int, lsb_bits: int) -> None:
-    q, k = _qk(seed=10 + msb_bits, sharp=30.0)  # sharp rows reach max probability 1.0 in float32
-    mask = torch.ones(5, 9, dtype=torch.bool).tril(diagonal=4)
-    got = progressive_attention_probs(q, k, 8**-0.5, msb_bits, lsb_bits, 1.0, mask)
-    assert got.needs_lsb.all() and got.lsb_fraction == 1.0
-    assert torch.equal(got.probs, quantized_attention_probs(q, k, 8**-0.5, msb_bits + lsb_bits, mask))
-    assert got.key_bits_fetched == got.key_bits_full
-
-
-def test_rows_follow_the_threshold_rule() -> None:
-    q, k = _qk(batch=3, heads=4, kv_heads=4, n_q=6, n_k=12, seed=5, sharp=2.0)
-    scale, threshold = 8**-0.5, 0.3
-    mask = torch.ones(3, 1, 1, 12, dtype=torch.bool)
-    mask[1, ..., 9:] = False  # padded keys in row 1
-    got = progressive_attention_probs(q, k, scale, 4, 4, threshold, mask)
-    msb_path = progressive_attention_probs(q, k, scale, 4, 4, 0.0, mask).probs
-    full_path = quantized_attention_probs(q, k, scale, 8, mask)
-    assert 0 < got.rows_needing_lsb < got.rows  # a mix, so the test means something
-    for b in range(3):
-        for h in range(4):
-            for i in range(6):
-                needs = float(msb_path[b, h, i].max()) < threshold
+def test_row_decision_brute_force() -> None:
+    lq = lk = 10
+    q, k, v = _randn(2, 3, lq, 8, seed=5, scale=2.0), _keys(2, 3, lk, 8, seed=6), _randn(2, 3, lk, 8, seed=7)
+    mask = torch.ones(lq, lk, dtype=torch.bool).tril()[None, None]
+    slots = quantized_key_slots(lq, lk, 4, causal=True)
+    keys, values = quantize_key_channels(k, 4, 4, 4), quantize_value_tokens(v, 4, 4, 4)
+    threshold = 0.35
+    got = progressive_probs(q, keys, k, SCALE, threshold, mask, slots)
+    out = progressive_output(got.probs, values, got.needs_lsb)
+    msb = _softmax_rows(q, keys.msb_only, k, slots, mask)
+    full = _softmax_rows(q, keys.full, k, slots, mask)
+    assert 0 < int(got.needs_lsb.sum()) < got.needs_lsb.numel()  # a mix, so the test means something
+    for b in range(2):
+        for h in range(3):
+            for i in range(lq):
+                needs = float(msb[b, h, i].max()) < threshold
                 assert bool(got.needs_lsb[b, h, i]) == needs
-                assert torch.equal(got.probs[b, h, i], (full_path if needs else msb_path)[b, h, i])
-    # bits, by hand: per (batch, KV head) its visible K rows, MSBs always, LSBs if any row needed them
-    key_bits = 0
-    for b in range(3):
-        visible = 9 if b == 1 else 12
-        for h in range(4):
-            key_bits += visible * 8 * (4 + (4 if got.needs_lsb[b, h].any() else 0))
-    assert got.key_bits_fetched == key_bits
-    assert got.query_bits_fetched == (got.rows * 4 + got.rows_needing_lsb * 4) * 8
-    assert got.rows == 3 * 4 * 6
+                want = (full if needs else msb)[b, h, i]
+                torch.testing.assert_close(got.probs[b, h, i], want, rtol=1e-5, atol=1e-6)
+                v_used = values.full if needs else values.msb_only
+                torch.testing.assert_close(out[b, h, i], got.probs[b, h, i] @ v_used[b, h], rtol=1e-5, atol=1e-6)
 
 
-def test_gqa_key_lsb_counted_per_group_and_static_query() -> None:
-    q, k = _qk(batch=1, heads=4, kv_heads=2, n_q=1, n_k=6, seed=7)
-    got = progressive_attention_probs(q, k, 8**-0.5, 6, 4, 0.5, query_bits=16)
-    groups_needing = got.needs_lsb.reshape(1, 2, 2).any(-1).sum()
-    assert got.key_bits_fetched == 2 * 6 * 8 * 6 + int(groups_needing) * 6 * 8 * 4
-    assert got.query_bits_fetched == 4 * 8 * 16
-    static_q = fake_quantize(q, 16)
-    k_msb = split_msb_lsb(k, 6, 4).msb_only().repeat_interleave(2, dim=1)
-    msb_probs = ((static_q @ k_msb.transpose(-1, -2)) * 8**-0.5).softmax(-1)
-    assert torch.equal(got.needs_lsb, msb_probs.amax(-1) < 0.5)
+def test_threshold_zero_is_the_msb_reference_and_one_the_full_reconstruction() -> None:
+    """Non-causal (every key quantized): T = 0 equals softmax over the mid-rise MSB keys and the MSB
+    values exactly; T = 1 equals groupquant's (M + L)-bit K and V."""
+    q, k, v = _randn(1, 2, 6, 8, seed=8), _keys(1, 2, 8, 8, seed=9), _randn(1, 2, 8, 8, seed=10)
+    keys, values = quantize_key_channels(k, 4, 4, 4), quantize_value_tokens(v, 4, 4, 4)
+    k_msb = _mid_rise_reference(k.transpose(-1, -2), 4, 4, 4).transpose(-1, -2)
+    v_msb = _mid_rise_reference(v, 4, 4, 4)
+    none = progressive_probs(q, keys, k, SCALE, 0.0)
+    assert not none.needs_lsb.any()
+    expected = ((q @ k_msb.transpose(-1, -2)) * SCALE).softmax(-1)
+    assert torch.equal(none.probs, expected)
+    assert torch.equal(progressive_output(none.probs, values, none.needs_lsb), expected @ v_msb)
+    sharp = progressive_probs(q * 40, keys, k, SCALE, 1.0)  # max probabilities of exactly 1.0 too
+    assert sharp.needs_lsb.all()
+    k_full = groupquant.fake_quantize(k.transpose(-1, -2), 8, 4).transpose(-1, -2)
+    expected = ((q * 40 @ k_full.transpose(-1, -2)) * SCALE).softmax(-1)
+    assert torch.equal(sharp.probs, expected)
+    out = progressive_output(sharp.probs, values, sharp.needs_lsb)
+    assert torch.equal(out, expected @ groupquant.fake_quantize(v, 8, 4))
 
 
-def test_quantized_values() -> None:
-    v = _randn(2, 3, 5, 4)
-    got = quantized_values(v, 6)
-    assert torch.equal(got.values, fake_quantize(v, 6)) and got.bits_fetched == v.numel() * 6
+def test_bits_of_one_decode_step_by_hand() -> None:
+    """One query over 130 keys, groups of 64: 128 keys at M bits + 32/64 bits of scale and zero-point,
+    the 2 newest at 16; V rows at M + 32/64; LSBs (4 bits) of K and V where the head's row needed them;
+    Q at 16."""
+    q, k = torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 130, 64)
+    needs = torch.tensor([[[True], [False], [False]]])
+    got = bits_fetched(q, k, key_bits=4, lsb_bits=4, value_bits=4, value_lsb_bits=4, query_bits=16,
+                       key_overhead=0.5, value_overhead=0.5, key_residual=2, needs_lsb=needs)
+    assert got["rows"] == 3 and got["rows_needing_lsb"] == 1
+    assert got["query_bits_fetched"] == 3 * 64 * 16
+    assert got["key_bits_fetched"] == 3 * (128 * 64 * 4.5 + 2 * 64 * 16) + 128 * 64 * 4
+    assert got["value_bits_fetched"] == 3 * 130 * 64 * 4.5 + 130 * 64 * 4
+    assert got["key_bits_dense16"] == got["value_bits_dense16"] == 3 * 130 * 64 * 16
 
 
-def test_bad_arguments() -> None:
-    q, k = _qk()
+def test_bad_threshold() -> None:
+    q, k = _randn(1, 1, 2, 8), _keys(1, 1, 4, 8)
     with pytest.raises(ValueError):
-        progressive_attention_probs(q, k, 1.0, 4, 4, 1.5)
-    with pytest.raises(ValueError):
-        split_msb_lsb(q, 12, 8)
-    with pytest.raises(ValueError):
-        split_msb_lsb(q, 4, 0)
+        progressive_probs(q, quantize_key_channels(k, 4, 4, 4), k, SCALE, 1.5)
