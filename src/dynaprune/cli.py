@@ -19,6 +19,7 @@ from rich.table import Table
 from dynaprune.cli_calibrate import calibrate
 from dynaprune.cli_common import _positive, _validate_recipe, console, err_console, progress_bar, status
 from dynaprune.cli_eval import eval_cmd, generate, print_result, run, run_task
+from dynaprune.cli_finetune import finetune_cmd
 from dynaprune.cli_sweep import demo, report, sweep
 from dynaprune.errors import DynapruneError
 
@@ -75,6 +76,7 @@ app.command()(demo)
 app.command()(sweep)
 app.command()(report)
 app.command()(calibrate)
+app.command("finetune")(finetune_cmd)
 
 
 def _mount_optional() -> None:

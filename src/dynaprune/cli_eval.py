@@ -88,7 +88,8 @@ def run_task(
             from dynaprune.eval.classify import evaluate_classify
 
             _require_encoder(model, task)
-            if train_data is None or not Path(train_data).is_file():
+            has_head = getattr(model, "head", None) is not None  # a fine-tuned classifier needs no probe
+            if not has_head and (train_data is None or not Path(train_data).is_file()):
                 raise DynapruneError(f"training data file not found: {train_data}")
             result = evaluate_classify(model, data, train_data, max_train=max_train,
                                        max_examples=max_examples, batch_size=batch_size or 32, progress=progress,

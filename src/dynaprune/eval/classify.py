@@ -8,6 +8,9 @@ Under a pruning recipe the probe is trained once on the DENSE embeddings and tes
 the pruned model either. ``probe="retrained"`` trains it on the pruned embeddings instead (a labelled
 variant, closer to fine-tuning after pruning). The dense probe is cached in the process per (model,
 training file, its rows, seed, batch size), so a sweep of recipes embeds the training set once.
+
+A fine-tuned classifier (``dynaprune finetune``: a model with its own head) is evaluated with that head
+and no probe; the training file is not read.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def evaluate_classify(
     sentences embedded."""
     if probe not in PROBES:
         raise DynapruneError(f"unknown probe {probe!r} (known: {', '.join(PROBES)})")
+    if getattr(model, "head", None) is not None:
+        return _evaluate_head(model, data_path, max_examples=max_examples, batch_size=batch_size,
+                              ctx_factory=ctx_factory, progress=progress)
     check_limit(max_train, "max_train")
     check_limit(max_examples, "max_examples")
     t0 = time.perf_counter()
@@ -145,4 +151,29 @@ def evaluate_classify(
             "batch_size": batch_size,
             **recipe_of(model),
         },
+    )
+
+
+def _evaluate_head(
+    model: Encoder, data_path: str | Path, *, max_examples: int | None, batch_size: int,
+    ctx_factory: Callable[[], RunContext] | None, progress: Progress | None,
+) -> TaskResult:
+    """Accuracy of the model's own classification head (a fine-tuned classifier) on ``data_path``."""
+    check_limit(max_examples, "max_examples")
+    t0 = time.perf_counter()
+    test = load_labeled_text(data_path)[:max_examples]
+    head = model.head
+    unseen = sorted({str(x.label) for x in test} - set(head.labels))
+    if unseen:
+        raise DynapruneError(f"{data_path}: labels {unseen[:5]} are not among the classifier's labels "
+                             f"{head.labels[:10]}")
+    logits = model.classify_logits([x.text for x in test], batch_size=batch_size, ctx_factory=ctx_factory,
+                                   progress=progress)
+    predicted = [head.labels[i] for i in logits.argmax(1).tolist()]
+    acc = accuracy(predicted, [str(x.label) for x in test])
+    return TaskResult(
+        model=model.name, task="classify", data=str(data_path), n=len(test),
+        metric={"name": "accuracy", "value": acc}, cost={}, seconds=time.perf_counter() - t0,
+        extra={"classifier": f"fine-tuned head (pooling={head.pooling})", "classes": head.labels,
+               "batch_size": batch_size, **recipe_of(model)},
     )

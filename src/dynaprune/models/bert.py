@@ -131,6 +131,7 @@ class Bert(nn.Module):
         self.pooling = "mean"  # "mean" | "cls"
         self.normalize = False
         self.lowercase = False  # sentence-transformers' do_lower_case
+        self.head = None  # a ClassifierHead (models/bert_classifier.py) when fine-tuned for classification
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -210,10 +211,30 @@ class Bert(nn.Module):
     ) -> torch.Tensor:
         """Sentence embeddings (N, d): tokenize with truncation at ``max_seq_length``, run the encoder,
         pool over real tokens (mean or CLS) and L2-normalize when the model's recipe does.
+        (``classify_logits`` runs the same loop through the classification head.)
 
         Texts are sorted by length into batches (little padding) and the order is restored.
         ``recipe`` (a Recipe or its string form) or ``ctx_factory`` gives each batch a fresh RunContext
         (the pruning hooks); ``progress(done, total)`` is called after each batch."""
+        return self._run_batches(texts, recipe, self.pool, self.config.hidden_size, batch_size=batch_size,
+                                 ctx_factory=ctx_factory, progress=progress)
+
+    def classify_logits(
+        self,
+        texts: Sequence[str],
+        recipe: object | None = None,
+        *,
+        batch_size: int = 32,
+        ctx_factory: Callable[[], RunContext] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Logits (N, labels) of the fine-tuned classification head (``self.head``), batched as ``embed``."""
+        if self.head is None:
+            raise DynapruneError(f"{self.name} has no classification head (fine-tune one: dynaprune finetune)")
+        return self._run_batches(texts, recipe, self.head, len(self.head.labels), batch_size=batch_size,
+                                 ctx_factory=ctx_factory, progress=progress)
+
+    def _run_batches(self, texts, recipe, reduce, width: int, *, batch_size, ctx_factory, progress) -> torch.Tensor:
         if recipe is not None:  # a Recipe or its string form: one pruning context per batch
             from dynaprune.runtime.pruning import make_context
 
@@ -231,7 +252,7 @@ class Bert(nn.Module):
             raise DynapruneError(f"batch_size must be a positive integer, got {batch_size!r}")
         n = len(texts)
         device = self.tok_emb.weight.device
-        out = torch.empty(n, self.config.hidden_size)
+        out = torch.empty(n, width)
         ids = self.tokenize(texts) if n else []
         order = sorted(range(n), key=lambda i: -len(ids[i]))  # longest first: memory peak shows up early
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
@@ -247,7 +268,7 @@ class Bert(nn.Module):
                 mask = torch.arange(batch.shape[1], device=device) < lens[:, None]
                 ctx = ctx_factory() if ctx_factory else None
                 hidden, kept = self(batch, mask, torch.zeros_like(batch), ctx=ctx)
-                out[idx] = self.pool(hidden, kept).float().cpu()
+                out[idx] = reduce(hidden, kept).float().cpu()
                 if progress:
                     progress(min(start + batch_size, n), n)
         return out
@@ -263,7 +284,11 @@ class Bert(nn.Module):
             raise DynapruneError(f"{folder}: not a model folder")
         cfg = BertConfig.from_hf(read_config(folder))
         model = cls(cfg)
-        model.load_hf_state(read_safetensors(folder), str(folder))
+        state = read_safetensors(folder)
+        model.load_hf_state(state, str(folder))
+        from dynaprune.models.bert_classifier import head_from_checkpoint
+
+        model.head = head_from_checkpoint(read_config(folder), state, str(folder))
         model.name = name or (folder.parent.name if folder.name in ("model", "") else folder.name)
         model.tokenizer = _load_tokenizer(folder)
         _read_sentence_transformers(model, folder)
