@@ -95,10 +95,13 @@ class KVBudget(Technique):
 
     def validate_for(self, n_layers, n_heads, n_kv_heads, context_len) -> None:
         depth_weights(self.kv_depth, n_layers)  # a kv_depth of the wrong length, whatever the context
-        budgets = self.layer_budgets(context_len, n_layers) if context_len is not None else []
-        if budgets:
-            layer = min(range(n_layers), key=budgets.__getitem__)
-            self._check_protected_fit(budgets[layer], f" of layer {layer} (kv_depth={self.kv_depth})")
+        if context_len is not None and self.has_kv_budget:
+            self.check_layer_budgets(self.layer_budgets(context_len, n_layers))
+
+    def check_layer_budgets(self, budgets: list[int]) -> None:
+        """Every layer's budget (``kv_depth``) leaves room for the sinks and the recent window."""
+        layer = min(range(len(budgets)), key=budgets.__getitem__)
+        self._check_protected_fit(budgets[layer], f" of layer {layer} (kv_depth={self.kv_depth})")
 
     def layer_budgets(self, context_len: int, n_layers: int) -> list[int]:
         """The budget of each layer for a prompt of ``context_len`` (``kv_depth``; empty: no budget)."""
@@ -165,6 +168,7 @@ class KVBudgetStage(Stage):
             # a layer above the mean budget is held to the cache's capacity (a stream allocates budget + step)
             self._layer_budgets = [min(b, cache.capacity - 1) if b > self.kv_budget else b
                                    for b in layer_budgets(self.kv_budget, self.technique.kv_depth, cache.n_layers)]
+            self.technique.check_layer_budgets(self._layer_budgets)
         # Evict in chunks: a layer over the budget drops to budget - slack, so the compaction (a copy of
         # the whole layer cache) runs once every ``slack`` steps. Never more than the budget after a forward.
         evicted = False

@@ -1,0 +1,155 @@
+"""KV eviction alone (fp16): scorers x allocations x budgets on WikiText-2 (issue 14 items 1-2),
+``lm --protocol continue`` (context 1536 + continuation 512, the first N chunks).
+
+One process, the model loaded once. Each chunk's context is prefilled ONCE per scorer under
+``kv_tokens=<context>,score=S,kv_alloc=head`` (nothing evicted: the prompt forward only gathers the
+scorer's per-KV-head state); per config a copy of that cache and state gets the config's end-of-prompt
+eviction (the real ``KVBudgetStage``: layer / head / Ada-KV, depth schedule, sinks, recent) and the
+continuation is teacher-forced on it with dense attention (after the prompt nothing else is evicted
+inside the one continuation forward). ``kv_alloc=layer`` here sums the per-head state over the heads,
+a different float order than the real per-layer path: the chosen configs are rerun through ``run_task``
+(the CLI's path, ``--check``) and on the test split only through ``run_task``.
+
+    python -m benchmarks.kv_evict_grid --split valid                          # the grid
+    python -m benchmarks.kv_evict_grid --split test --run-task kv=0.25,score=observed,kv_alloc=head ...
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import load_average, machine, setup_threads
+from benchmarks.kv_quant import via_run_task
+from dynaprune.io import write_json_atomic
+from dynaprune.runtime.pruning import make_context
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+OUT = Path(__file__).resolve().parent / "results" / "kv-evict.json"
+SCORERS = ("h2o", "observed", "snapkv")
+ALLOCS = ("layer", "head", "ada")
+BUDGETS = (0.5, 0.25, 0.125, 0.0625)
+
+
+def grid() -> list[str]:
+    return [f"kv={b},score={s}" + (f",kv_alloc={a}" if a != "layer" else "")
+            for b in BUDGETS for s in SCORERS for a in ALLOCS]
+
+
+def scorer_of(recipe: str) -> str:
+    return next(item.split("=", 1)[1] for item in recipe.split(",") if item.startswith("score="))
+
+
+def prefill_chunks(model, path: Path, context: int, continuation: int, chunks: int, scorer: str) -> list[tuple]:
+    """(cache after the prompt, the scorer's state, logits predicting the first continuation token,
+    continuation) per chunk, the prompt run under ``score=scorer`` per KV head without eviction."""
+    from dynaprune.eval.lm import read_tokens
+
+    ids = torch.tensor(read_tokens(model, path, None))
+    size = context + continuation
+    out = []
+    with torch.inference_mode():
+        for i in range(0, min(len(ids) - size + 1, chunks * size), size):
+            piece = ids[i:i + size]
+            cache = model.new_cache(1, size)
+            ctx = make_context(f"kv_tokens={context},score={scorer},kv_alloc=head", model)
+            last = model(piece[None, :context], cache=cache, ctx=ctx, last_only=True)[0]
+            out.append((cache, _kv_stage(ctx).scores, last, piece[context:]))
+    return out
+
+
+def _kv_stage(ctx):
+    return next(s for s in ctx.stages if s.name == "kv")
+
+
+def shared_prefill(model, prefilled: list[tuple], recipe: str) -> dict:
+    """One config over every chunk, from copies of the prefilled caches and scorer states."""
+    nll, tokens, kept, held = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for cache, state, last, cont in prefilled:
+            ctx, c = make_context(recipe, model), copy.deepcopy(cache)
+            _kv_stage(ctx).scores = copy.deepcopy(state)
+            ctx.begin_forward(c)
+            ctx.end_forward(c)  # the prompt's end of forward: eviction
+            held += c.bytes_held(fp_bytes=2)
+            kept += c.dense_fp16_bytes()
+            rest = model(cont[None, :-1], cache=c)[0]  # dense attention over the evicted cache
+            nll += float(F.cross_entropy(torch.cat([last, rest]).float(), cont, reduction="sum"))
+            tokens += len(cont)
+    return {"perplexity": math.exp(nll / tokens), "kv_bytes_kept_vs_fp16": held / kept, "path": "shared prefill"}
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--split", default="valid", choices=("valid", "test"))
+    p.add_argument("--recipes", nargs="*", help="default: the grid (budgets x scorers x allocations)")
+    p.add_argument("--run-task", nargs="*", default=[], help="recipes evaluated through run_task (dense: '')")
+    p.add_argument("--check", nargs="*", default=[], help="grid recipes also rerun through run_task")
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--context", type=int, default=1536)
+    p.add_argument("--continuation", type=int, default=512)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args()
+    threads = setup_threads(a.threads)
+    from dynaprune import load
+
+    model = load("smollm2-135m")
+    path = DATA / f"{a.split}.txt"
+    recipes = a.recipes if a.recipes is not None else grid()
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    rows: dict[str, dict] = {}
+    previous, commands = {}, []
+    if a.out.is_file():  # runs of other invocations (the other split, more configs) are kept
+        import json
+
+        old = json.loads(a.out.read_text())
+        previous, commands = old.get("runs", {}), old.get("commands", [])
+    command = "python -m benchmarks.kv_evict_grid " + " ".join(sys.argv[1:])
+
+    def save() -> None:  # after every config: a stopped sweep keeps what it measured
+        payload = {
+            "what": "perplexity of KV eviction alone (fp16) vs the share of the context's K/V kept",
+            "model": "smollm2-135m", "protocol": "continue", "context": a.context, "continuation": a.continuation,
+            "chunks": a.chunks, "machine": machine(), "threads": threads,
+            "commands": [*commands, {"command": command, "seconds": round(time.perf_counter() - t0, 1),
+                                     "load": load_average()}],
+            "runs": {**previous, a.split: {**previous.get(a.split, {}), **rows}},
+        }
+        write_json_atomic(a.out, payload)
+
+    for scorer in dict.fromkeys(scorer_of(r) for r in recipes):
+        prefilled = prefill_chunks(model, path, a.context, a.continuation, a.chunks, scorer)
+        progress(f"prefilled {len(prefilled)} chunks for score={scorer}")
+        for r in (r for r in recipes if scorer_of(r) == scorer):
+            rows[r] = shared_prefill(model, prefilled, r)
+            progress(f"{r}: {rows[r]['perplexity']:.4f} kept {rows[r]['kv_bytes_kept_vs_fp16']:.4f}")
+            save()
+        del prefilled
+    for r in a.check:
+        rows[r]["run_task_perplexity"] = via_run_task(model, path, r, a.context, a.continuation, a.chunks)["perplexity"]
+        progress(f"check {r}: {rows[r]['run_task_perplexity']:.4f}")
+        save()
+    for r in a.run_task:
+        rows[r or "dense"] = via_run_task(model, path, r, a.context, a.continuation, a.chunks)
+        progress(f"run_task {r}: {rows[r or 'dense']['perplexity']:.4f}")
+        save()
+    for r, row in rows.items():
+        print(f"{r:60s} ppl {row['perplexity']:8.4f}" + (f"  run_task {row['run_task_perplexity']:.4f}"
+                                                         if "run_task_perplexity" in row else ""))
+
+
+if __name__ == "__main__":
+    main()
