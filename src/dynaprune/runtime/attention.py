@@ -242,7 +242,7 @@ class RunContext:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             self._record(layer, None, out)
             return out
-        mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
+        mask = build_mask(lq, lk, heads_key_mask(key_padding_mask, q.shape[1]), causal, q.device)
         if not self.record_probs:
             # enable_gqa lets SDPA share each K/V group across its query heads without copying them.
             gqa = q.shape[1] != k.shape[1]
