@@ -135,8 +135,8 @@ def search(model, args, length: int, continuation: int) -> dict:
             best = min(fitting, key=lambda r: r["perplexity_cost"])
             c = {"flops_kept": round(target, 3), "measured_flops_kept": round(best["flops_kept"], 4),
                  "valid_perplexity_cost": round(best["perplexity_cost"], 5), **best["settings"]}
-            if c not in choices:
-                choices.append(c)
+            if not choices or choices[-1]["measured_flops_kept"] != c["measured_flops_kept"]:
+                choices.append(c)  # a larger target with the same best point adds nothing
     payload = {"mode": "search", "prompt_tokens": length, "data": "wikitext2/valid.txt",
                "perplexity_protocol": {"context": length, "continuation": continuation, "examples": examples},
                "dense_perplexity": dense, "grid": grid, "choices": choices,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
     p.add_argument("--ppl-examples", type=int, default=3, help="VALID chunks of length + 128 for the perplexity")
     p.add_argument("--test-examples", type=int, default=3, help="TEST chunks (reported, never used to choose)")
-    p.add_argument("--variants", default="", help="comma list of variant names (default: all)")
+    p.add_argument("--variants", default="", help="';'-separated variant names (default: all)")
     p.add_argument("--search", action="store_true", help="the VALID grid behind prefill=F (no timing)")
     p.add_argument("--ship", action="store_true", help="with --search: write the package's prefill_choices.json")
     p.add_argument("--hw", action="store_true", help="replay a traced prefill on SpAtten's model (hw/)")
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             return search(model, args, length, continuation)
         if args.hw:
             return hw_replay(model, args, length)
-        found = variants(model, length, [n for n in args.variants.split(",") if n] or None)
+        found = variants(model, length, [n for n in args.variants.split(";") if n] or None)
         if args.quick:  # tiny prompts: the shipped points' windows and the GemFilter layers still fit
             found = {n: v for n, v in found.items() if not n.startswith("gemfilter")}
         ids = torch.tensor([wikitext_ids(model.tokenizer, length)])
