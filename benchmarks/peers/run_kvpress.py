@@ -32,16 +32,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from schema import (  # noqa: E402  (the peers' venv has no dynaprune: schema.py is imported by path)
-    HeldTensor,
-    compression_ratio_for_keep,
-    fp16_cache_bytes,
-    kv_bytes,
-    load_rows,
-    row_key,
-    write_rows_atomic,
-)
+try:  # imported as benchmarks.peers.run_kvpress (the main suite's test of the plan)
+    from benchmarks.peers.schema import (
+        HeldTensor,
+        compression_ratio_for_keep,
+        fp16_cache_bytes,
+        kv_bytes,
+        load_rows,
+        row_key,
+        write_rows_atomic,
+    )
+except ImportError:  # run as a script in the peers' venv: its folder is sys.path[0]
+    from schema import (  # type: ignore[no-redef]
+        HeldTensor,
+        compression_ratio_for_keep,
+        fp16_cache_bytes,
+        kv_bytes,
+        load_rows,
+        row_key,
+        write_rows_atomic,
+    )
 
 PEERS_CACHE = Path(os.environ.get("DYNAPRUNE_CACHE", Path.home() / ".cache" / "dynaprune")) / "peers"
 OUT = Path(__file__).resolve().parents[1] / "results" / "peers" / "kvpress.json"
@@ -212,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()  # one progress line per row, not per weight
     transformers.utils.logging.disable_progress_bar()
 
-    if not (args.model / "config.json").exists():
-        print(f"error: {args.model}: no exported model; run `python -m benchmarks.peers.export` (main venv)",
-              file=sys.stderr)
+    splits = args.splits.split(",")
+    wanted = [args.model / "config.json"] + [args.chunks / f"chunks-{s}.json" for s in splits]
+    if any(s not in ("test", "valid") for s in splits) or not all(p.exists() for p in wanted):
+        print(f"error: need splits among test,valid (got {args.splits!r}) and the exported model and chunks "
+              f"({args.model}, {args.chunks}); run `python -m benchmarks.peers.export` (main venv)", file=sys.stderr)
         return 2
     versions = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist("kvpress"),
                 "transformers": transformers.__version__, "torch": torch.__version__,
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "applies to later tokens"}}
     only = set(args.only.split(",")) if args.only else None
     new = 0
-    for spec in plan(args.splits.split(",")):
+    for spec in plan(splits):
         if only and (spec["press"] or spec["peer"]) not in only:
             continue
         opts = options_of(spec)
