@@ -184,8 +184,12 @@ def hdp_attention(
     # approximation and the output
     factor = q_fp.scale * k_fp.scale * softmax_scale
     scores = approximate_scores(q_fp, k_fp, config.approx) * factor
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):  # pruning-aware fine-tuning
+        # straight-through: the fixed-point scores' value, the exact scores' gradient (x - x == 0 exactly)
+        exact = (q.to(_F64) @ k.to(_F64).mT) * softmax_scale
+        scores = scores + (exact - exact.detach())
     probs = masked_softmax(scores, kept_pairs)
-    out = (probs @ v.detach().to(_F64)).to(v.dtype)
+    out = (probs @ v.to(_F64)).to(v.dtype)
 
     # counts
     pairs_valid = valid.expand(b, h, lq, lk).sum((-2, -1))
