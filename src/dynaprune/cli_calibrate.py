@@ -12,7 +12,7 @@ from dynaprune.cli_common import console, progress_bar, status
 
 def calibrate(
     model: str = typer.Argument(..., help="alias (see `dynaprune models`), checkpoint folder, .gguf file"),
-    target_sparsity: float = typer.Option(..., help="HDP block sparsity to reach, in [0, 1)"),
+    target_sparsity: float | None = typer.Option(None, help="HDP block sparsity to reach, in [0, 1)"),
     out: Path = typer.Option(..., "--out", "-o", help="recipe file to write (read back with --recipe @FILE)"),
     target_head_sparsity: float | None = typer.Option(None, help="also calibrate tau_H for this head sparsity"),
     data: Path | None = typer.Option(None, help=(
@@ -24,8 +24,21 @@ def calibrate(
     block_score: str = typer.Option("max", help="block importance: max (default), sum or abs_sum (paper)"),
     keep_first_block: bool = typer.Option(False, help="always keep key block 0 ([CLS] column)"),
     fixed: str = typer.Option("8.8", help="fixed-point integer.fraction bits of Q and K"),
+    lsb_rate: float | None = typer.Option(None, help="instead: progressive quantization's threshold for this "
+                                          "share of rows fetching LSBs (WikiText-2 valid, continue protocol)"),
+    quant: str = typer.Option("4+4", help="with --lsb-rate: the M+L setting"),
+    quant_group: int | None = typer.Option(None, help="with --lsb-rate: quant_group"),
+    table: Path | None = typer.Option(None, help="with --lsb-rate: merge the rate table into this JSON "
+                                      "(src/dynaprune/prune/techniques/lsb_thresholds.json re-ships it)"),
 ) -> None:
-    """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples; save a recipe file."""
+    """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples, or progressive
+    quantization's LSB threshold for a target LSB row rate (--lsb-rate); save a recipe file."""
+    if lsb_rate is not None:
+        return _calibrate_lsb(model, lsb_rate, quant, quant_group, out, table, data, examples)
+    if target_sparsity is None:
+        from dynaprune.errors import DynapruneError
+
+        raise DynapruneError("give --target-sparsity (HDP) or --lsb-rate (progressive quantization)")
     from dynaprune.calibrate.hdp import CalibrationSpec, _check_data_file, calibrate_model, write_recipe_file
     from dynaprune.paths import shared_data_dir
     from dynaprune.prune.hdp import parse_fixed_bits
@@ -62,3 +75,35 @@ def calibrate(
     path = write_recipe_file(out, result.recipe, [
         command, f"calibrated on {result.examples} examples of {data} ({result.calls} attention calls)", summary])
     console.print(f"{summary}\nrecipe: {result.recipe}\nwrote {path} (use --recipe @{path})")
+
+
+def _calibrate_lsb(model: str, rate: float, quant: str, group: int | None, out: Path, table: Path | None,
+                   data: Path | None, examples: int | None) -> None:
+    """``--lsb-rate``: the threshold of ``quant=M+L`` for that LSB row rate, as a recipe file."""
+    from dynaprune.calibrate.hdp import _check_data_file, write_recipe_file
+    from dynaprune.calibrate.lsb import calibrate_lsb, merge_table
+    from dynaprune.paths import shared_data_dir
+    from dynaprune.prune.recipe import Recipe
+    from dynaprune.prune.techniques.progressive_quant import threshold_for_rate
+    from dynaprune.user_paths import check_output_file
+
+    setting = Recipe.parse(f"quant={quant}@rate{rate}" + (f",quant_group={group}" if group else "")).quant
+    if data is not None:
+        _check_data_file(data)
+    check_output_file(out, "--out")
+    from dynaprune import load
+
+    with status(f"loading {model}") as say:
+        m = load(model, say)
+    data = data or shared_data_dir() / "wikitext2" / "valid.txt"
+    with progress_bar(f"calibrating on {data.name}") as progress:
+        found = calibrate_lsb(m, data, setting.bits, setting.lsb_bits, group, examples=examples or 8,
+                              progress=progress)
+    threshold = threshold_for_rate(found, rate)
+    recipe = f"quant={setting.bits}+{setting.lsb_bits}@{threshold:.6g}" + (f",quant_group={group}" if group else "")
+    summary = f"threshold {threshold:.6g} for {rate:g} of {found['rows']} rows fetching LSBs"
+    path = write_recipe_file(out, Recipe.parse(recipe), [
+        f"dynaprune calibrate {model} --lsb-rate {rate:g} --quant {quant}", f"calibrated on {data}", summary])
+    if table is not None:
+        merge_table(table, found)
+    console.print(f"{summary}\nrecipe: {recipe}\nwrote {path} (use --recipe @{path})")

@@ -108,7 +108,7 @@ def check_quant(key: str, value: Any) -> QuantSetting:
         return QuantSetting(bits, lsb, None, rate)
     if value.threshold is None:
         raise K.err(key, f"progressive quantization needs a threshold: quant={bits}+{lsb}@0.1 "
-                         f"(or a calibrated LSB rate: quant={bits}+{lsb}@rate0.05)")
+                         "(or a calibrated share of LSB rows, written @rateR, e.g. @rate0.05)")
     threshold = K.as_float(key, value.threshold)
     if not 0.0 <= threshold <= 1.0:
         raise K.err(key, f"threshold {K.fmt_float(threshold)} is outside [0, 1]")

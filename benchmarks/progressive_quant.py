@@ -1,0 +1,88 @@
+"""Progressive quantization on SmolLM2: the LSB threshold calibrated on WikiText-2 VALID for target LSB
+row rates, then perplexity and LSB row share on VALID and TEST (``continue`` protocol), dense beside it.
+
+    python -m benchmarks.progressive_quant --examples 8 --context 1536 --continuation 512 [--ship]
+
+Loads the model once; writes benchmarks/results/progressive-quant.json (atomic) after every run, with
+the exact command. ``--ship`` merges the calibrated tables into the package's lsb_thresholds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dynaprune import load
+from dynaprune.calibrate.lsb import calibrate_lsb, merge_table
+from dynaprune.eval.lm import evaluate_lm
+from dynaprune.io import write_json_atomic
+from dynaprune.prune.techniques.progressive_quant import threshold_for_rate
+from dynaprune.runtime.pruning import make_context, merge_summaries
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+PACKAGE_TABLE = Path(__file__).resolve().parents[1] / "src/dynaprune/prune/techniques/lsb_thresholds.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument("--context", type=int, default=1536)
+    parser.add_argument("--continuation", type=int, default=512)
+    parser.add_argument("--msb", default="4,3")
+    parser.add_argument("--lsb", type=int, default=4)
+    parser.add_argument("--rates", default="0.02,0.05,0.1")
+    parser.add_argument("--splits", default="valid,test")
+    parser.add_argument("--ship", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/progressive-quant.json")
+    args = parser.parse_args()
+    model = load(args.model)
+    proto = dict(protocol="continue", context=args.context, continuation=args.continuation,
+                 max_examples=args.examples)
+    out = {"command": "python -m benchmarks.progressive_quant " + " ".join(sys.argv[1:]), "model": args.model,
+           "protocol": proto, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "tables": [], "runs": []}
+
+    def run(split: str, recipe: str | None) -> dict:
+        contexts: list = []
+
+        def factory():
+            contexts.append(make_context(recipe, model))
+            return contexts[-1]
+
+        t0 = time.time()
+        result = evaluate_lm(model, DATA / f"{split}.txt", ctx_factory=factory if recipe else None, **proto)
+        summary = merge_summaries(contexts) if recipe else {}
+        row = {"split": split, "recipe": recipe or "dense", "perplexity": result.metric["value"],
+               "lsb_row_fraction": summary.get("lsb_row_fraction"),
+               "bits_fetched_vs_fp16": summary.get("bits_fetched_vs_fp16"),
+               "key_bits_fetched_vs_fp16": summary.get("key_bits_fetched_vs_fp16"),
+               "value_bits_fetched_vs_fp16": summary.get("value_bits_fetched_vs_fp16"),
+               "lsb_threshold": summary.get("lsb_threshold"), "storage": "simulated" if recipe else None,
+               "seconds": round(time.time() - t0, 1)}
+        out["runs"].append(row)
+        write_json_atomic(args.out, out)
+        print(json.dumps(row), flush=True)
+        return row
+
+    splits = args.splits.split(",")
+    dense = {split: run(split, None)["perplexity"] for split in splits}
+    for msb in (int(m) for m in args.msb.split(",")):
+        table = calibrate_lsb(model, DATA / "valid.txt", msb, args.lsb, examples=args.examples,
+                              context=args.context, continuation=args.continuation)
+        out["tables"].append(table)
+        write_json_atomic(args.out, out)
+        if args.ship:
+            merge_table(PACKAGE_TABLE, table)
+        for rate in (float(r) for r in args.rates.split(",")):
+            threshold = threshold_for_rate(table, rate)
+            for split in splits:  # the threshold as a number: the same on both splits, whatever is shipped
+                row = run(split, f"quant={msb}+{args.lsb}@{threshold:.6g}")
+                row.update(target_rate=rate, vs_dense=row["perplexity"] / dense[split] - 1)
+                write_json_atomic(args.out, out)
+
+
+if __name__ == "__main__":
+    main()
