@@ -7,7 +7,9 @@ from dynaprune.models import load  # noqa: E402
 from dynaprune.prune.recipe import Recipe  # noqa: E402
 from dynaprune.prune.scorers.h2o import H2OScore  # noqa: E402
 from dynaprune.prune.scorers.instant import InstantScore  # noqa: E402
+from dynaprune.prune.scorers.observed import ObservedScore  # noqa: E402
 from dynaprune.prune.scorers.random import RandomScore  # noqa: E402
+from dynaprune.prune.scorers.snapkv import SnapKVScore  # noqa: E402
 from dynaprune.prune.scorers.spatten import SpAttenScore  # noqa: E402
 from dynaprune.prune.scorers.streaming import StreamingScore  # noqa: E402
 from dynaprune.prune.scorers.tova import TOVAScore  # noqa: E402
@@ -27,4 +29,5 @@ __all__ = [
     "HybridDynamicPruning", "KVQuantization", "PrefillSelection",
     # token scorers (score=...)
     "SpAttenScore", "H2OScore", "StreamingScore", "RandomScore", "InstantScore", "TOVAScore",
+    "ObservedScore", "SnapKVScore",
 ]
