@@ -62,8 +62,9 @@ def test_work_axes():
 
 
 def test_bits_axis_of_real_runs_against_the_operand_widths():
-    """quant=8: Q, K and V all fetched at 8 of 16 bits, nothing else pruned, so 0.5 exactly. quant=4+4@0:
-    Q and K at 4 bits, V at 8, over the same rows: (4 + 4 + 8) / 48. Counted by a real (tiny) run."""
+    """quant=8: K and V fetched at 8 of 16 bits plus a 32-bit scale and zero-point per group (keys: 64
+    tokens, +0.5 bit; values: head_dim = 8 channels, +4 bits), Q at 16, nothing else pruned. quant=4+4@0:
+    K and V at 4 bits, the same overheads. Counted by a real (tiny) run."""
     from dynaprune.runtime.cost import cost_shape, work_cost
     from dynaprune.runtime.pruning import make_context, merge_summaries
 
@@ -71,7 +72,7 @@ def test_bits_axis_of_real_runs_against_the_operand_widths():
     from test_pruning import batch, tiny_bert
 
     model, (ids, mask) = tiny_bert(), batch()
-    for recipe, expected in (("quant=8", 0.5), ("quant=4+4@0", 1 / 3)):
+    for recipe, expected in (("quant=8", (16 + 8.5 + 12) / 48), ("quant=4+4@0", (16 + 4.5 + 8) / 48)):
         ctx = make_context(recipe, model)
         model(ids, mask, ctx=ctx)
         cost = {**work_cost(cost_shape(model), ctx.work), "pruning": merge_summaries([ctx])}

@@ -81,17 +81,19 @@ def test_an_encoder_has_no_lm_head():
     assert cost["actual"]["flops"]["lm_head"] == 0 and cost["shape"]["vocab"] == 0
 
 
-@pytest.mark.parametrize(("threshold", "qk_bits"), [(0.0, 4), (1.0, 8)])
-def test_bits_fetched_count_q_k_and_v_over_the_same_rows(threshold, qk_bits):
-    """Items 4, 5. quant=4+4@T: Q and K at 4 bits (T = 0: no row needs its LSBs) or 8 (T = 1: every
-    row does), V statically at 8. Every real token is a Q row and a K/V row of every head, padding is
-    neither, so the fractions are exact: the old denominator counted 36 keys per head for 26 real ones
-    (0.25 x 26 / 36 = 0.18 < the 4/16 floor)."""
+@pytest.mark.parametrize(("threshold", "kv_bits"), [(0.0, 4), (1.0, 8)])
+def test_bits_fetched_count_q_k_and_v_over_the_same_rows(threshold, kv_bits):
+    """Items 4, 5. quant=4+4@T: K and V at 4 bits (T = 0: no row needs its LSBs) or 8 (T = 1: every
+    row does), plus their fp16 scale and zero-point (32 bits) per group: keys per channel over 64
+    tokens (+0.5 bit an element), values per token over head_dim = 8 channels (+4 bits); Q is not
+    quantized (16 bits). Every real token is a Q row and a K/V row of every head, padding is neither,
+    so the fractions are exact (an encoder: every key read quantized)."""
     ctx, cost = run(f"quant=4+4@{threshold}")
     s = ctx.summary()
-    assert s["key_bits_fetched_vs_fp16"] == s["query_bits_fetched_vs_fp16"] == qk_bits / 16
-    assert s["value_bits_fetched_vs_fp16"] == 8 / 16
-    assert s["bits_fetched_vs_fp16"] == pytest.approx((2 * qk_bits + 8) / 48)
+    assert s["query_bits_fetched_vs_fp16"] == 1.0
+    assert s["key_bits_fetched_vs_fp16"] == (kv_bits + 32 / 64) / 16
+    assert s["value_bits_fetched_vs_fp16"] == (kv_bits + 32 / 8) / 16
+    assert s["bits_fetched_vs_fp16"] == pytest.approx((16 + kv_bits + 0.5 + kv_bits + 4) / 48)
     assert s["counts"]["rows"] == sum(REAL) * HEADS * LAYERS
     assert s["lsb_row_fraction"] == (1.0 if threshold == 1.0 else 0.0)
     assert cost["storage"] == "simulated"

@@ -48,7 +48,7 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
                     iteration_id=call["iteration"], layer_id=call["layer"], head_id=head,
                     embedding_length_D=call["D"], sentence_length_L=max(call["L"], keys), key_fetch_num=keys,
                     quant_key_bit=key_bits, quant_query_bit=total_bits,
-                    auto_requant_thres=quant.threshold if progressive else -1.0,
+                    auto_requant_thres=ctx.lsb_threshold if progressive else -1.0,  # a rate resolved
                     if_requant=requant, auto_requant_incre=quant.lsb_bits if progressive else -1,
                     value_fetch_num=values, quant_value_bit=total_bits,
                     if_accumulate_importance=accumulate, if_topk=topk_row,
