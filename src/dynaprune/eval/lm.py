@@ -179,6 +179,11 @@ def evaluate_lm(
         pieces = [tokens[i:i + size] for i in range(0, len(tokens) - size + 1, size)]
     if max_examples is not None:
         pieces = pieces[:max_examples]
+    # a model trained with <bos> first (Gemma: ``requires_bos``) reads every example after it; it is only read
+    bos = 1 if getattr(model, "requires_bos", False) else 0
+    if bos:
+        head = tokens.new_tensor([model.tokenizer.bos_token_id])
+        pieces = [torch.cat([head, p]) for p in pieces]
     if not pieces:
         need = {"window": 2, "stream": stream_tokens}.get(protocol, context + continuation)
         raise DynapruneError(f"{text_path}: {len(ids)} tokens, fewer than the {need} one example needs")
@@ -204,7 +209,7 @@ def evaluate_lm(
                     count += scored
                     targets += len(piece) - 1
                 else:
-                    prompt, cont = piece[:context], piece[context:]
+                    prompt, cont = piece[:context + bos], piece[context + bos:]
                     cache = model.new_cache(1, len(piece))
                     last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
                     if stepwise:

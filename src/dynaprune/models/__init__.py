@@ -36,6 +36,12 @@ def _from_path(path: Path):
     if path.is_dir():
         return _from_folder(path)
     if path.suffix == ".gguf":
+        from dynaprune.models.gemma3_gguf import gguf_architecture
+
+        if path.is_file() and gguf_architecture(path) == "gemma3":
+            from dynaprune.models.gemma3 import Gemma3
+
+            return Gemma3.from_gguf(path)
         from dynaprune.models.llama import Llama
 
         return Llama.from_gguf(path)
@@ -63,7 +69,7 @@ def _from_hub(repo_id: str):
 
 def load(name_or_path: str | Path, progress: Callable[[str], None] | None = None):
     """Load a model: a known alias (fetched on first use), a local checkpoint folder, a ``.gguf`` file,
-    or a hub id ``org/name`` when online. Returns our own model (Bert, Llama or GPT2) in eval mode."""
+    or a hub id ``org/name`` when online. Returns our own model (Bert, Llama, Gemma3 or GPT2) in eval mode."""
     name = str(name_or_path)
     if name in KNOWN_MODELS:
         path = fetch(name, progress)

@@ -31,11 +31,21 @@ class AttentionRecord:
     head_outputs: torch.Tensor | None = None  # (B, Hq, Lq, D) per-head outputs before o_proj
 
 
-def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int) -> tuple[int, int]:
+def windowed_pairs(n_keys: torch.Tensor, n_queries: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal pairs per row when the i-th of ``n_queries`` last queries sees ``n_keys - n_queries + 1 + i``
+    keys, at most ``window`` of them (a sliding-window layer)."""
+    first = n_keys - n_queries + 1  # keys the first query sees
+    full = (window - first).clamp(min=0).minimum(n_queries)  # queries below the window: first .. first + full - 1
+    return full * first + full * (full - 1) // 2 + (n_queries - full) * window
+
+
+def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int,
+                window: int | None = None) -> tuple[int, int]:
     """(real query tokens, real attended (query, key) pairs) of one call.
 
     With a padding mask the real keys of each row are counted; queries are the real tokens when queries
-    and keys are the same tokens (encoder, prefill), else all ``lq`` new tokens (decode).
+    and keys are the same tokens (encoder, prefill), else all ``lq`` new tokens (decode). ``window``: a
+    causal query sees at most that many keys.
     """
     if key_padding_mask is None:
         n_keys = torch.full((batch,), lk)
@@ -47,11 +57,14 @@ def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal:
     pairs = n_queries * n_keys
     if causal:  # a query sees the cached keys and the new keys up to itself
         pairs = pairs - n_queries * (n_queries - 1) // 2
+    if causal and window is not None:
+        pairs = windowed_pairs(n_keys, n_queries, window)
     return int(n_queries.sum()), int(pairs.sum())
 
 
 def build_mask(
-    lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device: torch.device
+    lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (True = attend), broadcastable to (B, H, Lq, Lk); None when nothing is masked.
     ``key_padding_mask`` (B, Lk), or (B, H, Lk) per head (``heads_key_mask`` expands KV heads)."""
@@ -59,8 +72,10 @@ def build_mask(
     if key_padding_mask is not None:
         m = key_padding_mask.to(torch.bool)
         mask = m[:, :, None, :] if m.dim() == 3 else m[:, None, None, :]
-    if causal and lq > 1:
+    if causal and (lq > 1 or (window is not None and lk > window)):
         tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+        if window is not None:  # sliding window: query i sees keys i + lk - lq - window + 1 .. i + lk - lq
+            tri = tri.triu(diagonal=lk - lq - window + 1)
         mask = tri if mask is None else mask & tri
     return mask
 
@@ -89,6 +104,7 @@ def sdpa(
     causal: bool,
     scale: float | None,
     key_bias: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention through SDPA's fused kernels when no probabilities are needed (GQA without copying K/V).
 
@@ -99,9 +115,9 @@ def sdpa(
     lq, lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     key_padding_mask = heads_key_mask(key_padding_mask, q.shape[1])
-    if causal and key_padding_mask is None and lq == lk and lq > 1 and key_bias is None:
+    if causal and key_padding_mask is None and lq == lk and lq > 1 and key_bias is None and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = build_mask(lq, lk, key_padding_mask, causal, q.device)
+    mask = build_mask(lq, lk, key_padding_mask, causal, q.device, window)  # window: a sliding-window layer
     if key_bias is not None:  # masked keys at -inf, the others at their bias
         bias = key_bias[:, None, None, :].to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
@@ -140,6 +156,7 @@ def attention_with_received(
     block_bytes: int = 1 << 25,
     per_kv_head: bool = False,
     key_bias: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit attention that returns the outputs (B, Hq, Lq, D) and the attention each key received,
     summed over heads and real queries (B, Lk) fp32 — SpAtten's token importance of this call — without
@@ -180,6 +197,9 @@ def attention_with_received(
         ok = key_ok[..., :end] if key_ok is not None else None
         if causal and n > 1:  # within the block, query i sees keys up to i + (Lk - Lq)
             tri = torch.arange(end, device=q.device) <= torch.arange(q0, q1, device=q.device)[:, None] + (Lk - Lq)
+            if window is not None:  # a sliding-window layer: no key older than window - 1 before the query
+                tri &= torch.arange(end, device=q.device) > torch.arange(q0, q1, device=q.device)[:, None] + (
+                    Lk - Lq - window)
             ok = tri if ok is None else ok & tri
         if ok is not None:
             scores.masked_fill_(~ok, float("-inf"))
@@ -225,24 +245,27 @@ class RunContext:
         key_padding_mask: torch.Tensor | None,
         causal: bool,
         scale: float | None,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Dense attention. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns per-head outputs (B, Hq, Lq, D)."""
+        """Dense attention. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns per-head outputs (B, Hq, Lq, D).
+        ``window``: a causal query sees at most that many keys (sliding-window layers)."""
         if self.count_work:
-            tokens, pairs = count_pairs(q.shape[2], k.shape[2], key_padding_mask, causal, q.shape[0])
+            tokens, pairs = count_pairs(q.shape[2], k.shape[2], key_padding_mask, causal, q.shape[0], window)
             self.work.heads = q.shape[1]
             keys = int(key_padding_mask.sum()) if key_padding_mask is not None else k.shape[0] * k.shape[2]
             self.work.add(layer, tokens, pairs, q.shape[1], keys)
-            causal_kernel = not self.record_probs and causal and key_padding_mask is None and q.shape[2] == k.shape[2]
+            causal_kernel = (not self.record_probs and causal and key_padding_mask is None and q.shape[2] == k.shape[2]
+                             and window is None)
             self.work.add_computed(layer, q.shape[0] * q.shape[2], q.shape[1], k.shape[1],
                                    q.shape[1] * padded_pairs(q.shape[0], q.shape[2], k.shape[2], causal_kernel))
         lq, lk = q.shape[2], k.shape[2]
-        if not self.record_probs and causal and key_padding_mask is None and lq == lk and lq > 1:
+        if not self.record_probs and causal and key_padding_mask is None and lq == lk and lq > 1 and window is None:
             # plain prefill: SDPA's own causal kernel (no mask tensor) is much faster
             gqa = q.shape[1] != k.shape[1]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             self._record(layer, None, out)
             return out
-        mask = build_mask(lq, lk, heads_key_mask(key_padding_mask, q.shape[1]), causal, q.device)
+        mask = build_mask(lq, lk, heads_key_mask(key_padding_mask, q.shape[1]), causal, q.device, window)
         if not self.record_probs:
             # enable_gqa lets SDPA share each K/V group across its query heads without copying them.
             gqa = q.shape[1] != k.shape[1]
@@ -268,6 +291,11 @@ class RunContext:
                     head_outputs.detach() if self.record_head_outputs else None,
                 )
             )
+
+    def compact_cache(self, cache, layer: int, keep_index: torch.Tensor, keep_mask: torch.Tensor | None = None) -> None:
+        """A model's own eviction from its KV cache (a sliding window's expired tokens): ``cache.compact``;
+        a pruning context also keeps what it holds per cached token aligned."""
+        cache.compact(layer, keep_index, keep_mask)
 
     def head_plan(self) -> HeadPlan | None:
         """The heads the next attention computes (models project only those), None = every head."""
@@ -338,11 +366,16 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Multi-head (grouped-query) attention.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA repeats K/V groups).
     key_padding_mask: (B, Lk) bool, True for real tokens. ``causal`` aligns the last query with the
     last key (so it also serves decode steps over a KV cache). Returns per-head outputs (B, Hq, Lq, D).
+    ``window`` (causal only): each query sees at most its ``window`` latest keys, itself included (Gemma 3's
+    sliding-window layers); passed on only when some query has more keys than that.
     """
+    if window is not None and causal and k.shape[2] > window:
+        return (ctx or DENSE).attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
     return (ctx or DENSE).attend(layer, q, k, v, key_padding_mask, causal, scale)

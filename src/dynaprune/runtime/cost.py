@@ -66,7 +66,7 @@ def cost_shape(model) -> CostShape:
     hidden = _first(cfg, "hidden", "hidden_size", "dim", "n_embd")
     heads = _first(cfg, "heads", "n_heads", "num_heads", "num_attention_heads", "n_head")
     kind = type(model).__name__.lower()
-    gated = "llama" in kind
+    gated = "llama" in kind or "gemma" in kind
     try:
         kv_heads = _first(cfg, "kv_heads", "n_kv_heads", "num_kv_heads", "num_key_value_heads")
     except AttributeError:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynaprune.errors import DynapruneError
 from dynaprune.prune.merge import proportional_probs, size_bias
 from dynaprune.prune.quant import bits_fetched
 from dynaprune.prune.recipe import Recipe
@@ -42,6 +43,7 @@ from dynaprune.runtime.attention import (
     padded_pairs,
     received_pairs,
     sdpa,
+    windowed_pairs,
 )
 from dynaprune.runtime.cost import CostShape, cost_shape
 from dynaprune.runtime.head_skipping import HeadPlan
@@ -71,6 +73,7 @@ class AttentionCall:
     fetched_values: torch.Tensor | None = None  # (B, H, Lk) V rows some real query kept; None: all visible
     qk_passes: int = 1  # full-rectangle QK^T passes the emulation ran
     int_pairs: int = 0  # (query, key, head) pairs of a kernel's cheap integer pass
+    window: int | None = None  # a sliding-window layer: a query sees at most this many keys
 
 
 def _overrides(stage: Stage, hook: str) -> bool:
@@ -133,7 +136,10 @@ class PruningContext(RunContext):
         return next((h for s in self.stages if (h := s.heads()) is not None), None)
 
     # ------------------------------------------------------------------ attention
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
+        if window is not None and self._kernel is not None:
+            raise DynapruneError(f"{type(self._kernel).__name__}: HDP's block kernel has no sliding window; a "
+                                 f"prompt longer than layer {layer}'s window of {window} tokens is not supported")
         stats = self.layer_stats.setdefault(layer, LayerStats())
         B, n_heads, lq, head_dim = q.shape
         scale = head_dim**-0.5 if scale is None else scale
@@ -152,8 +158,8 @@ class PruningContext(RunContext):
             found = next((w for s in self.stages if (w := s.query_weights(query_mask, B, lq)) is not None), None)
             weights = found.to(q.device) if found is not None else query_mask
         mask = build_mask(lq, k.shape[2], _explicit_key_mask(key_padding_mask, n_heads, heads), causal,
-                          q.device) if explicit else None
-        call = AttentionCall(layer, q, k, v, key_padding_mask, causal, scale, mask, query_mask)
+                          q.device, window) if explicit else None
+        call = AttentionCall(layer, q, k, v, key_padding_mask, causal, scale, mask, query_mask, window=window)
         # merged tokens (token_policy=merge): + log(size) on each key's logits (ToMe's proportional attention)
         sizes = next((z for s in self.stages if (z := s.key_sizes(layer)) is not None), None)
         key_bias = size_bias(sizes, q.dtype) if sizes is not None and not explicit else None
@@ -166,12 +172,14 @@ class PruningContext(RunContext):
         if not explicit:  # SDPA's fused kernel, or one blocked pass that also sums what each key received
             if needs:  # per KV head when a stage ranks each KV head's tokens (kv_alloc=head|ada)
                 out, received = attention_with_received(q, k, v, scale, key_padding_mask, causal, weights,
-                                                        per_kv_head=self._per_kv_head, key_bias=key_bias)
+                                                        per_kv_head=self._per_kv_head, key_bias=key_bias,
+                                                        window=window)
                 computed_pairs = received_pairs(B, q.shape[1], lq, lk, causal, q.element_size())
             else:
-                out = sdpa(q, k, v, key_padding_mask, causal, scale, key_bias=key_bias)
+                out = sdpa(q, k, v, key_padding_mask, causal, scale, key_bias=key_bias, window=window)
                 all_real = key_padding_mask is None or bool(key_padding_mask.all())
-                computed_pairs = padded_pairs(B, lq, lk, causal and all_real and lq == lk) * q.shape[1]
+                causal_kernel = causal and all_real and lq == lk and window is None
+                computed_pairs = padded_pairs(B, lq, lk, causal_kernel) * q.shape[1]
             qk_passes = pv_passes = computed_pairs / max(1, rectangle)
         elif self._kernel is not None:
             out, head_pairs = self._kernel.attention(call)
@@ -214,7 +222,7 @@ class PruningContext(RunContext):
 
     def _count(self, call, lq, lk, B, n_heads, computed, head_pairs, qk_computed, pv_computed) -> None:
         layer, key_padding_mask = call.layer, call.key_padding_mask
-        tokens, pairs = count_pairs(lq, lk, key_padding_mask, call.causal, B)
+        tokens, pairs = count_pairs(lq, lk, key_padding_mask, call.causal, B, call.window)
         keys = int(key_padding_mask.sum()) if key_padding_mask is not None else B * lk
         if key_padding_mask is not None and key_padding_mask.dim() == 3:  # per-KV-head mask: mean over heads
             keys //= key_padding_mask.shape[1]
@@ -223,6 +231,11 @@ class PruningContext(RunContext):
             seen = self.cache.next_position.cpu() + (tokens // B)
             dense_keys = int(seen.sum())
             dense_pairs = int((seen * (tokens // B) - (tokens // B) * (tokens // B - 1) // 2).sum())
+            # a sliding layer (``cache.windows``, set by models/gemma3.py): a dense cache holds a window too
+            window = getattr(self.cache, "windows", {}).get(layer)
+            if window is not None:
+                dense_keys = int(seen.clamp(max=window - 1 + tokens // B).sum())
+                dense_pairs = int(windowed_pairs(seen, torch.full_like(seen, tokens // B), window).sum())
         self.work.heads = n_heads
         plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
         kv_computed = plan.kv_computed if plan is not None else self.shape.kv_heads
@@ -269,6 +282,15 @@ class PruningContext(RunContext):
         for s in self.stages:
             s.trace(entry, queries)
         self.trace_calls.append(entry)
+
+    def compact_cache(self, cache, layer, keep_index, keep_mask=None) -> None:
+        """A model's own eviction (a sliding window): a stage's per-token scores (``scores``, the KV budget's)
+        follow the cache, as they do when the budget itself evicts."""
+        for s in self.stages:
+            state = getattr(s, "scores", None)
+            if state is not None and self.scorer is not None:
+                self.scorer.compact_state(state, layer, keep_index)
+        cache.compact(layer, keep_index, keep_mask)
 
     def head_plan(self) -> HeadPlan | None:
         """The alive heads for the models' projections (None: every head). Rows keeping different heads
