@@ -239,8 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, dtype=torch.float32, attn_implementation=attn).eval()
         return models[attn]
 
-    rows = load_rows(args.out)
-    done = {row_key(r) for r in rows}
+    # Re-read before every row and before every write: a second run on another part of the plan (--only)
+    # may share the file; rows are merged by key, so neither drops the other's.
+    def merged(mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        on_disk = load_rows(args.out)
+        keys = {row_key(r) for r in on_disk}
+        return on_disk + [r for r in mine if row_key(r) not in keys]
+
+    rows: list[dict[str, Any]] = []
     run_cmd = "nice -n 5 .venv-peers/bin/python benchmarks/peers/run_kvpress.py " + " ".join(argv or sys.argv[1:])
     meta = {"command": f"make peers  (= python -m benchmarks.peers.export; {run_cmd})",
             "model": "smollm2-135m (dynaprune's dequantized Q4_1 GGUF, exported fp32)",
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_of(spec)
         press_name = spec["press"] or ("QuantizedCache" if spec["bits"] else "none")
         base = {"peer": spec["peer"], "press": press_name, "options": opts, "split": spec["split"]}
-        if row_key(base) in done:
+        if row_key(base) in {row_key(r) for r in merged(rows)}:
             continue
         data = json.loads((args.chunks / f"chunks-{spec['split']}.json").read_text())
         model = model_for(opts["attn_implementation"])
@@ -270,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = base | result | {"versions": versions}
         rows.append(row)
-        done.add(row_key(row))
-        write_rows_atomic(args.out, rows, meta)
+        write_rows_atomic(args.out, merged(rows), meta)
         print(f"[peers] {spec['split']} {press_name} keep={spec['keep']} bits={spec['bits']}: "
               f"ppl {row['perplexity']:.3f}  kept {row['tokens_kept_share']:.4f}  "
               f"bytes {row['kv_bytes_vs_fp16']:.4f}  {row['seconds']:.0f}s", flush=True)
