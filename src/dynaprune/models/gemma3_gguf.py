@@ -150,15 +150,18 @@ def build_tokenizer(tokens: list[str], scores: list[float], types: list[int], *,
     bos = tokens[bos_id]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                        special_tokens=[(bos, bos_id)])
-    # control tokens are special (never produced from text, dropped on decode); user-defined pieces are
+    # control tokens are special (dropped on decode, never read from text: below); user-defined pieces are
     # matched whole in the text (SentencePiece's prefix matcher), on the text with spaces escaped
     tok.add_tokens([AddedToken(t, normalized=True, special=False) for t, k in zip(tokens, types, strict=True)
                     if k == USER_DEFINED])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types, strict=True)
                             if k in (CONTROL, UNKNOWN)])
+    # SentencePiece reads control tokens in the text as text (WikiText-2's literal "<unk>" stays "<", "unk", ">")
+    tok.encode_special_tokens = True
     pad = tokens[pad_id] if pad_id is not None else None
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=tokens[eos_id],
-                                   unk_token=tokens[unk_id], pad_token=pad, add_bos_token=True)
+                                   unk_token=tokens[unk_id], pad_token=pad, add_bos_token=True,
+                                   split_special_tokens=True)
 
 
 def _array(reader, key: str) -> list | None:
