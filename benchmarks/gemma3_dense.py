@@ -40,19 +40,25 @@ def main() -> None:
         ("window", dict(protocol="window", window=1024, max_tokens=args.window_tokens)),
         ("continue", dict(protocol="continue", context=1536, continuation=512, max_examples=args.examples)),
     ):
-        res = evaluate_lm(model, text, **options)
+        res = evaluate_lm(model, text, **options,
+                          progress=lambda done, total, name=name: print(f"{name} {done}/{total}", flush=True))
         runs[name] = {"options": options, "metric": res.metric, "n": res.n, "extra": res.extra,
                       "seconds": res.seconds,
                       "command": f"dynaprune eval gemma3-270m lm --data {text} " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in options.items())}
         print(name, res.metric["value"], f"{res.seconds:.0f}s", flush=True)
+        save(args.out, runs, loaded)  # after each protocol: a stopped run keeps what it measured
+
+
+def save(path: str, runs: dict, loaded: float) -> None:
+    text = data_root() / "wikitext2" / "test.txt"
     out = {"benchmark": "gemma3-dense", "model": "gemma3-270m", "data": str(text), "machine": machine(),
            "load_average": load_average(), "load_seconds": loaded, "torch_threads": torch.get_num_threads(),
            "runs": runs, "command": "python -m benchmarks.gemma3_dense " + " ".join(sys.argv[1:]),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, out)
-    print(args.out)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, out)
+    print(path, flush=True)
 
 
 if __name__ == "__main__":
