@@ -116,12 +116,16 @@ def test_agreement_metrics():
     ans = [list(range(40)), [1, 2, 4], [9, 8, 7]]  # exact; first 2 shared; only 8 in common (LCS 1)
     m = agreement(ans, ref)
     assert m["match32"] == pytest.approx(1 / 3)
-    assert m["prefix_agreement"] == pytest.approx((40 + 2 + 0) / 3)
+    assert m["prefix_tokens_agreed"] == pytest.approx((40 + 2 + 0) / 3)
+    assert m["prefix_agreement"] == pytest.approx((40 / 40 + 2 / 3 + 0 / 4) / 3)  # share of the longer answer
     rouge = [1.0, 2 / 3, 2 * (1 / 3) * (1 / 4) / (1 / 3 + 1 / 4)]
     assert m["per_prompt_rouge_l"] == pytest.approx(rouge) and m["rouge_l_f1"] == pytest.approx(sum(rouge) / 3)
     assert m["mean_length"] == pytest.approx(46 / 3) and m["dense_mean_length"] == pytest.approx(47 / 3)
     long_same_start = agreement([list(range(32)) + [99]], [list(range(32)) + [98, 97]])
-    assert long_same_start["match32"] == 1.0 and long_same_start["prefix_agreement"] == 32
+    assert long_same_start["match32"] == 1.0 and long_same_start["prefix_tokens_agreed"] == 32
+    assert long_same_start["prefix_agreement"] == pytest.approx(32 / 34)
+    assert agreement([[1]], [[1]], max_new_tokens=31)["match32"] is None  # 31 new tokens cannot show 32
+    assert agreement([[1]], [[1]], max_new_tokens=32)["match32"] == 1.0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
 
 
@@ -138,8 +142,9 @@ def test_length_batches():
 def test_dense_against_dense_is_exact_and_the_answers_are_cached(tiny, questions, answers_cache):
     res = evaluate_generate(tiny, questions, max_new_tokens=8, batch_size=4)
     assert res.task == "generate" and res.n == 6 and res.metric["name"] == "rouge_l_f1"
-    assert res.metric["value"] == 1.0 and res.metric["match32"] == 1.0
-    assert res.metric["prefix_agreement"] == res.metric["mean_length"] == res.metric["dense_mean_length"]
+    assert res.metric["value"] == 1.0 and res.metric["match32"] is None  # 8 new tokens: n/a
+    assert res.metric["prefix_agreement"] == 1.0
+    assert res.metric["prefix_tokens_agreed"] == res.metric["mean_length"] == res.metric["dense_mean_length"]
     assert res.extra["reference_cached"] is False and len(res.extra["per_prompt"]) == 6
     files = list(answers_cache.glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith("tiny-chat-")

@@ -11,8 +11,9 @@ part of it):
 - ``rouge_l_f1`` (the task's value): mean over prompts of ROUGE-L F1, the longest common subsequence
   of the two answers' tokens against their lengths (1.0 when both are empty);
 - ``match32``: fraction of prompts whose first 32 generated tokens equal the dense answer's (an
-  answer that stopped earlier is compared as it is);
-- ``prefix_agreement``: mean length of the common prefix of the two answers, in tokens;
+  answer that stopped earlier is compared as it is); None (n/a) when fewer than 32 new tokens were asked;
+- ``prefix_agreement``: mean over prompts of the common prefix's share of the longer answer (1.0: the
+  same answer), and ``prefix_tokens_agreed``: the mean length of that common prefix, in tokens;
 - ``mean_length`` / ``dense_mean_length``: mean answer length in tokens.
 
 Under a KV budget (``kv=``) a batch shares one budget: the fraction is of the batch's longest prompt,
@@ -112,16 +113,21 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def agreement(answers: list[list[int]], reference: list[list[int]], prefix: int = MATCH_PREFIX) -> dict[str, Any]:
-    """The agreement metrics of ``answers`` against ``reference`` (same prompts, same order)."""
+def agreement(answers: list[list[int]], reference: list[list[int]], prefix: int = MATCH_PREFIX,
+              max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The agreement metrics of ``answers`` against ``reference`` (same prompts, same order); ``match{prefix}``
+    is None when answers of at most ``max_new_tokens`` < ``prefix`` tokens cannot show ``prefix`` tokens."""
     if len(answers) != len(reference) or not answers:
         raise DynapruneError(f"agreement needs as many answers as references (got {len(answers)}, {len(reference)})")
     n = len(answers)
     rouge = [rouge_l_f1(a, r) for a, r in zip(answers, reference, strict=True)]
     return {
         "rouge_l_f1": sum(rouge) / n,
-        f"match{prefix}": sum(a[:prefix] == r[:prefix] for a, r in zip(answers, reference, strict=True)) / n,
-        "prefix_agreement": sum(common_prefix(a, r) for a, r in zip(answers, reference, strict=True)) / n,
+        f"match{prefix}": None if max_new_tokens is not None and max_new_tokens < prefix else
+        sum(a[:prefix] == r[:prefix] for a, r in zip(answers, reference, strict=True)) / n,
+        "prefix_agreement": sum(common_prefix(a, r) / max(len(a), len(r)) if a or r else 1.0
+                                for a, r in zip(answers, reference, strict=True)) / n,
+        "prefix_tokens_agreed": sum(common_prefix(a, r) for a, r in zip(answers, reference, strict=True)) / n,
         "mean_length": sum(len(a) for a in answers) / n,
         "dense_mean_length": sum(len(r) for r in reference) / n,
         "per_prompt_rouge_l": rouge,
@@ -245,7 +251,7 @@ def evaluate_generate(
         answers = generate_answers(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    ctx_factory=ctx_factory, progress=progress)
         seconds = time.perf_counter() - t0
-    scores = agreement(answers, reference)
+    scores = agreement(answers, reference, max_new_tokens=max_new_tokens)
     per_prompt = scores.pop("per_prompt_rouge_l")
     generated = sum(len(a) for a in answers)
     return TaskResult(

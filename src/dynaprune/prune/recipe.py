@@ -47,6 +47,13 @@ def _build(owner: type[Technique], values: dict[str, Any]) -> Technique:
     return owner(**values)
 
 
+def _unknown_key(key: str) -> DynapruneError:
+    """One message for an unknown key in every form (string, ``Recipe(**keys)``, JSON): the closest key."""
+    hint = difflib.get_close_matches(key, KEYS, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return DynapruneError(f"unknown recipe key '{key}'{did_you_mean}; known keys: {', '.join(KEYS)}")
+
+
 def _first_key(technique: Technique) -> str:
     values = technique.key_values()
     return next(k.name for k in technique.keys if values[k.name] != k.default)
@@ -63,7 +70,7 @@ class Recipe:
         by_owner: dict[type[Technique], dict[str, Any]] = {}
         for key, value in keys.items():
             if key not in registry.KEYS:
-                raise DynapruneError(f"unknown recipe key '{key}'; known keys: {', '.join(KEYS)}")
+                raise _unknown_key(key)
             by_owner.setdefault(registry.OWNER[key], {})[key] = value
         built = []
         for technique in techniques:
@@ -162,9 +169,7 @@ class Recipe:
             key, sep, raw = item.partition("=")
             key, raw = key.strip(), raw.strip()
             if key not in registry.KEYS:
-                hint = difflib.get_close_matches(key, KEYS, n=1)
-                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise DynapruneError(f"unknown recipe key '{key}'{did_you_mean}; known keys: {', '.join(KEYS)}")
+                raise _unknown_key(key)
             if not sep or not raw:
                 raise err(key, f"needs a value: write {key}=VALUE")
             if key in values:
@@ -205,7 +210,7 @@ class Recipe:
         items = []
         for key, value in data.items():
             if key not in registry.KEYS:
-                raise DynapruneError(f"unknown recipe key '{key}'; known keys: {', '.join(KEYS)}")
+                raise _unknown_key(key)
             if isinstance(value, str) and "," in value:
                 raise err(key, f"value {value!r} contains a comma")
             if registry.KEYS[key].json == "schedule" and isinstance(value, list | tuple):
