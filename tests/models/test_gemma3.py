@@ -148,3 +148,37 @@ def test_real_logits_equal_transformers_on_700_tokens_and_decode_equals_full(gem
         assert max(cache.lengths[i] for i in range(18) if gemma.config.is_sliding(i)) == 511
     # logits reach 140: the cached path sums in another order, equal to 1e-6 of their size
     torch.testing.assert_close(torch.cat(parts, 1), ours[:, :604], atol=1e-3, rtol=1e-5)
+
+
+class _CharTokenizer:
+    bos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[3 + ord(c) % 90 for c in text])
+
+
+@pytest.mark.parametrize("protocol, options, scored", [
+    ("window", dict(window=8, max_tokens=20), 20),  # windows of 8, 8, 4 tokens, each after <bos>: all scored
+    ("continue", dict(context=6, continuation=4, max_examples=2), 8),
+])
+def test_lm_examples_start_with_bos(tmp_path, monkeypatch, protocol, options, scored):
+    from dynaprune.eval.lm import evaluate_lm
+
+    model = tiny()
+    model.tokenizer = _CharTokenizer()
+    firsts = []
+    inner = model.forward
+
+    def forward(ids, **kw):
+        if kw.get("cache") is None or int(kw["cache"].next_position[0]) == 0:
+            firsts.append(int(ids[0, 0]))
+        return inner(ids, **kw)
+
+    monkeypatch.setattr(model, "forward", forward)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 3)
+    res = evaluate_lm(model, text, protocol=protocol, **options)
+    assert firsts and set(firsts) == {2}
+    assert res.metric["tokens"] == scored
