@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from dynaprune.api import evaluate  # noqa: E402
 from dynaprune.errors import DynapruneError  # noqa: E402
 from dynaprune.models import load  # noqa: E402
 from dynaprune.prune.recipe import Recipe  # noqa: E402
@@ -23,7 +24,7 @@ from dynaprune.prune.techniques.progressive_quant import Quantization, QuantSett
 from dynaprune.prune.techniques.token_cascade import TokenPruning  # noqa: E402
 
 __all__ = [
-    "DynapruneError", "load", "__version__", "Recipe",
+    "DynapruneError", "load", "evaluate", "__version__", "Recipe",
     # the techniques a recipe composes (their fields are the recipe keys)
     "TokenPruning", "HeadPruning", "ValuePruning", "Quantization", "QuantSetting", "KVBudget",
     "HybridDynamicPruning", "KVQuantization", "PrefillSelection",

@@ -4,6 +4,7 @@ and a status spinner, and the argument checks (positive numbers, recipes in swee
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -26,7 +27,12 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by ``callback(done, total)``; silent when not on a terminal."""
+    """A rich progress bar driven by ``callback(done, total)``; on a pipe or a log file, plain lines
+    instead (``description: done/total``), at most one per ``PLAIN_PROGRESS_SECONDS`` and at the end."""
+    if not err_console.is_terminal:
+        with plain_progress(description) as update:
+            yield update
+        return
     with Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
@@ -39,8 +45,33 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+PLAIN_PROGRESS_SECONDS = 10.0
+
+
+@contextmanager
+def plain_progress(description: str, every: float = PLAIN_PROGRESS_SECONDS) -> Iterator[Callable[[int, int], None]]:
+    """Progress as plain stderr lines (no terminal to redraw a bar on): the first, then one per ``every``
+    seconds, and the last (done == total)."""
+    start = time.perf_counter()
+    last = [-every]
+
+    def update(done: int, total: int) -> None:
+        now = time.perf_counter() - start
+        if done < total and now - last[0] < every:
+            return
+        last[0] = now
+        share = f" ({done / total:.0%})" if total else ""
+        print(f"{description}: {done}/{total}{share}, {now:.0f}s", file=sys.stderr, flush=True)
+
+    yield update
+
+
 @contextmanager
 def status(message: str) -> Iterator[Callable[[str], None]]:
+    if not err_console.is_terminal:  # a log gets one line instead of a spinner it cannot show
+        print(f"{message} ...", file=sys.stderr, flush=True)
+        yield lambda msg: None
+        return
     with err_console.status(message) as st:
         yield lambda msg: st.update(f"{message}: {msg}")
 

@@ -4,145 +4,51 @@ survive each layer). Registered on the app by ``cli.py``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from dynaprune.cli_common import _positive, console, err_console, progress_bar, status
 from dynaprune.errors import DynapruneError
-from dynaprune.eval.sweep import LM_PROTOCOLS, TASKS
 
 
 def run_task(
-    model_name: str, task: str, *, data: Path | None = None, train_data: Path | None = None,
-    max_examples: int | None = None, max_train: int | None = None, max_tokens: int | None = None,
-    window: int = 1024, protocol: str = "window", context: int = 1536, continuation: int = 512,
-    batch_size: int | None = None, recipe: str | None = None, model=None, stream_tokens: int = 4096,
-    max_new_tokens: int = 128, probe: str = "dense", random_seed: int | None = None,
+    model_name: str, task: str, *, data: Path | None = None, recipe: str | None = None, model=None,
+    random_seed: int | None = None, trace: Path | None = None, loader=None, **options,
 ):
-    """Load a model (unless given) and run one evaluation task; returns a TaskResult. A recipe with
-    score=random runs once per seed of RANDOM_SEEDS (``random_seed`` None) and reports mean and spread."""
-    from dynaprune.paths import default_data
+    """``dynaprune.api.evaluate_task`` with the CLI's loading spinner and progress bar (what ``eval``,
+    ``sweep`` and ``demo`` run): loads ``model_name`` (after every check) unless ``model`` is given;
+    returns a TaskResult."""
+    from dynaprune.api import evaluate_task
 
-    if task not in TASKS:
-        raise DynapruneError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    for name, value in (("--max-examples", max_examples), ("--max-train", max_train),
-                        ("--max-tokens", max_tokens), ("--window", window), ("--batch-size", batch_size),
-                        ("--context", context), ("--continuation", continuation),
-                        ("--stream-tokens", stream_tokens), ("--max-new-tokens", max_new_tokens)):
-        _positive(name, value)
-    from dynaprune.prune.recipe import Recipe
-
-    parsed = Recipe.parse(recipe or "")
-    from dynaprune.eval.data import resolve_data_path
-    from dynaprune.prune.recipe_scope import check_recipe_applies
-    from dynaprune.user_paths import check_input_file
-
-    if task == "lm" and protocol not in LM_PROTOCOLS:
-        raise DynapruneError(f"unknown lm protocol {protocol!r} ({', '.join(LM_PROTOCOLS)})")
-    check_recipe_applies(parsed, task, protocol=protocol)  # a key that would change nothing: before any work
-    defaults = default_data(task)
-    data = resolve_data_path(data) if data else defaults.get("data")
-    train_data = resolve_data_path(train_data) if train_data else defaults.get("train_data")
-    if data is None:
-        raise DynapruneError(f"task {task} has no default data file; give --data")
-    data = check_input_file(data, "data file")
-    if train_data is not None and task in ("classify", "sst2"):
-        train_data = check_input_file(train_data, "training data file")
-    if model is None:
-        from dynaprune import load
-
-        with status(f"loading {model_name}") as say:
-            model = load(model_name, say)
-    from dynaprune.runtime.attention import RunContext, WorkCounter
-    from dynaprune.runtime.cost import cost_shape, work_cost
-    from dynaprune.runtime.pruning import make_context, merge_summaries
-
-    make_context(parsed, model)  # validates the recipe against the model before any work
-    if parsed.score == "random" and random_seed is None:  # one draw of a random baseline says little
-        from dynaprune.eval.metrics import combine_seed_results
-        from dynaprune.prune.baselines import RANDOM_SEEDS
-
-        return combine_seed_results([run_task(
-            model_name, task, data=data, train_data=train_data, max_examples=max_examples, max_train=max_train,
-            max_tokens=max_tokens, window=window, protocol=protocol, context=context, continuation=continuation,
-            batch_size=batch_size, recipe=recipe, model=model, stream_tokens=stream_tokens,
-            max_new_tokens=max_new_tokens, probe=probe, random_seed=seed) for seed in RANDOM_SEEDS], RANDOM_SEEDS)
-    contexts: list[RunContext] = []
-
-    def ctx_factory() -> RunContext:
-        contexts.append(make_context(parsed, model, seed=random_seed or 0))
-        return contexts[-1]
-
-    t0 = time.perf_counter()
-    with progress_bar(f"{task} on {Path(data).name}") as progress:
-        if task == "sts":
-            from dynaprune.eval.sts import evaluate_sts
-
-            _require_encoder(model, task)
-            result = evaluate_sts(model, data, max_examples=max_examples, batch_size=batch_size or 32,
-                                  progress=progress, ctx_factory=ctx_factory)
-        elif task in ("classify", "sst2"):
-            from dynaprune.eval.classify import evaluate_classify
-
-            _require_encoder(model, task)
-            has_head = getattr(model, "head", None) is not None  # a fine-tuned classifier needs no probe
-            if not has_head and (train_data is None or not Path(train_data).is_file()):
-                raise DynapruneError(f"training data file not found: {train_data}")
-            result = evaluate_classify(model, data, train_data, max_train=max_train,
-                                       max_examples=max_examples, batch_size=batch_size or 32, progress=progress,
-                                       ctx_factory=ctx_factory, probe=probe)
-        elif task == "generate":
-            from dynaprune.eval.mtbench import evaluate_generate
-
-            if not hasattr(model, "generate"):
-                raise DynapruneError(f"task generate needs a decoder model; {model_name} is an encoder")
-            result = evaluate_generate(model, data, max_new_tokens=max_new_tokens, max_examples=max_examples,
-                                       batch_size=batch_size or 16, progress=progress, ctx_factory=ctx_factory)
-        else:
-            from dynaprune.eval.lm import evaluate_lm
-
-            if not hasattr(model, "generate"):
-                raise DynapruneError(f"task lm needs a decoder model; {model_name} is an encoder")
-            result = evaluate_lm(model, data, protocol=protocol, window=window, max_tokens=max_tokens,
-                                 context=context, continuation=continuation, max_examples=max_examples,
-                                 progress=progress, ctx_factory=ctx_factory, stream_tokens=stream_tokens,
-                                 batch_size=batch_size or 8)
-    work = WorkCounter()
-    for c in contexts:
-        work.merge(c.work)
-    if work.tokens:
-        result.cost = {**work_cost(cost_shape(model), work), **(result.cost or {})}
-    pruning = merge_summaries(contexts)
-    if pruning:
-        result.cost["pruning"] = pruning
-    if parsed.has_kv_budget:  # the budget in tokens, whichever way the recipe gave it (kv share or kv_tokens)
-        from dynaprune.prune.recipe_scope import kv_budget_summary
-
-        result.extra = {**(result.extra or {}), **kv_budget_summary(contexts, result.extra)}
-    result.recipe = str(parsed)
-    result.model = model_name
-    result.seconds = round(time.perf_counter() - t0, 3)
-    return result
+    return evaluate_task(model if model is not None else model_name, task, data=data, recipe=recipe, trace=trace,
+                         loader=loader or _load_with_status, progress_scope=progress_bar, random_seed=random_seed,
+                         model_name=model_name, **options)
 
 
-def _require_encoder(model, task: str) -> None:
-    if not hasattr(model, "embed"):
-        raise DynapruneError(f"task {task} needs an encoder (sentence embeddings); {model.name} is a decoder")
+def _load_with_status(name: str):
+    from dynaprune import load
+
+    with status(f"loading {name}") as say:
+        return load(name, say)
 
 
-def print_result(result) -> None:
-    table = Table(title=f"{result.model} · {result.task} · {result.recipe or 'dense'}")
-    for col in ("data", "n", "metric", "value", "FLOPs kept", "attention FLOPs kept", "seconds"):
-        table.add_column(col)
-    value = result.metric["value"]
-    cost = result.cost or {}
-    kept = [f"{cost[k]:.3f}" if k in cost else "-" for k in ("flops_kept", "attention_flops_kept")]
-    table.add_row(Path(result.data).name, str(result.n), result.metric["name"],
-                  f"{value:.4f}" if isinstance(value, float) else str(value), *kept, f"{result.seconds:.1f}")
-    console.print(table)
+def print_result(result, dense=None) -> None:
+    """The eval table of a TaskResult (and, with ``dense``, the dense reference and the change)."""
+    from dynaprune.cli_table import result_table
+
+    console.print(result_table([result.to_json()], dense.to_json() if dense is not None else None))
+
+
+def warn_long_defaults(task: str, max_train: int | None, max_tokens: int | None, max_examples: int | None) -> None:
+    """A warning before a default that runs for long (the whole SST-2 training set, the whole text)."""
+    if task in ("classify", "sst2") and max_train is None:
+        err_console.print(f"[yellow]warning:[/] {task} without --max-train trains its probe on every training "
+                          "sentence (67k for SST-2, ~30 min on a laptop CPU); --max-train 2000 is a quick look",
+                          soft_wrap=True)
+    if task == "lm" and max_tokens is None and max_examples is None:
+        err_console.print("[yellow]warning:[/] lm without --max-tokens reads the whole text (WikiText-2 test: "
+                          "~290k tokens); --max-tokens or --max-examples bound it", soft_wrap=True)
 
 
 def eval_cmd(
@@ -172,19 +78,39 @@ def eval_cmd(
     recipe: str | None = typer.Option(None, help=(
         "pruning recipe, e.g. 'token=0.5,head=0.8', 'quant=4+4@0.1', 'kv=0.25,score=h2o', 'block=0.2' "
         "(see README); nothing or 'dense' = the dense model")),
+    compare_dense: bool = typer.Option(False, "--compare-dense", help=(
+        "also run the dense model on the same inputs and show its value and the change")),
+    trace: Path | None = typer.Option(None, help=(
+        "write the SpAtten-schema workload trace of the first batch here (.csv, for `dynaprune hw simulate`)")),
 ) -> None:
     """Evaluate a model on a task; prints a table and optionally writes JSON."""
     from dynaprune.io import write_json_atomic
     from dynaprune.user_paths import check_output_file
 
     check_output_file(json_path, "--json")  # before the evaluation: a bad path must not lose a finished result
-    result = run_task(model, task, data=data, train_data=train_data, max_examples=max_examples,
-                      max_train=max_train, max_tokens=max_tokens, window=window, protocol=protocol,
-                      context=context, continuation=continuation, batch_size=batch_size, recipe=recipe,
-                      stream_tokens=stream_tokens, max_new_tokens=max_new_tokens, probe=probe)
-    print_result(result)
+    if trace is not None and trace.suffix.lower() != ".csv":
+        raise DynapruneError(f"--trace {trace}: give a path ending in .csv")
+    options = dict(train_data=train_data, max_examples=max_examples, max_train=max_train, max_tokens=max_tokens,
+                   window=window, protocol=protocol, context=context, continuation=continuation,
+                   batch_size=batch_size, stream_tokens=stream_tokens, max_new_tokens=max_new_tokens, probe=probe)
+    loaded: dict[str, object] = {}
+
+    def load_once(name: str):  # called after every check; the dense reference reuses the model
+        warn_long_defaults(task, max_train, max_tokens, max_examples)
+        loaded[name] = _load_with_status(name)
+        return loaded[name]
+
+    result = run_task(model, task, data=data, recipe=recipe, trace=trace, loader=load_once, **options)
+    dense = run_task(model, task, data=data, recipe=None, model=loaded.get(model), **options) if compare_dense else None
+    print_result(result, dense)
+    if trace is not None:
+        console.print(f"wrote {trace} (simulate it: dynaprune hw simulate {trace})")
     if json_path:
-        write_json_atomic(json_path, result.to_json())
+        record = result.to_json()
+        if dense is not None:  # the reference beside the run: its metric and its headline costs
+            record["dense_reference"] = {"metric": dense.metric, "seconds": dense.seconds, "cost": {
+                k: v for k, v in (dense.cost or {}).items() if isinstance(v, int | float)}}
+        write_json_atomic(json_path, record)
         console.print(f"wrote {json_path}")
 
 
@@ -195,25 +121,43 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
     seed: int | None = typer.Option(None, help="sampling seed"),
-    chat: bool = typer.Option(True, help="apply the model's chat template"),
+    chat: bool = typer.Option(False, help=(
+        "apply the model's chat template (one user turn); off by default, as in the Python API")),
+    recipe: str | None = typer.Option(None, help="pruning recipe, e.g. 'kv=0.25,score=h2o' (see README)"),
 ) -> None:
-    """Generate text with a decoder (prefill + decode over our KV cache)."""
-    from dynaprune import load
+    """Generate text with a decoder (prefill + decode over our KV cache), optionally under a recipe."""
+    from dynaprune.prune.recipe import Recipe
 
     if not prompt.strip():
         raise DynapruneError("empty prompt")
     _positive("--max-new-tokens", max_new_tokens)
     if temperature < 0 or not 0 < top_p <= 1:
         raise DynapruneError("--temperature must be >= 0 and --top-p in (0, 1]")
-    with status(f"loading {model}") as say:
-        m = load(model, say)
+    parsed = Recipe.parse(recipe or "")  # before loading: a typo costs no model load
+    m = _load_with_status(model)
     if not hasattr(m, "generate"):
         raise DynapruneError(f"{model} is an encoder; generate needs a decoder")
     out = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     seed=seed, chat=chat)
+                     seed=seed, chat=chat, recipe=parsed)
     console.print(out.text)
     err_console.print(f"[dim]{len(out.new_ids)} tokens, stop: {out.stop_reason}, "
                       f"{out.decode_tokens_per_s:.1f} tok/s decode[/]")
+    if not parsed.is_dense:
+        err_console.print(f"[dim]{generation_cost_line(out.cost, parsed)}[/]", soft_wrap=True)
+
+
+def generation_cost_line(cost: dict, recipe) -> str:
+    """One line of what a generation under ``recipe`` kept (FLOPs, K/V bytes, budget, bits)."""
+    parts = [f"recipe {recipe}"]
+    if "flops_kept" in cost:
+        parts.append(f"FLOPs kept {cost['flops_kept']:.3f}")
+    if "kv_bytes_vs_fp16" in cost:
+        parts.append(f"K/V bytes kept {cost['kv_bytes_vs_fp16']:.3f} of fp16")
+    if cost.get("kv_budget_tokens") is not None:
+        parts.append(f"KV budget {cost['kv_budget_tokens']} tokens")
+    if "bits_fetched_vs_fp16" in cost:
+        parts.append(f"bits fetched {cost['bits_fetched_vs_fp16']:.3f} of fp16")
+    return ", ".join(parts)
 
 
 def run(
@@ -222,9 +166,10 @@ def run(
     recipe: str = typer.Option("token=0.5", help="pruning recipe, e.g. 'token=0.4', 'token=0.3,head=0.8'"),
     plot: Path | None = typer.Option(None, help="also draw the tokens x layers picture to this .png"),
     chat: bool = typer.Option(False, help="decoders: wrap the text in the model's chat template"),
+    trace: Path | None = typer.Option(None, help=(
+        "write the run's SpAtten-schema workload trace here (.csv, for `dynaprune hw simulate`)")),
 ) -> None:
     """Run one text under a recipe and show which tokens survive each layer (SpAtten Fig. 22/23)."""
-    from dynaprune import load
     from dynaprune.prune.recipe import Recipe
     from dynaprune.prune.recipe_scope import check_recipe_applies
     from dynaprune.report.pruning_picture import plot_survival, render_terminal, trace_survival
@@ -232,12 +177,15 @@ def run(
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise DynapruneError(f"--plot {plot}: give a path ending in .png")
+    if trace is not None and trace.suffix.lower() != ".csv":
+        raise DynapruneError(f"--trace {trace}: give a path ending in .csv")
     check_output_file(plot, "--plot")
+    check_output_file(trace, "--trace")
     check_recipe_applies(Recipe.parse(recipe), "run")  # one prefill: a KV budget would change nothing
-    with status(f"loading {model}") as say:
-        m = load(model, say)
-    survival = trace_survival(m, text, recipe, chat=chat)
+    m = _load_with_status(model)
+    survival = trace_survival(m, text, recipe, chat=chat, trace=trace)
     render_terminal(survival, console)
     if plot is not None:
         console.print(f"wrote {plot_survival(survival, plot)}")
-
+    if trace is not None:
+        console.print(f"wrote {trace} (simulate it: dynaprune hw simulate {trace})")

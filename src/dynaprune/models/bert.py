@@ -234,12 +234,27 @@ class Bert(nn.Module):
         return self._run_batches(texts, recipe, self.head, len(self.head.labels), batch_size=batch_size,
                                  ctx_factory=ctx_factory, progress=progress)
 
-    def _run_batches(self, texts, recipe, reduce, width: int, *, batch_size, ctx_factory, progress) -> torch.Tensor:
-        if recipe is not None:  # a Recipe or its string form: one pruning context per batch
-            from dynaprune.runtime.pruning import make_context
+    def encode(self, sentences: str | Sequence[str], recipe: object | None = None, *, batch_size: int = 32,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """sentence-transformers' ``encode``: one string gives one embedding (d,), a list gives (N, d);
+        the result carries ``.cost`` like ``embed``'s."""
+        single = isinstance(sentences, str)
+        out = self.embed([sentences] if single else sentences, recipe, batch_size=batch_size, progress=progress)
+        if single:
+            cost, out = out.cost, out[0]
+            out.cost = cost
+        return out
 
+    def _run_batches(self, texts, recipe, reduce, width: int, *, batch_size, ctx_factory, progress) -> torch.Tensor:
+        from dynaprune.runtime.pruning import make_context
+        from dynaprune.runtime.run_cost import call_cost
+
+        if recipe is not None and ctx_factory is not None:
+            raise DynapruneError("give recipe= or ctx_factory=, not both (a recipe makes its own contexts)")
+        if ctx_factory is None:  # a Recipe or its string form (or dense): one fresh context per batch
             make_context(recipe, self)  # validate before any work
             ctx_factory = lambda: make_context(recipe, self)  # noqa: E731
+        contexts = []
         if isinstance(texts, str):
             raise DynapruneError("embed() takes a list of texts, not a single string")
         texts = list(texts)
@@ -266,11 +281,13 @@ class Bert(nn.Module):
                 batch = pad_sequence(rows, batch_first=True, padding_value=pad).to(device)
                 lens = torch.tensor([len(r) for r in rows], device=device)
                 mask = torch.arange(batch.shape[1], device=device) < lens[:, None]
-                ctx = ctx_factory() if ctx_factory else None
+                ctx = ctx_factory()
+                contexts.append(ctx)
                 hidden, kept = self(batch, mask, torch.zeros_like(batch), ctx=ctx)
                 out[idx] = reduce(hidden, kept).float().cpu()
                 if progress:
                     progress(min(start + batch_size, n), n)
+        out.cost = call_cost(self, contexts)  # what the call kept (runtime/run_cost.py), as generate's .cost
         return out
 
     # ---- loading ----

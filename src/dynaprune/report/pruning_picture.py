@@ -21,6 +21,7 @@ terminal and PNG renderings are in ``survival_render.py`` and re-exported here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -136,20 +137,22 @@ class SurvivalRecorder:
 
 
 def trace_survival(
-    model, text: str | None, recipe: str, *, ids: list[int] | None = None, chat: bool = False
+    model, text: str | None, recipe: str, *, ids: list[int] | None = None, chat: bool = False,
+    trace: str | Path | None = None,
 ) -> Survival:
     """Run ONE input under ``recipe`` and record which original tokens survive each layer.
 
     ``text`` is tokenized the model's way (encoder: with [CLS]/[SEP] and its truncation; decoder: plain,
     or with the chat template when ``chat``); or pass token ``ids`` instead (text must then be None).
     A decoder runs one prefill forward, where token pruning protects the last prompt token.
+    ``trace``: also write that forward's SpAtten-schema workload trace there (``dynaprune hw simulate``).
     """
     from dynaprune.prune.recipe import Recipe
     from dynaprune.runtime.pruning import make_context
 
     parsed = Recipe.parse(recipe or "")
     token_ids = _token_ids(model, text, ids, chat)
-    ctx = make_context(parsed, model)  # validates the recipe against the model
+    ctx = make_context(parsed, model, **({"trace": True} if trace is not None else {}))  # validates the recipe
     recorder = SurvivalRecorder(ctx, len(token_ids))
     device = _device(model)
     batch = torch.tensor([token_ids], device=device)
@@ -160,6 +163,10 @@ def trace_survival(
             model(batch, ctx=ctx, last_only=True)  # prefill; only the last logits are needed
     tokens = readable_tokens(getattr(model, "tokenizer", None), token_ids)
     name = getattr(model, "name", type(model).__name__)
+    if trace is not None:
+        from dynaprune.runtime.trace import write_run_trace
+
+        write_run_trace(trace, ctx, config=f"dynaprune {name} run {parsed}")
     return recorder.result(tokens, token_ids, str(parsed) or "dense", name, chat=chat and text is not None)
 
 

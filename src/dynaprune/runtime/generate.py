@@ -8,7 +8,7 @@ sits in the last column and decode steps append in lock-step; padded cache slots
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,9 @@ class GenerationResult:
     seconds: float
     prefill_seconds: float
     decode_tokens_per_s: float  # tokens of all active rows per second of decode steps (after the first)
+    # what the call cost (runtime/run_cost.py): flops_kept, kv_bytes_kept, kv_bytes_vs_fp16, kv_budget_tokens,
+    # bits_fetched_vs_fp16 where counted, the pruning summary under "pruning"
+    cost: dict = field(default_factory=dict)
 
 
 def default_stop_tokens(tokenizer: Any) -> set[int]:
@@ -121,15 +124,24 @@ def generate(
     stop_tokens: list[int] | set[int] | None = None,
     chat: bool = False,
     ctx: RunContext | None = None,
+    recipe: Any = None,
 ) -> GenerationResult:
     """Generate from one prompt (str or token ids) or a batch (list of str / of id lists, left-padded).
 
     Greedy at ``temperature`` 0, else sampling (nucleus when ``top_p`` < 1) from a generator seeded
     with ``seed``. ``stop_tokens`` default to the tokenizer's EOS and chat end-of-turn tokens;
     ``chat`` applies the tokenizer's chat template (one user turn, generation prompt added).
-    Under a ``ctx`` with a KV budget (``kv=`` recipe) the cache is allocated for the budget plus one
+    ``recipe`` (a Recipe or its string, e.g. ``"kv=0.25,score=h2o"``) runs the call under one fresh
+    pruning context, checked against the model before any model work; ``ctx`` gives a context yourself
+    (not both). The result's ``cost`` says what the call kept (see ``GenerationResult.cost``).
+    Under a KV budget (``kv=`` recipe) the cache is allocated for the budget plus one
     token, not for the whole generation: its memory is bounded for any ``max_new_tokens``.
     """
+    if recipe is not None and ctx is not None:
+        raise DynapruneError("give recipe= or ctx=, not both (a recipe makes its own context)")
+    from dynaprune.runtime.pruning import make_context
+
+    ctx = make_context(recipe, model) if ctx is None else ctx  # dense: a plain counting RunContext
     if max_new_tokens < 1:
         raise DynapruneError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     if temperature < 0:
@@ -177,6 +189,8 @@ def generate(
         t2 = time.perf_counter()
     tok = model.tokenizer
     texts = [tok.decode(n, skip_special_tokens=True) if tok is not None else "" for n in new]
+    from dynaprune.runtime.run_cost import call_cost
+
     return GenerationResult(
         prompt_ids=prompts if batched else prompts[0],
         new_ids=new if batched else new[0],
@@ -185,4 +199,5 @@ def generate(
         seconds=t2 - t0,
         prefill_seconds=t1 - t0,
         decode_tokens_per_s=(steps * b / (t2 - t1)) if steps and t2 > t1 else 0.0,
+        cost=call_cost(model, [ctx]),
     )

@@ -367,7 +367,7 @@ def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
     """The context a forward pass of ``model`` runs under for ``recipe`` (dense: a plain RunContext)."""
     if recipe is None or isinstance(recipe, str):
         recipe = Recipe.parse(recipe or "")
-    if recipe.is_dense:
+    if recipe.is_dense and not kwargs.get("trace"):  # a dense trace needs the recording context
         return RunContext()
     shape = cost_shape(model)
     recipe.validate_for(shape.layers, shape.heads, shape.kv_heads)

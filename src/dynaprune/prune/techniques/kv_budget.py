@@ -5,8 +5,9 @@ After every decoder forward each layer's cache is compacted to the budget: the f
 last ``recent`` cached tokens are protected, the rest ranked by the token scorer (``score=``). ``kv`` is
 the share of the prompt kept, in (0, 1] (``kv=1`` keeps every token), ``kv_tokens`` a count of tokens;
 one or the other. The budget acts between forwards of a KV cache, so it changes nothing on an encoder
-or a single prefill (``prune/recipe_scope.py`` refuses it there). A budget of at least 64 tokens evicts
-in chunks (down to budget - budget / 16) so the compaction copy runs once per budget / 16 steps.
+or a single prefill (``prune/recipe_scope.py`` refuses it there). The prompt's forward evicts to exactly
+the budget; during decoding a budget of at least 64 tokens evicts in chunks (down to budget - budget / 16)
+so the compaction copy runs once per budget / 16 steps.
 Cost: fewer keys read per decode step (the work counter counts the keys attended beside those a dense
 cache would hold).
 
@@ -127,6 +128,12 @@ class KVBudget(Technique):
         recent = self.recent if self.recent is not None else scorer.default_recent(budget, sink)
         return sink, min(recent, budget - sink)
 
+    @staticmethod
+    def merge_summary(summaries: list[dict], merged: dict) -> None:
+        if any("kv_evicted_tokens" in s for s in summaries):
+            merged["kv_evicted_tokens"] = sum(s.get("kv_evicted_tokens", 0) for s in summaries)
+            merged["kv_evictions"] = sum(s.get("kv_evictions", 0) for s in summaries)
+
     def stage(self, run) -> Stage | None:
         return KVBudgetStage(self, run) if self.has_kv_budget else None
 
@@ -141,6 +148,15 @@ class KVBudgetStage(Stage):
         # per-KV-head ranking needs the attention each KV head's keys received (runtime/pruning.py)
         self.received_per_kv_head = technique.kv_alloc != "layer"
         self._layer_budgets: list[int] | None = None
+        self._held: list[int] = []  # cache slots per layer after the last forward
+
+    def summary(self, out: dict, layers: list[int]) -> None:
+        """What the cache held and evicted: slots per layer after the last forward, slots evicted in all
+        (per sequence), compactions run."""
+        out["kv_budget_tokens"] = self.kv_budget
+        out["kv_held_per_layer"] = list(self._held)
+        out["kv_evicted_tokens"] = int(self.total(layers, "evicted"))
+        out["kv_evictions"] = int(self.total(layers, "evictions"))
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         if self.run.cache is not None and self.run.scorer.observes:
@@ -171,15 +187,23 @@ class KVBudgetStage(Stage):
             self.technique.check_layer_budgets(self._layer_budgets)
         # Evict in chunks: a layer over the budget drops to budget - slack, so the compaction (a copy of
         # the whole layer cache) runs once every ``slack`` steps. Never more than the budget after a forward.
+        # The slack is for decode-time growth only: the prompt's forward evicts to exactly the budget
+        # (kv=0.25 keeps 25% of the context, as kvpress's budgets mean).
         evicted = False
         target = self.kv_budget
+        decoding = self.run.iteration > 1  # end_forward of the prompt's forward runs with iteration == 1
         for layer in range(cache.n_layers):
             budget = self._layer_budgets[layer]
-            slack = int(budget * self.run.evict_slack) if budget >= CHUNKED_EVICTION_MIN_BUDGET else 0
+            chunked = decoding and budget >= CHUNKED_EVICTION_MIN_BUDGET
+            slack = int(budget * self.run.evict_slack) if chunked else 0
             if cache.lengths[layer] > budget:
                 target = budget - slack
+                counts = self.run.counts(layer, self.name)  # what ctx.summary() says was evicted
+                counts["evicted"] = counts.get("evicted", 0) + int(cache.lengths[layer]) - target
+                counts["evictions"] = counts.get("evictions", 0) + 1
                 self.evict(cache, layer, target)
                 evicted = True
+        self._held = [int(cache.lengths[i]) for i in range(cache.n_layers)]
         if evicted and self.run.trace_calls:  # the budget's top-k, after the last layer, for the next step
             self.run.trace_calls[-1]["topk"] = target
 
