@@ -159,6 +159,7 @@ def test_bytes_axis_eviction_then_packing(tmp_path) -> None:
     # (head_dim 8: a K element 4 + 32 / 8 bits, a V element 4 + 32 / 8 bits: 8 of 16 bits)
     cost = _lm_cost(_model(), tmp_path, "kv=0.5,kv_bits=4,kv_group=8", 80)
     assert cost["kv_bytes_vs_fp16"] == pytest.approx(40 * 8 / 16 / 80, abs=1e-12)
-    # 100 context tokens, kv=0.7: budget 70 (>= 64: evicts down to 70 - 70 // 16 = 66), 64 packed + 2 fp16
+    # 100 context tokens, kv=0.7: budget 70 (the prompt evicts to exactly the budget; the slack is for
+    # decode-time growth), 64 packed + 6 fp16
     cost = _lm_cost(_model(), tmp_path, "kv=0.7,kv_bits=4,kv_group=8", 100)
-    assert cost["kv_bytes_vs_fp16"] == pytest.approx((64 * 8 / 16 + 2) / 100, abs=1e-12)
+    assert cost["kv_bytes_vs_fp16"] == pytest.approx((64 * 8 / 16 + 6) / 100, abs=1e-12)
