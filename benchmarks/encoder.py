@@ -12,7 +12,12 @@ Figures: speed-up = our dense / pruned; flop_ratio = dense FLOPs / pruned FLOPs;
 efficiency = speed-up / flop_ratio (target >= 0.85 at 512); vs_transformers = transformers / pruned
 (target >= 1.8 at the recipe that halves the FLOPs).
 
-    python -m benchmarks.encoder [--quick] [--repeats N]
+``--policy merge`` times the same targets with ``token_policy=merge`` (pruned tokens merged into their
+most similar kept token, proportional attention through SDPA's float mask; the similarity and merge
+FLOPs are in flops_kept); ``both`` (default) times drop and merge rows side by side. ``--lengths``
+limits the lengths (e.g. ``--lengths 512 --policy merge`` reruns only the merge rows at 512).
+
+    python -m benchmarks.encoder [--quick] [--repeats N] [--policy drop|merge|both] [--lengths 512]
 """
 
 from __future__ import annotations
@@ -52,9 +57,13 @@ def memory_needed(batch: int, length: int, heads: int, hidden: int, ffn: int) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser(__doc__).parse_args(argv)
+    ap = parser(__doc__)
+    ap.add_argument("--policy", choices=("drop", "merge", "both"), default="both", help="token_policy of the rows")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    args = ap.parse_args(argv)
     threads = setup_threads(args.threads)
-    batch, lengths, targets = (2, [32], [0.5]) if args.quick else (32, LENGTHS, FLOPS_KEPT)
+    batch, lengths, targets = (2, [32], [0.5]) if args.quick else (32, args.lengths or LENGTHS, FLOPS_KEPT)
+    policies = ["drop", "merge"] if args.policy == "both" else [args.policy]
     repeats = 1 if args.quick else args.repeats
     ours = load("minilm-l6")
     cfg = ours.config
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     for length in lengths:
         ids = wikitext_batch(ours.tokenizer, batch, length)
         mask = torch.ones_like(ids, dtype=torch.bool)
-        recipes = [token_recipe_for(shape, length, f) for f in targets]
+        recipes = [token_recipe_for(shape, length, f, "" if p == "drop" else ",token_policy=merge")
+                   for p in policies for f in targets]
         fns = {"ours_dense": lambda: ours(ids, mask),  # noqa: B023
                "transformers_dense": lambda: theirs(input_ids=ids, attention_mask=mask.long())}  # noqa: B023
         for r in recipes:
@@ -87,13 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"length": length, "batch": batch, "ours_dense": times["ours_dense"],
                "transformers_dense": times["transformers_dense"],
                "ours_vs_transformers_dense": tf_s / dense_s, "recipes": []}
-        for target, r in zip(targets, recipes, strict=True):
+        for target, r in zip(targets * len(policies), recipes, strict=True):
             t = times[str(r)]["median_s"]
             speedup, flop_ratio = dense_s / t, 1 / kept[str(r)]
-            row["recipes"].append({"recipe": str(r), "target_flops_kept": target, "flops_kept": kept[str(r)],
+            row["recipes"].append({"recipe": str(r), "policy": r.token_policy or "drop",
+                                   "target_flops_kept": target, "flops_kept": kept[str(r)],
                                    "time": times[str(r)], "speedup": speedup, "flop_ratio": flop_ratio,
                                    "efficiency": speedup / flop_ratio, "vs_transformers": tf_s / t})
-            print(f"L={length} {str(r):12s} flops kept {kept[str(r)]:.3f}: x{speedup:.2f} vs our dense "
+            print(f"L={length} {str(r):30s} flops kept {kept[str(r)]:.3f}: x{speedup:.2f} vs our dense "
                   f"(efficiency {speedup / flop_ratio:.2f}), x{tf_s / t:.2f} vs transformers")
         print(f"L={length} dense: ours {dense_s:.3f} s, transformers {tf_s:.3f} s")
         rows.append(row)
