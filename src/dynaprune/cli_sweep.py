@@ -4,6 +4,7 @@ results files). Registered on the app by ``cli.py``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def _run_specs(specs, results: Path, command: str = "") -> int:
 
         def on_start(spec, i: int, n: int) -> None:
             bar.update(task, completed=i, total=n, description=spec.label())
+            if not err_console.is_terminal:  # a log shows no bar: one plain line per run
+                print(f"sweep: run {i + 1}/{n}: {spec.label()}", file=sys.stderr, flush=True)
 
         return run_sweep(specs, results, run, on_start)
 
@@ -117,7 +120,23 @@ def sweep(
 
     check_output_file(results, "--out" if out else f"{config}: results:", example="results.jsonl")
     ran = _run_specs(specs, results, f"dynaprune sweep {config}" + (f" --out {out}" if out else ""))
+    print_sweep_tables(results, {spec.run_id for spec in specs})
     console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
+
+
+def print_sweep_tables(results: Path, wanted: set[str]) -> None:
+    """One eval table per (model, task, protocol) of the sweep, with its dense run as the reference."""
+    from dynaprune.cli_table import result_table
+    from dynaprune.eval.sweep import read_results
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in read_results(results):
+        if row.get("run_id") in wanted:
+            key = (row["model"], row["task"], (row.get("extra") or {}).get("protocol"), row.get("data"))
+            groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+        dense = next((r for r in rows if (r.get("recipe") or "dense") == "dense"), None)
+        console.print(result_table(rows, dense))
 
 
 def report(
