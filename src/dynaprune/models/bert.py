@@ -44,10 +44,19 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     pad_token_id: int = 0
+    # a statically pruned checkpoint (dynaprune prune): heads / FFN width of each layer; None = uniform
+    layer_heads: list[int] | None = None
+    layer_intermediate: list[int] | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def heads_of(self, layer: int) -> int:
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def ffn_of(self, layer: int) -> int:
+        return self.intermediate_size if self.layer_intermediate is None else self.layer_intermediate[layer]
 
     @classmethod
     def from_hf(cls, d: dict) -> BertConfig:
@@ -73,6 +82,9 @@ class BertConfig:
                 hidden_act=act,
                 pad_token_id=int(d.get("pad_token_id") or 0),
             )
+            from dynaprune.static.shapes import per_layer_shapes  # pruned checkpoints' per-layer widths
+
+            cfg.layer_heads, cfg.layer_intermediate = per_layer_shapes(d, cfg.num_layers, cfg.num_heads)
         except KeyError as e:
             raise DynapruneError(f"config.json lacks {e.args[0]!r}, needed for a BERT model") from None
         except (TypeError, ValueError) as e:
@@ -87,15 +99,16 @@ class BertConfig:
 class Block(nn.Module):
     """Post-LN encoder block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, layer: int = 0):
         super().__init__()
         d = cfg.hidden_size
-        self.n_head, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(d, 3 * d)  # fused query/key/value: one GEMM instead of three
-        self.proj = nn.Linear(d, d)
+        self.n_head, self.head_dim = cfg.heads_of(layer), cfg.head_dim
+        width = self.n_head * self.head_dim  # < d once heads were pruned away (dynaprune prune)
+        self.qkv = nn.Linear(d, 3 * width)  # fused query/key/value: one GEMM instead of three
+        self.proj = nn.Linear(width, d)
         self.ln1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(d, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, d)
+        self.fc1 = nn.Linear(d, cfg.ffn_of(layer))
+        self.fc2 = nn.Linear(cfg.ffn_of(layer), d)
         self.ln2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
@@ -109,7 +122,7 @@ class Block(nn.Module):
         else:
             q, k, v = plan.qkv(x, self.qkv)
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=mask)  # (B, H, L, D)
-        projected = self.proj(y.transpose(1, 2).reshape(B, L, d)) if plan is None else plan.output(y, self.proj)
+        projected = self.proj(y.transpose(1, 2).reshape(B, L, -1)) if plan is None else plan.output(y, self.proj)
         x = self.ln1(x + projected)
         return self.ln2(x + self.fc2(self.act(self.fc1(x))))
 
@@ -123,7 +136,7 @@ class Bert(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_position_embeddings, d)
         self.type_emb = nn.Embedding(max(cfg.type_vocab_size, 1), d)
         self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         # Sentence-embedding recipe; from_hf_folder overrides these from sentence-transformers' configs.
         self.name = "bert"
         self.tokenizer = None

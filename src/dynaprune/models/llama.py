@@ -65,12 +65,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer: int = 0):
         super().__init__()
         self.c = c
-        self.sizes = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+        self.n_head = c.heads_of(layer)  # fewer query heads once statically pruned (dynaprune prune)
+        self.sizes = [self.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
         self.wqkv = nn.Linear(c.hidden, sum(self.sizes), bias=c.qkv_bias)
-        self.wo = nn.Linear(c.heads * c.head_dim, c.hidden, bias=c.o_bias)
+        self.wo = nn.Linear(self.n_head * c.head_dim, c.hidden, bias=c.o_bias)
 
     def forward(self, x, cos, sin, layer, positions, mask, cache, ctx):
         b, n, _ = x.shape
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         plan = ctx.head_plan()  # pruned heads: their projections are skipped
         if plan is None:
             q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
-            q = q.view(b, n, c.heads, c.head_dim).transpose(1, 2)
+            q = q.view(b, n, self.n_head, c.head_dim).transpose(1, 2)
             k = k.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
             v = v.view(b, n, c.kv_heads, c.head_dim).transpose(1, 2)
         else:
@@ -101,10 +102,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer: int = 0):
         super().__init__()
-        self.w13 = nn.Linear(c.hidden, 2 * c.intermediate, bias=c.mlp_bias)  # gate and up, fused
-        self.w2 = nn.Linear(c.intermediate, c.hidden, bias=c.mlp_bias)
+        self.w13 = nn.Linear(c.hidden, 2 * c.ffn_of(layer), bias=c.mlp_bias)  # gate and up, fused
+        self.w2 = nn.Linear(c.ffn_of(layer), c.hidden, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -112,12 +113,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(c.hidden, c.rms_eps)
-        self.attention = Attention(c)
+        self.attention = Attention(c, layer)
         self.ffn_norm = RMSNorm(c.hidden, c.rms_eps)
-        self.feed_forward = FeedForward(c)
+        self.feed_forward = FeedForward(c, layer)
 
     def forward(self, x, cos, sin, layer, positions, mask, cache, ctx):
         x = x + self.attention(self.attention_norm(x), cos, sin, layer, positions, mask, cache, ctx)
@@ -130,7 +131,7 @@ class Llama(nn.Module):
         self.name = name
         self._tokenizer = tokenizer
         self.tok_embeddings = nn.Embedding(config.vocab, config.hidden)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.layers))
         self.norm = RMSNorm(config.hidden, config.rms_eps)
         self.output = nn.Linear(config.hidden, config.vocab, bias=False)
         if config.tie_embeddings:

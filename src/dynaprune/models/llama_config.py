@@ -30,6 +30,15 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # refused beyond it, see module docstring
     arch: str = "llama"
+    # a statically pruned checkpoint (dynaprune prune): query heads / FFN width per layer; None = uniform
+    layer_heads: list[int] | None = None
+    layer_intermediate: list[int] | None = None
+
+    def heads_of(self, layer: int) -> int:
+        return self.heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def ffn_of(self, layer: int) -> int:
+        return self.intermediate if self.layer_intermediate is None else self.layer_intermediate[layer]
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -57,7 +66,12 @@ class LlamaConfig:
             window = d.get("sliding_window")
         heads = d["num_attention_heads"]
         attn_bias = bool(d.get("attention_bias", False))
+        from dynaprune.static.shapes import per_layer_shapes  # pruned checkpoints' per-layer widths
+
+        layer_heads, layer_ffn = per_layer_shapes(d, d["num_hidden_layers"], heads, d.get("num_key_value_heads"))
         return cls(
+            layer_heads=layer_heads,
+            layer_intermediate=layer_ffn,
             vocab=d["vocab_size"],
             hidden=d["hidden_size"],
             layers=d["num_hidden_layers"],
@@ -90,4 +104,8 @@ class LlamaConfig:
         }
         if self.sliding_window is not None:
             d.update(sliding_window=self.sliding_window, use_sliding_window=True)
+        if self.layer_heads is not None:  # a statically pruned model (static/shapes.py)
+            d["dynaprune_layer_heads"] = self.layer_heads
+        if self.layer_intermediate is not None:
+            d["dynaprune_layer_intermediate"] = self.layer_intermediate
         return d
