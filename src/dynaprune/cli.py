@@ -20,6 +20,7 @@ from dynaprune.cli_calibrate import calibrate
 from dynaprune.cli_common import _positive, _validate_recipe, console, err_console, progress_bar, status
 from dynaprune.cli_eval import eval_cmd, generate, print_result, run, run_task
 from dynaprune.cli_finetune import finetune_cmd
+from dynaprune.cli_prune import prune_cmd
 from dynaprune.cli_sweep import demo, report, sweep
 from dynaprune.errors import DynapruneError
 
@@ -79,6 +80,7 @@ app.command()(sweep)
 app.command()(report)
 app.command()(calibrate)
 app.command("finetune")(finetune_cmd)
+app.command("prune")(prune_cmd)
 
 
 def _mount_optional() -> None:

@@ -1,0 +1,79 @@
+"""``dynaprune prune``: static structured pruning (heads, FFN width, layers) into a physically smaller
+checkpoint, optional N:M / unstructured zeros, or ``--sensitivity`` (per-layer table + PNG).
+Registered on the app by ``cli.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from dynaprune.cli_common import console, status
+from dynaprune.errors import DynapruneError
+
+
+def prune_cmd(
+    model_name: str = typer.Argument(..., metavar="MODEL", help="alias or folder (BERT or Llama family)"),
+    heads: float = typer.Option(0.0, help="share of attention heads to remove, in [0, 1)"),
+    ffn: float = typer.Option(0.0, help="share of FFN neurons to remove in every layer, in [0, 1)"),
+    layers: int = typer.Option(0, help="number of whole layers to remove"),
+    nm: str | None = typer.Option(None, help="N:M zeros in the block linears, e.g. 2:4 (shapes kept)"),
+    sparsity: float = typer.Option(0.0, help="unstructured magnitude sparsity of the block linears (shapes kept)"),
+    steps: int = typer.Option(1, help="steps of the exponential magnitude schedule"),
+    criterion: str = typer.Option("taylor", help="head/FFN importance: taylor, entropy, confidence, spatten, "
+                                  "magnitude"),
+    calib: Path = typer.Option(..., help="calibration data: STS pairs / text<TAB>label (BERT), text (Llama)"),
+    max_calib: int = typer.Option(128, help="calibration examples (Llama: chunks of 256 tokens)"),
+    finetune: Path | None = typer.Option(None, help="recovery fine-tuning data (not available yet)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output folder (refused if it exists)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    sensitivity: bool = typer.Option(False, help="print and plot per-layer sensitivity instead of pruning"),
+    plot: Path | None = typer.Option(None, help="PNG of the sensitivity (default: beside -o or sensitivity.png)"),
+) -> None:
+    """Prune a model once (structured: smaller tensors) and save it; it then takes any run-time recipe."""
+    from dynaprune.static.checkpoint import check_output_folder, save_pruned
+    from dynaprune.static.prune import StaticConfig
+
+    cfg = StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion, nm=nm, sparsity=sparsity,
+                       steps=steps)
+    cfg.check()
+    if max_calib < 1:
+        raise DynapruneError(f"--max-calib must be a positive integer, got {max_calib}")
+    if finetune is not None:
+        raise DynapruneError("--finetune is not available yet for pruned checkpoints; prune, then run "
+                             "`dynaprune finetune DIR ...` on the pruned folder")
+    if not sensitivity:
+        if out is None:
+            raise DynapruneError("give -o DIR for the pruned checkpoint")
+        check_output_folder(out, overwrite)  # before any work
+    from dynaprune import load
+    from dynaprune.static.calib import load_calibration
+    from dynaprune.static.structured import adapter
+
+    with status(f"loading {model_name}"):
+        model = load(model_name)
+    adapter(model)
+    data = load_calibration(model, calib, max_examples=max_calib)
+    if sensitivity:
+        from dynaprune.static.sensitivity import plot as plot_png
+        from dynaprune.static.sensitivity import sensitivity as run_sensitivity
+
+        with status("sensitivity") as say:
+            result = run_sensitivity(model, data, say)
+        console.print(f"{result['metric']}: dense {result['dense']:.4f}")
+        console.print(f"{'layer':>5} {'heads off':>12} {'FFN off':>12} {'layer off':>12}")
+        for i, (h, f, w) in enumerate(zip(result["heads"], result["ffn"], result["layer"], strict=True)):
+            console.print(f"{i:>5} {h:>12.4f} {f:>12.4f} {w:>12.4f}")
+        png = plot or (Path(out).with_suffix(".png") if out else Path("sensitivity.png"))
+        plot_png(result, png)
+        console.print(f"plot: {png}")
+        return
+    from dynaprune.static.prune import prune_model
+
+    with status("pruning") as say:
+        record = prune_model(model, data, cfg, say)
+    record["calibration"] = {"file": str(calib), "examples": max_calib, "kind": data.kind}
+    save_pruned(model, out, record, overwrite=overwrite)
+    console.print(json.dumps({k: v for k, v in record.items() if k != "config"}), soft_wrap=True)
+    console.print(f"[green]✓[/] {record['params']:,} of {record['params_parent']:,} parameters -> {out}")
