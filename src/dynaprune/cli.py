@@ -22,6 +22,7 @@ from dynaprune.cli_eval import eval_cmd, generate, print_result, run, run_task
 from dynaprune.cli_finetune import finetune_cmd
 from dynaprune.cli_prune import prune_cmd
 from dynaprune.cli_sweep import demo, report, sweep
+from dynaprune.cli_tune import tune_cmd
 from dynaprune.errors import DynapruneError
 
 __all__ = ["_positive", "_validate_recipe", "app", "console", "err_console", "main", "print_result",
@@ -81,6 +82,7 @@ app.command()(report)
 app.command()(calibrate)
 app.command("finetune")(finetune_cmd)
 app.command("prune")(prune_cmd)
+app.command("tune")(tune_cmd)
 
 
 def _mount_optional() -> None:

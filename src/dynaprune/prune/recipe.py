@@ -25,10 +25,11 @@ from typing import Any
 
 from dynaprune.errors import DynapruneError
 from dynaprune.prune import registry
-from dynaprune.prune.keys import err, format_value, keep_count, keep_counts
+from dynaprune.prune.keys import err, format_value, keep_count, keep_counts, parse_float
 from dynaprune.prune.scorers.base import TokenScorer
 from dynaprune.prune.scorers.spatten import SpAttenScore
 from dynaprune.prune.technique import Technique
+from dynaprune.prune.techniques.kv_bytes import KV_BYTES, expand_kv_bytes
 from dynaprune.prune.techniques.progressive_quant import QuantSetting
 from dynaprune.prune.techniques.token_cascade import DEFAULT_TOKEN_ADAPT, DEFAULT_TOKEN_REF_LEN
 
@@ -68,6 +69,7 @@ class Recipe:
 
     def __init__(self, *techniques: Technique, **keys: Any) -> None:
         by_owner: dict[type[Technique], dict[str, Any]] = {}
+        keys = expand_kv_bytes(keys, lambda k, raw: registry.KEYS[k].parse(k, raw))  # kv_bytes=F: its composition
         for key, value in keys.items():
             if key not in registry.KEYS:
                 raise _unknown_key(key)
@@ -168,13 +170,13 @@ class Recipe:
                 raise DynapruneError(f"recipe {text!r} has an empty item (a stray comma?)")
             key, sep, raw = item.partition("=")
             key, raw = key.strip(), raw.strip()
-            if key not in registry.KEYS:
+            if key not in registry.KEYS and key != KV_BYTES:
                 raise _unknown_key(key)
             if not sep or not raw:
                 raise err(key, f"needs a value: write {key}=VALUE")
             if key in values:
                 raise err(key, "is given twice")
-            values[key] = registry.KEYS[key].parse(key, raw)
+            values[key] = parse_float(key, raw) if key == KV_BYTES else registry.KEYS[key].parse(key, raw)
         return cls(**values)
 
     def __str__(self) -> str:
