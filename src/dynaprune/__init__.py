@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from dynaprune.api import evaluate  # noqa: E402
 from dynaprune.errors import DynapruneError  # noqa: E402
+from dynaprune.integrations.hf import from_transformers, to_transformers  # noqa: E402
 from dynaprune.models import load  # noqa: E402
 from dynaprune.prune.recipe import Recipe  # noqa: E402
 from dynaprune.prune.scorers.h2o import H2OScore  # noqa: E402
@@ -24,7 +25,7 @@ from dynaprune.prune.techniques.progressive_quant import Quantization, QuantSett
 from dynaprune.prune.techniques.token_cascade import TokenPruning  # noqa: E402
 
 __all__ = [
-    "DynapruneError", "load", "evaluate", "__version__", "Recipe",
+    "DynapruneError", "load", "evaluate", "__version__", "Recipe", "from_transformers", "to_transformers",
     # the techniques a recipe composes (their fields are the recipe keys)
     "TokenPruning", "HeadPruning", "ValuePruning", "Quantization", "QuantSetting", "KVBudget",
     "HybridDynamicPruning", "KVQuantization", "PrefillSelection",
