@@ -182,3 +182,15 @@ def test_lm_examples_start_with_bos(tmp_path, monkeypatch, protocol, options, sc
     res = evaluate_lm(model, text, protocol=protocol, **options)
     assert firsts and set(firsts) == {2}
     assert res.metric["tokens"] == scored
+
+
+def test_dense_kv_bytes_reference_is_the_windowed_cache(pair):
+    """kv_bytes_vs_fp16's reference: a dense cache of a sliding layer holds window - 1 tokens, not all."""
+    ours, _ = pair
+    cache = ours.new_cache(1, 40)
+    with torch.no_grad():
+        ours(torch.randint(0, TINY.vocab, (1, 20)), cache=cache)
+        ours(torch.randint(0, TINY.vocab, (1, 1)), cache=cache)
+    row = 2 * 2 * TINY.kv_heads * TINY.head_dim  # K and V of one token at fp16
+    held = [TINY.sliding_window - 1 if TINY.is_sliding(i) else 21 for i in range(TINY.layers)]
+    assert cache.dense_fp16_bytes() == row * sum(held) == cache.bytes_held(fp_bytes=2)
