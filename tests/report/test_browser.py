@@ -37,3 +37,24 @@ def test_a_broken_figure_is_caught(tmp_path):
     page.write_text("<!doctype html><html><body><img src='data:image/png;base64,AAAA'>"
                     "<img src='missing.png'></body></html>")
     assert figures_loaded(page) == (0, 2)
+
+
+def test_page_with_long_recipes_fits_1400px(tmp_path):
+    """Long optimizer-made recipes and run ids: the page must not scroll sideways in a 1400-px window."""
+    from dynaprune.report.browser import page_widths
+
+    results = tmp_path / "r.jsonl"
+    long_recipe = ("block=-0.10438942909240723,block_sparsity=0.6123456789,hdp_head=0.31234567,"
+                   "token=0.4412345678,token_schedule=0.1:0.2:0.3:0.4:0.5:0.6,head=0.25,value=0.3,quant=4:2")
+    rows = [result("dense", 0.87, 1.0), result(long_recipe, 0.85, 0.6)]
+    rows[1]["run_id"] = "x" * 90  # a long unbroken run id
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html = build_report([results], tmp_path / "out")
+    scroll, client = page_widths(html, width=1400)
+    assert 1300 <= client <= 1400 and scroll <= client, (scroll, client)
+    # the same page without the wrapping rules does overflow: the check can fail
+    text = html.read_text().replace("overflow-wrap:anywhere", "white-space:nowrap").replace("width:100%", "")
+    wide = tmp_path / "wide.html"
+    wide.write_text(text)
+    scroll, client = page_widths(wide, width=1400)
+    assert scroll > client

@@ -65,6 +65,33 @@ def figures_loaded(html_path: Path, timeout: int = 120) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+WIDTH_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const out = document.createElement('pre');
+  out.id = 'width-check';
+  const root = document.documentElement;
+  out.textContent = 'scroll=' + root.scrollWidth + ' client=' + root.clientWidth;
+  document.body.appendChild(out);
+});
+</script>"""
+_WIDTH = re.compile(r"<pre id=\"width-check\">scroll=(\d+) client=(\d+)</pre>")
+
+
+def page_widths(html_path: Path, width: int = 1400, timeout: int = 120) -> tuple[int, int]:
+    """(the page's scroll width, the window's width) in a ``width``-px window: the page overflows
+    horizontally when the first is larger."""
+    text = Path(html_path).read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="dynaprune-check-") as tmp:
+        page = Path(tmp) / "page.html"
+        page.write_text(text.replace("</body>", WIDTH_SCRIPT + "</body>", 1), encoding="utf-8")
+        dom = _run([f"--window-size={width},900", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                   timeout)
+    match = _WIDTH.search(dom)
+    if match is None:
+        raise DynapruneError("the page never finished loading in chromium (no load event)")
+    return int(match.group(1)), int(match.group(2))
+
+
 def screenshot(html_path: Path, png_path: Path, width: int = 1280, height: int = 2400, timeout: int = 120) -> Path:
     """A PNG of the top ``width`` x ``height`` pixels of the rendered page."""
     png_path = Path(png_path).resolve()

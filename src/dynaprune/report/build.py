@@ -17,21 +17,25 @@ import tempfile
 from pathlib import Path
 
 from dynaprune.report.axes import SHORT, work_axes
+from dynaprune.report.labels import merge_duplicates, short_recipe
 from dynaprune.report.layers import layers_png
 from dynaprune.report.pictures import Picture
 from dynaprune.report.provenance import describe_sources, report_build, run_ref
 from dynaprune.report.results import HIGHER_IS_BETTER, Group, group_rows, load_rows, method_of
-from dynaprune.report.tradeoff import tradeoff_png
+from dynaprune.report.tradeoff import tradeoff_caption, tradeoff_figure
 
 __all__ = ["build_report", "load_rows", "method_of", "table"]
 
-STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:1120px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
-    "padding:3px 7px;text-align:right}th{background:#f3f3f3}td:nth-child(-n+2){text-align:left}"
-    "td:last-child{font-size:12px;white-space:nowrap;color:#555}"
+STYLE = (  # tables wrap long recipes and run ids so the page fits a 1400-px window (tests/report/test_browser.py)
+    "body{font-family:system-ui,sans-serif;max-width:1240px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:13px;width:100%}td,th{border:1px solid #ccc;"
+    "padding:3px 6px;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}"
+    "td:nth-child(-n+2){text-align:left}td:nth-child(2){max-width:26em}"
+    "td:last-child{font-size:11px;color:#555;max-width:16em;text-align:left}"
     "img{max-width:100%;display:block;margin:.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
-    "code{background:#f6f6f6}.note{color:#555}"
+    ".plot{position:relative}.pt{position:absolute;width:12px;height:12px;margin:-6px 0 0 -6px;border-radius:6px}"
+    ".pt:hover{outline:2px solid #c00}"
+    "code{background:#f6f6f6;overflow-wrap:anywhere}.note{color:#555}"
 )
 EMPTY = "**No results:** the given results files hold no result lines. Run a sweep first (`dynaprune sweep`)."
 
@@ -47,9 +51,9 @@ def table(group: Group) -> tuple[list[str], list[list[str]]]:
         value = r["metric"]["value"]
         drop = "" if dense is None else f"{sign * (dense['metric']['value'] - value):+.4f}"
         kept = work_axes(r) if r.get("cost") else {}
-        body.append([method_of(r.get("recipe")), r.get("recipe") or "dense", f"{value:.4f}", drop,
+        body.append([method_of(r.get("recipe")), short_recipe(r.get("recipe")), f"{value:.4f}", drop,
                      *(f"{kept[k]:.3f}" if k in kept else "" for k in SHORT), str(r.get("n", "")), run_ref(r)])
-    return header, body
+    return header, merge_duplicates(body, len(header) - 1)
 
 
 class _Page:
@@ -70,13 +74,17 @@ class _Page:
         self.h.append(f"<p>{html_text if html_text is not None else _code_spans(markdown)}</p>")
         self.md += [markdown, ""]
 
-    def figure(self, name: str, png: bytes, alt: str, caption: str = "") -> None:
+    def figure(self, name: str, png: bytes, alt: str, caption: str = "",
+               points: list[tuple[float, float, str]] | None = None) -> None:
+        """``points``: (left %, top %, text) spots over the image that show ``text`` on hover (no script)."""
         self.figures.mkdir(parents=True, exist_ok=True)
         (self.figures / name).write_bytes(png)
         data = base64.b64encode(png).decode()
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.h.append(f"<figure><img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{data}'>"
-                      f"{cap}</figure>")
+        spots = "".join(f"<span class='pt' style='left:{x:.2f}%;top:{y:.2f}%' title='{html.escape(t, quote=True)}'>"
+                        "</span>" for x, y, t in points or [])
+        self.h.append(f"<figure><div class='plot'><img alt='{html.escape(alt, quote=True)}' "
+                      f"src='data:image/png;base64,{data}'>{spots}</div>{cap}</figure>")
         self.md += [f"![{alt}](figures/{name})", ""] + ([f"*{caption}*", ""] if caption else [])
 
     def table(self, header: list[str], body: list[list[str]]) -> None:
@@ -119,10 +127,14 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "",
                   "positive when the metric got worse.")
     for group in groups:
         page.heading(group.title)
-        page.figure(f"{group.slug}-tradeoff.png", tradeoff_png(group), f"{group.title}: trade-off curves")
+        png, points = tradeoff_figure(group)
+        page.figure(f"{group.slug}-tradeoff.png", png, f"{group.title}: trade-off curves", tradeoff_caption(group),
+                    points)
         per_layer = layers_png(group)
         if per_layer is not None:
-            page.figure(f"{group.slug}-layers.png", per_layer, f"{group.title}: tokens and heads alive per layer")
+            page.figure(f"{group.slug}-layers.png", per_layer, f"{group.title}: tokens and heads alive per layer",
+                        "Tokens and heads each layer still computes: the earlier a curve falls, the more work "
+                        "the later layers skip.")
         page.table(*table(group))
     if pictures:
         page.heading("Pruning pictures")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dynaprune.report.figures import png_bytes, pyplot
+from dynaprune.report.labels import short_recipe
 from dynaprune.report.results import Group
 
 MAX_PROFILES = 8
@@ -21,7 +22,7 @@ class Profile:
 
     @property
     def label(self) -> str:
-        first, *others = sorted(self.recipes, key=len)
+        first, *others = dict.fromkeys(short_recipe(r) for r in sorted(self.recipes, key=len))
         return first + (f" (= {', '.join(others)})" if others else "")
 
 
