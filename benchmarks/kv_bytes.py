@@ -28,11 +28,15 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("search", "test", "plot"))
+    p.add_argument("mode", choices=("search", "merge", "test", "plot"))
+    p.add_argument("--part", type=Path, help="search: write this process's F to PATH instead of shipping")
+    p.add_argument("parts", nargs="*", help="merge: the --part files")
     p.add_argument("--chunks", type=int)
     p.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS))
     p.add_argument("--extra", nargs="*", default=["kv=0.25,score=h2o,kv_alloc=head", ""],
                    help="test mode: recipes measured beside kv_bytes=F (eviction alone, dense '')")
+    p.add_argument("--shared", action="store_true", help="test: prefill each chunk once per score= and evict/pack "
+                   "copies (calibrate/kv_bytes.evaluate: the real stages) instead of run_task per recipe")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.mode == "plot":
@@ -54,25 +58,29 @@ def main() -> None:
             "machine": machine(), "threads": threads}
     if a.mode == "search":
         from dynaprune.calibrate.kv_bytes import search
-        from dynaprune.prune.techniques.kv_bytes import shape_key, write_choices
 
         found = search(model, DATA / "valid.txt", a.fractions, chunks=a.chunks or 2, progress=progress)
         meta.update(split="valid", command=command, seconds=round(time.perf_counter() - t0, 1), load=load_average())
-        write_json_atomic(SEARCH_OUT, {**meta, **found})
-        from dynaprune.runtime.cost import cost_shape
-
-        shape = cost_shape(model)
-        choices_file = Path(__file__).resolve().parents[1] / "src/dynaprune/prune/techniques/kv_bytes_choices.json"
-        write_choices(choices_file, shape_key(shape.layers, shape.heads, shape.kv_heads, shape.head_dim), found,
-                      source="benchmarks/results/kv-bytes-search.json", command=command, default=True)
+        if a.part is not None:  # one F per process on a loaded machine; `merge` ships them together
+            write_json_atomic(a.part, {**meta, **found})
+            return
+        ship({**meta, **found}, model)
+        return
+    if a.mode == "merge":
+        parts = [json.loads(Path(f).read_text()) for f in a.parts]
+        merged = {**parts[0], "choices": [c for p in parts for c in p["choices"]],
+                  "tried": {k: v for p in parts for k, v in p["tried"].items()},
+                  "command": [p["command"] for p in parts], "seconds": [p["seconds"] for p in parts]}
+        ship(merged, model)
         return
     from benchmarks.kv_quant import via_run_task
 
     chunks = a.chunks or 8
     rows = json.loads(OUT.read_text())["rows"] if OUT.is_file() else {}
     recipes = [f"kv_bytes={f:g}" for f in a.fractions] + a.extra
+    shared = shared_prefill_rows(model, recipes, chunks, progress) if a.shared else {}
     for r in recipes:
-        row = via_run_task(model, DATA / "test.txt", r, 1536, 512, chunks)
+        row = shared[r] if a.shared else via_run_task(model, DATA / "test.txt", r, 1536, 512, chunks)
         if r.startswith("kv_bytes="):
             from dynaprune.prune.recipe import Recipe
 
@@ -81,6 +89,39 @@ def main() -> None:
         progress(f"{r or 'dense'}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f}")
         write_json_atomic(OUT, {**meta, "split": "test", "chunks": chunks, "command": command,
                                 "seconds": round(time.perf_counter() - t0, 1), "load": load_average(), "rows": rows})
+
+
+def shared_prefill_rows(model, recipes: list[str], chunks: int, progress) -> dict[str, dict]:
+    """Each recipe from a shared per-score prefill of the TEST chunks (see calibrate/kv_bytes.py)."""
+    import torch
+
+    from dynaprune.calibrate.kv_bytes import evaluate, prefill_chunks
+    from dynaprune.eval.lm import read_tokens
+    from dynaprune.prune.recipe import Recipe
+
+    ids = torch.tensor(read_tokens(model, DATA / "test.txt", None))
+    by_score: dict[str, list[str]] = {}
+    for r in recipes:
+        by_score.setdefault(Recipe.parse(r).scorer.name, []).append(r)
+    out = {}
+    for score, group in by_score.items():
+        prefilled = prefill_chunks(model, ids, 1536, 512, chunks, score)
+        progress(f"prefilled {len(prefilled)} chunks under score={score}")
+        for r in group:
+            out[r] = {**evaluate(model, prefilled, r), "path": "shared prefill per score (calibrate/kv_bytes.evaluate)"}
+    return out
+
+
+def ship(found: dict, model) -> None:
+    """results/kv-bytes-search.json and the package's kv_bytes_choices.json (this model's shape, default)."""
+    from dynaprune.prune.techniques.kv_bytes import shape_key, write_choices
+    from dynaprune.runtime.cost import cost_shape
+
+    write_json_atomic(SEARCH_OUT, found)
+    shape = cost_shape(model)
+    choices_file = Path(__file__).resolve().parents[1] / "src/dynaprune/prune/techniques/kv_bytes_choices.json"
+    write_choices(choices_file, shape_key(shape.layers, shape.heads, shape.kv_heads, shape.head_dim), found,
+                  source="benchmarks/results/kv-bytes-search.json", command=str(found["command"]), default=True)
 
 
 if __name__ == "__main__":
