@@ -29,9 +29,9 @@ __all__ = ["build_report", "load_rows", "method_of", "table"]
 STYLE = (  # tables wrap long recipes and run ids so the page fits a 1400-px window (tests/report/test_browser.py)
     "body{font-family:system-ui,sans-serif;max-width:1240px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0;font-size:13px;width:100%}td,th{border:1px solid #ccc;"
-    "padding:3px 6px;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}"
-    "td:nth-child(-n+2){text-align:left}td:nth-child(2){max-width:26em}"
-    "td:last-child{font-size:11px;color:#555;max-width:16em;text-align:left}"
+    "padding:3px 6px;text-align:right}th{background:#f3f3f3}"
+    "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}td:nth-child(2){max-width:26em;overflow-wrap:anywhere}"
+    "td:last-child{font-size:11px;color:#555;max-width:16em;text-align:left;overflow-wrap:anywhere}"
     "img{max-width:100%;display:block;margin:.5em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
     ".plot{position:relative}.pt{position:absolute;width:12px;height:12px;margin:-6px 0 0 -6px;border-radius:6px}"
     ".pt:hover{outline:2px solid #c00}"

@@ -27,9 +27,11 @@ def tradeoff_caption(group: Group) -> str:
 def tradeoff_figure(group: Group) -> tuple[bytes, list[tuple[float, float, str]]]:
     """PNG bytes of a row of panels (one per axis of ``AXES``) and every point as (left %, top %, recipe)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(AXES), figsize=(5.0 * len(AXES), 4.8), sharey=True, dpi=DPI)
-    # a fixed layout (not bbox_inches="tight") so data coordinates map to image pixels exactly
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.78, wspace=0.08)
+    # a 2 x 2 grid reads at page width; a fixed layout (not bbox_inches="tight") so data coordinates map
+    # to image pixels exactly
+    fig, grid = plt.subplots(2, (len(AXES) + 1) // 2, figsize=(11, 8.4), sharey=True, dpi=DPI, squeeze=False)
+    axes = list(grid.flat)[: len(AXES)]
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.07, top=0.85, wspace=0.06, hspace=0.28)
     series: dict[str, list[tuple[dict[str, float], float, str]]] = defaultdict(list)
     for row in group.rows:
         series[method_of(row.get("recipe"))].append((work_axes(row), row["metric"]["value"], row.get("recipe") or ""))
@@ -48,11 +50,12 @@ def tradeoff_figure(group: Group) -> tuple[bytes, list[tuple[float, float, str]]
             placed.append((ax, axis_values[key], value, "dense"))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(group.rows[0]["metric"]["name"])
+    for ax in grid[:, 0]:
+        ax.set_ylabel(group.rows[0]["metric"]["name"])
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     fig.legend(unique.values(), unique.keys(), loc="upper center", ncol=min(6, len(unique)), fontsize=8,
-               bbox_to_anchor=(0.5, 0.93), frameon=False)
+               bbox_to_anchor=(0.5, 0.955), frameon=False)
     fig.suptitle(group.title, y=0.99)
     fig.canvas.draw()  # final axis limits, so transData is what the PNG shows
     to_figure = fig.transFigure.inverted()
