@@ -85,7 +85,6 @@ def head_from_checkpoint(config: dict, state: dict[str, torch.Tensor], where: st
 def hf_state(model) -> dict[str, torch.Tensor]:
     """Our Bert (+ head) as BertForSequenceClassification tensors (``bert.`` prefix, split Q/K/V)."""
     s = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    d = model.config.hidden_size
     out = {
         "bert.embeddings.word_embeddings.weight": s["tok_emb.weight"],
         "bert.embeddings.position_embeddings.weight": s["pos_emb.weight"],
@@ -96,8 +95,10 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     for i in range(model.config.num_layers):
         p, o = f"bert.encoder.layer.{i}.", f"layers.{i}."
         for t in ("weight", "bias"):
+            qkv = s[o + "qkv." + t]
+            n = qkv.shape[0] // 3  # = d unless the layer's heads were removed (static pruning)
             for j, name in enumerate(("query", "key", "value")):
-                out[p + f"attention.self.{name}.{t}"] = s[o + "qkv." + t][j * d:(j + 1) * d].clone()
+                out[p + f"attention.self.{name}.{t}"] = qkv[j * n:(j + 1) * n].clone()
             out[p + f"attention.output.dense.{t}"] = s[o + "proj." + t]
             out[p + f"attention.output.LayerNorm.{t}"] = s[o + "ln1." + t]
             out[p + f"intermediate.dense.{t}"] = s[o + "fc1." + t]
