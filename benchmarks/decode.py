@@ -70,7 +70,7 @@ def kv_bytes(model, batch: int, tokens: int) -> int:
 def compaction_period(model, budget: float, context: int) -> int:
     """Decode steps between two compactions of a ``kv=budget`` cache after a ``context``-token prompt:
     the cache drops to budget - slack and compacts when it next exceeds the budget (slack + 1 steps)."""
-    ctx = make_context(f"kv={budget}", model)
+    ctx = make_context(budget if isinstance(budget, str) else f"kv={budget}", model)  # a float or a recipe
     tokens = ctx.recipe.kv_budget_tokens(context)
     slack = int(tokens * ctx.evict_slack) if tokens >= CHUNKED_EVICTION_MIN_BUDGET else 0
     return slack + 1
@@ -91,7 +91,8 @@ def run_case(model, batch: int, context: int, new_tokens: int, budgets: list[flo
         tok = model.tokenizer
         ids = torch.tensor([wikitext_ids(tok, context, offset_chars=row * context * 6) for row in range(batch)],
                            device=device)
-    variants = {"dense": None} | {f"kv={b}": f"kv={b}" for b in budgets}
+    variants = {"dense": None} | {(b if isinstance(b, str) else f"kv={b}"): (b if isinstance(b, str) else f"kv={b}")
+                                  for b in budgets}  # --recipes are variants as written (e.g. kv_bytes=0.25)
     state = {}
     with torch.inference_mode():
         for name, recipe in variants.items():
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="compaction periods of the largest budget in the timed window (default 2)")
     p.add_argument("--cases", default=None, help="BATCHxCONTEXT,... (default 1x1024,1x4096,8x1024,8x4096)")
     p.add_argument("--budgets", default=None, help="kv budgets, comma-separated (default 0.5,0.25,0.125)")
+    p.add_argument("--recipes", nargs="*", help="more variants as recipes (e.g. kv_bytes=0.25), beside the budgets")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--random-weights", metavar="CONFIG_JSON", default=None,
                    help="SmolLM2's shapes from this HF config (written by --save-config) with random weights, for a "
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [*budgets, *(args.recipes or [])]
     steps = {c: args.new_tokens or window_steps(model, budgets, c[1], args.compaction_periods) for c in cases}
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     for batch, context in cases:

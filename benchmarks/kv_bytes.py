@@ -30,13 +30,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=("search", "merge", "test", "plot"))
     p.add_argument("--part", type=Path, help="search: write this process's F to PATH instead of shipping")
-    p.add_argument("parts", nargs="*", help="merge: the --part files")
+    p.add_argument("parts", nargs="*", help="merge: the --part files; test: measure their choices too")
     p.add_argument("--chunks", type=int)
     p.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS))
     p.add_argument("--extra", nargs="*", default=["kv=0.25,score=h2o,kv_alloc=head", ""],
                    help="test mode: recipes measured beside kv_bytes=F (eviction alone, dense '')")
     p.add_argument("--shared", action="store_true", help="test: prefill each chunk once per score= and evict/pack "
                    "copies (calibrate/kv_bytes.evaluate: the real stages) instead of run_task per recipe")
+    p.add_argument("--out", type=Path, help="test: the JSON (default results/kv-bytes.json)")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.mode == "plot":
@@ -76,18 +77,24 @@ def main() -> None:
     from benchmarks.kv_quant import via_run_task
 
     chunks = a.chunks or 8
-    rows = json.loads(OUT.read_text())["rows"] if OUT.is_file() else {}
+    out = a.out or OUT
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
     recipes = [f"kv_bytes={f:g}" for f in a.fractions] + a.extra
+    labels = {r: r for r in recipes}
+    for part in a.parts:  # a search part's choice, measured before the parts are merged and shipped
+        for c in json.loads(Path(part).read_text())["choices"]:
+            recipes.append(c["recipe"])
+            labels[c["recipe"]] = f"kv_bytes={c['kv_bytes']:g}"
     shared = shared_prefill_rows(model, recipes, chunks, progress) if a.shared else {}
     for r in recipes:
         row = shared[r] if a.shared else via_run_task(model, DATA / "test.txt", r, 1536, 512, chunks)
-        if r.startswith("kv_bytes="):
+        if labels[r].startswith("kv_bytes="):
             from dynaprune.prune.recipe import Recipe
 
             row["expanded"] = str(Recipe.parse(r))
-        rows[r or "dense"] = row
-        progress(f"{r or 'dense'}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f}")
-        write_json_atomic(OUT, {**meta, "split": "test", "chunks": chunks, "command": command,
+        rows[labels[r] or "dense"] = row
+        progress(f"{labels[r] or 'dense'}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f}")
+        write_json_atomic(out, {**meta, "split": "test", "chunks": chunks, "command": command,
                                 "seconds": round(time.perf_counter() - t0, 1), "load": load_average(), "rows": rows})
 
 
