@@ -20,6 +20,8 @@ from dynaprune.cli_calibrate import calibrate
 from dynaprune.cli_common import _positive, _validate_recipe, console, err_console, progress_bar, status
 from dynaprune.cli_eval import eval_cmd, generate, print_result, run, run_task
 from dynaprune.cli_finetune import finetune_cmd
+from dynaprune.cli_lmeval import SETTINGS as LM_EVAL_SETTINGS
+from dynaprune.cli_lmeval import lm_eval_cmd
 from dynaprune.cli_prune import prune_cmd
 from dynaprune.cli_sweep import demo, report, sweep
 from dynaprune.cli_tune import tune_cmd
@@ -83,6 +85,7 @@ app.command()(calibrate)
 app.command("finetune")(finetune_cmd)
 app.command("prune")(prune_cmd)
 app.command("tune")(tune_cmd)
+app.command("lm-eval", context_settings=LM_EVAL_SETTINGS)(lm_eval_cmd)
 
 
 def _mount_optional() -> None:

@@ -46,7 +46,7 @@ def demo(
         _run_specs(specs, results, command)
     wanted = {spec.run_id for _, specs in sweeps for spec in specs}
     files = list(dict.fromkeys(results for results, _ in sweeps))
-    rows = [r for results in files for r in read_results(results) if r["run_id"] in wanted]
+    rows = [r for results in files for r in read_results(results) if r["run_id"] in wanted and "metric" in r]
     summary = Table(title="dynaprune demo")
     for col in ("model", "task", "recipe", "n", "metric", "value", "FLOPs kept", "seconds"):
         summary.add_column(col)
@@ -108,6 +108,9 @@ def _run_specs(specs, results: Path, command: str = "") -> int:
 def sweep(
     config: Path = typer.Argument(..., help="sweep YAML (see configs/)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="results JSONL (default: the config's 'results')"),
+    ray: str | None = typer.Option(None, "--ray", help="run the points as Ray tasks: 'local' (a local Ray), "
+                                   "'auto' or a cluster's HOST:PORT / ray://HOST:PORT (pip install 'dynaprune[ray]')"),
+    workers: int = typer.Option(2, "--workers", help="CPUs of the local Ray (--ray local)", min=1),
 ) -> None:
     """Run a grid of (model x task x recipe) evaluations; one JSON line per run; resumes where it stopped."""
     from dynaprune.eval.sweep import load_config
@@ -119,7 +122,14 @@ def sweep(
     from dynaprune.user_paths import check_output_file
 
     check_output_file(results, "--out" if out else f"{config}: results:", example="results.jsonl")
-    ran = _run_specs(specs, results, f"dynaprune sweep {config}" + (f" --out {out}" if out else ""))
+    command = f"dynaprune sweep {config}" + (f" --out {out}" if out else "") + (f" --ray {ray}" if ray else "")
+    if ray:
+        from dynaprune.eval.sweep_ray import run_sweep_ray
+
+        ran = run_sweep_ray(specs, results, address=None if ray == "local" else ray, workers=workers, command=command,
+                            on_done=lambda spec, i, n: err_console.print(f"sweep: {i}/{n} done: {spec.label()}"))
+    else:
+        ran = _run_specs(specs, results, command)
     print_sweep_tables(results, {spec.run_id for spec in specs})
     console.print(f"{ran} run(s) done, {len(specs) - ran} already in {results}")
 
@@ -131,7 +141,7 @@ def print_sweep_tables(results: Path, wanted: set[str]) -> None:
 
     groups: dict[tuple, list[dict]] = {}
     for row in read_results(results):
-        if row.get("run_id") in wanted:
+        if row.get("run_id") in wanted and row.get("status") != "failed":
             key = (row["model"], row["task"], (row.get("extra") or {}).get("protocol"), row.get("data"))
             groups.setdefault(key, []).append(row)
     for rows in groups.values():

@@ -207,8 +207,14 @@ def append_result(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def failed_row(spec: RunSpec, error: str, command: str = "") -> dict:
+    """The line of a point that raised: it names the point and the error; a resumed sweep runs it again."""
+    return {"schema": SCHEMA, "run_id": spec.run_id, "config_line": spec.line, "status": "failed",
+            "model": spec.model, "task": spec.task, "recipe": spec.recipe, "error": error, "command": command}
+
+
 def pending(specs: list[RunSpec], results_path: Path) -> Iterator[RunSpec]:
-    done = {row.get("run_id") for row in read_results(results_path)}
+    done = {row.get("run_id") for row in read_results(results_path) if row.get("status") != "failed"}
     seen: set[str] = set()
     for spec in specs:
         if spec.run_id not in done and spec.run_id not in seen:
@@ -229,6 +235,9 @@ def run_sweep(
     for i, spec in enumerate(todo):
         if on_start:
             on_start(spec, i, len(todo))
-        row = run(spec)
-        append_result(results_path, {"schema": SCHEMA, "run_id": spec.run_id, "config_line": spec.line, **row})
+        try:
+            row = {"schema": SCHEMA, "run_id": spec.run_id, "config_line": spec.line, **run(spec)}
+        except DynapruneError as e:  # one bad point is a failed line; the others still run
+            row = failed_row(spec, str(e))
+        append_result(results_path, row)
     return len(todo)

@@ -53,6 +53,8 @@ def load_rows(paths: list[Path], warn: Callable[[str], None] | None = None) -> l
         else:
             found = read_results(path, warn)
         for row in found:
+            if row.get("status") == "failed":  # a sweep point that raised: no number to show
+                continue
             if not isinstance(row.get("metric"), dict) or "value" not in row["metric"] or "task" not in row:
                 raise DynapruneError(f"{path}: not a dynaprune result (no 'task'/'metric')")
             rows.append({**row, "_source": str(path)})
