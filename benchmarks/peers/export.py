@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     hf.config.torch_dtype = "float32"
     hf.save_pretrained(folder, safe_serialization=True)
     model.tokenizer.save_pretrained(folder)
+    # No chat template in the folder: KVzip wraps the context in the template's prefix when it has one and
+    # then leaves that many leading tokens unscored, but our chunks are raw WikiText (no chat prefix).
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = folder / "tokenizer_config.json"
+    cfg = json.loads(tok_cfg.read_text())
+    if cfg.pop("chat_template", None) is not None:
+        tok_cfg.write_text(json.dumps(cfg, indent=2))
 
     for split, name in SPLITS.items():
         ids = read_tokens(model, args.data / name, None)

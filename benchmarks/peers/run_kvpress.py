@@ -103,6 +103,8 @@ def options_of(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["press"] is not None:
         opts.update(keep=spec["keep"], compression_ratio=compression_ratio_for_keep(spec["keep"]))
         opts["attn_implementation"] = "eager" if spec["press"] == "ObservedAttention" else "sdpa"
+        if spec["press"] == "KVzip":  # its repeat prompt: raw ("\n" suffix) unless the tokenizer has a template
+            opts["kvzip_chat_template"] = False
     else:
         opts["attn_implementation"] = "sdpa"
     if spec["bits"] is not None:
@@ -268,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         data = json.loads((args.chunks / f"chunks-{spec['split']}.json").read_text())
         model = model_for(opts["attn_implementation"])
+        if spec["press"] == "KVzip" and getattr(_tokenizer(args.model), "chat_template", None) is not None:
+            print(f"error: {args.model} has a chat template: KVzip would leave the first tokens of our raw "
+                  "chunks unscored; re-run the export (it drops the template)", file=sys.stderr)
+            return 2
         try:
             result = run_row(spec, model, data["chunks"], data["context"])
         except Exception as e:  # a press that fails on this model is recorded as missing, not fatal
@@ -284,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_rows and new >= args.max_rows:
             break
     return 0
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _dist(name: str) -> str:
