@@ -130,11 +130,12 @@ class KVCache:
             return self.head_valid[layer][:, :, : self.lengths[layer]]
         return self.valid[layer][:, None, : self.lengths[layer]].expand(-1, self.k[layer].shape[1], -1)
 
-    def padding_slots(self, layer: int) -> int:
-        """Slots of ``layer`` (over batch and KV heads) that hold no real token of a per-head layer."""
+    def padding_slots(self, layer: int, start: int = 0) -> int:
+        """Slots of ``layer`` (over batch and KV heads, from slot ``start``) that hold no real token of a
+        per-head layer."""
         if self.head_valid[layer] is None:
             return 0
-        return int((~self.head_valid[layer][:, :, : self.lengths[layer]]).sum())
+        return int((~self.head_valid[layer][:, :, start: self.lengths[layer]]).sum())
 
     def compact(self, layer: int, keep_index: torch.Tensor, keep_mask: torch.Tensor | None = None) -> None:
         """Keep only the tokens at ``keep_index`` of ``layer``, gathered to the front in the given order
@@ -193,9 +194,10 @@ class KVCache:
         width per element instead of the buffer's (2: the fp16 axis of ``runtime/cost.py``)."""
         total = sum(kvquant.layer_bytes(self, layer, fp_bytes) for layer in range(self.n_layers))
         width = self.k[0].element_size() if fp_bytes is None else fp_bytes
-        # slots padding a per-head layer (heads keeping fewer tokens) hold nothing real
-        return total - sum(2 * self.padding_slots(layer) * self.k[layer].shape[3] * width
-                           for layer in range(self.n_layers))
+        # slots padding a per-head layer (heads keeping fewer tokens) hold nothing real in the fp part; inside a
+        # packed prefix their codes are stored (counted in the store's bytes), so nothing is taken off there
+        return total - sum(2 * self.padding_slots(layer, kvquant.packed_tokens(self, layer)) * self.k[layer].shape[3]
+                           * width for layer in range(self.n_layers))
 
     def pack_prefix(self, layer: int, n: int, spec) -> None:
         """Hold the first ``n`` tokens of ``layer`` packed (``spec``: a ``groupquant.KVQuantSpec``)."""

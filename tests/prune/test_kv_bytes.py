@@ -1,0 +1,125 @@
+"""``kv_bytes=F`` (issue 14 item 5): the eviction share that fits F against the bytes a real packed cache
+holds (and one more token does not fit), the recipe's expansion from a choices file, the shipped choices
+(VALID, measured <= F), the search's invariants on a tiny model, and bad input naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from kv_oracle import tiny_llama
+
+from dynaprune.calibrate import kv_bytes as search_mod
+from dynaprune.errors import DynapruneError
+from dynaprune.prune.recipe import Recipe
+from dynaprune.prune.techniques.kv_bytes import ENV_FILE, load_choices, resolve_kv_bytes
+from dynaprune.runtime.pruning import make_context
+
+
+def _held_share(model, recipe: str, n: int) -> float:
+    ids = torch.randint(1, 60, (1, n), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(1, n + 1)
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=make_context(recipe, model))
+    return cache.bytes_held(fp_bytes=2) / cache.dense_fp16_bytes()
+
+
+@pytest.mark.parametrize(("fraction", "kb", "vb"), [(0.25, 4, 4), (0.3, 4, 3), (0.2, 3, 3), (0.45, 5, 4)])
+def test_eviction_share_is_the_largest_that_a_real_packed_cache_fits(fraction, kb, vb):
+    model, n, group = tiny_llama(layers=2), 100, 8  # head_dim 8: values in groups of 8 channels
+    kv = search_mod.eviction_share(fraction, kb, vb, group, group, n)
+    bits = f"kv_key_bits={kb},kv_value_bits={vb},kv_group={group}"
+    kept = round(kv * n)
+    held = _held_share(model, f"kv_tokens={kept},score=h2o,kv_alloc=head,{bits}", n)
+    assert held <= fraction + 1e-12
+    assert _held_share(model, f"kv_tokens={kept + 1},score=h2o,kv_alloc=head,{bits}", n) > fraction
+    assert _held_share(model, f"kv={kv},score=h2o,kv_alloc=head,{bits}", n) == held  # the share gives it back
+
+
+def _choices_file(tmp_path, monkeypatch):
+    data = {"default": "tiny", "models": {"tiny": {"choices": [
+        {"kv_bytes": 0.25, "recipe": "kv=0.8,score=h2o,kv_alloc=head,kv_bits=4,kv_group=64"},
+        {"kv_bytes": 0.125, "recipe": "kv=0.45,score=observed,kv_alloc=ada,kv_key_bits=4,kv_value_bits=3,kv_group=32"},
+    ]}}}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv(ENV_FILE, str(path))
+    return data
+
+
+def test_recipe_expands_to_the_largest_choice_within_f(tmp_path, monkeypatch):
+    data = _choices_file(tmp_path, monkeypatch)
+    low, high = (c["recipe"] for c in sorted(data["models"]["tiny"]["choices"], key=lambda c: c["kv_bytes"]))
+    assert str(Recipe.parse("kv_bytes=0.2")) == str(Recipe.parse(low))
+    assert str(Recipe.parse("kv_bytes=0.125")) == str(Recipe.parse(low))
+    assert str(Recipe.parse("kv_bytes=1")) == str(Recipe.parse(high))
+    assert Recipe(kv_bytes=0.25) == Recipe.parse(high)
+    with pytest.raises(DynapruneError, match="'kv_bytes'.*no known composition.*kv_bytes=0.125"):
+        Recipe.parse("kv_bytes=0.1")
+    with pytest.raises(DynapruneError, match="'kv_bits'.*set either kv_bytes or the keys it composes"):
+        Recipe.parse("kv_bytes=0.25,kv_bits=8")
+
+
+@pytest.mark.parametrize("bad", ["kv_bytes=0", "kv_bytes=1.5", "kv_bytes=-0.25", "kv_bytes=abc", "kv_bytes=nan"])
+def test_bad_kv_bytes_names_the_key(bad):
+    with pytest.raises(DynapruneError, match="kv_bytes"):
+        Recipe.parse(bad)
+
+
+def test_shipped_choices_were_chosen_on_valid_and_fit():
+    data = load_choices()
+    model = data["models"][data["default"]]
+    assert model["split"] == "valid" and model["chunks"] >= 2
+    assert {c["kv_bytes"] for c in model["choices"]} >= {0.25, 0.125, 0.0625}
+    for c in model["choices"]:
+        assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
+        assert resolve_kv_bytes(c["kv_bytes"])["recipe"] == c["recipe"]
+        assert str(Recipe.parse(f"kv_bytes={c['kv_bytes']}")) == str(Recipe.parse(c["recipe"]))
+
+
+def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, monkeypatch):
+    import dynaprune.eval.lm as lm
+
+    model = tiny_llama(layers=2)
+    monkeypatch.setattr(search_mod, "GROUPS", (8,))
+    monkeypatch.setattr(lm, "read_tokens", lambda m, p, n: torch.randint(1, 60, (120,), generator=torch.Generator()
+                                                                            .manual_seed(4)).tolist())
+    found = search_mod.search(model, tmp_path / "t.txt", [0.25, 0.5], chunks=2, context=48, continuation=12)
+    for c in found["choices"]:
+        tried = found["tried"][str(c["kv_bytes"])]
+        assert all(r["kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9 for r in tried)
+        assert c["valid_perplexity"] == round(min(r["perplexity"] for r in tried), 4)
+        assert {r["score"] for r in tried} == {"h2o", "observed"} and {r["alloc"] for r in tried} == {"head", "ada"}
+
+
+def test_cli_bad_kv_bytes_one_line_exit_2(dynaprune_cli, tmp_path) -> None:
+    for args in (("eval", "smollm2-135m", "lm", "--protocol", "continue", "--recipe", "kv_bytes=1.5"),
+                 ("tune", "smollm2-135m", "--kv-bytes", "0.25,0", "--data", str(tmp_path), "--out",
+                  str(tmp_path / "c.json"))):
+        code, out = dynaprune_cli(*args)
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "kv_bytes" in lines[0], out
+
+
+def test_padded_ada_cache_bytes_count_the_packed_padding_by_hand():
+    """An Ada-KV (per-head, padded) cache that is then packed: the padding slots inside the packed prefix
+    are stored as codes (held), only the fp padding holds nothing. head_dim 8, 4 bits, key groups of 2
+    tokens, value groups of 8 channels: a packed slot of one KV head is 4 + 16 bytes of K (codes, a fp16
+    scale + zero per channel per 2 tokens) and 4 + 4 of V = 28 bytes; an fp16 slot 2 x 8 x 2 = 32 bytes."""
+    from dynaprune.runtime import kvquant
+
+    model, n = tiny_llama(layers=2), 60
+    ids = torch.randint(1, 60, (1, n), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache(1, n + 1)
+    recipe = "kv_tokens=30,score=h2o,kv_alloc=ada,kv_bits=4,kv_group=2,kv_value_group=8"
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=make_context(recipe, model))
+    expected = 0
+    for layer in range(2):
+        packed = kvquant.packed_tokens(cache, layer)
+        valid = cache.head_valid_mask(layer)[:, :, : cache.lengths[layer]]
+        expected += packed * valid.shape[0] * valid.shape[1] * 28 + int(valid[:, :, packed:].sum()) * 32
+    assert any(not bool(cache.head_valid_mask(layer)[:, :, :kvquant.packed_tokens(cache, layer)].all())
+               for layer in range(2))  # the case: padding inside the packed prefix
+    assert cache.bytes_held(fp_bytes=2) == expected
