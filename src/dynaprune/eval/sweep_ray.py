@@ -66,7 +66,10 @@ def _init(address: str | None, workers: int | None):
         check_reachable(address)
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": workers or 2, "include_dashboard": False}
-        ray.init(log_to_driver=False, **kwargs)
+        try:
+            ray.init(log_to_driver=False, **kwargs)
+        except (ConnectionError, TimeoutError, RuntimeError) as e:  # something answered, but not a Ray head
+            raise DynapruneError(f"cannot reach a Ray cluster at {address}: {e}") from None
     return ray
 
 
