@@ -59,8 +59,11 @@ def test_encoder(tmp_path):
 @pytest.mark.models
 def test_prefill(tmp_path):
     data = run_quick("prefill", tmp_path)
-    assert {"time_to_first_token", "perplexity"} <= set(data["dense"])
-    assert {"speedup", "perplexity_cost", "flops_kept"} <= set(data["recipes"][0])
+    assert {"time_to_first_token", "valid_perplexity", "test_perplexity"} <= set(data["dense"])
+    row = data["rows"][0]
+    assert {"speedup", "valid_perplexity_cost", "test_perplexity_cost", "flops_kept"} <= set(row)
+    assert row["speedup"] == data["dense"]["time_to_first_token"]["median_s"] / row["time_to_first_token"]["median_s"]
+    assert 0 < row["flops_kept"] < 1
 
 
 @pytest.mark.models
