@@ -88,8 +88,10 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
     found = search_mod.search(model, tmp_path / "t.txt", [0.25, 0.5], chunks=2, context=48, continuation=12)
     for c in found["choices"]:
         tried = found["tried"][str(c["kv_bytes"])]
-        assert all(r["kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9 for r in tried)
-        assert c["valid_perplexity"] == round(min(r["perplexity"] for r in tried), 4)
+        fitting = [r for r in tried if r["kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9]
+        assert [r["fits"] for r in tried] == [r in fitting for r in tried]
+        assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
+        assert c["valid_perplexity"] == round(min(r["perplexity"] for r in fitting), 4)
         assert {r["score"] for r in tried} == {"h2o", "observed"} and {r["alloc"] for r in tried} == {"head", "ada"}
 
 

@@ -146,16 +146,15 @@ def search(model, text: str | Path, fractions: list[float], *, chunks: int = 2, 
     progress(f"dense: {out['dense_perplexity']}")
     for fraction in fractions:
         rows = [run(c) for c in stage1(fraction, context, head_dim)]
-        rows = [r for r in rows if r["kv_bytes_vs_fp16"] <= fraction + 1e-9]
-        best = sorted(rows, key=lambda r: r["perplexity"])[:1]
-        for b in best:
-            for alloc, score in (("ada", "h2o"), ("head", "observed"), ("ada", "observed")):
-                if b["kv"] < 1:
-                    r = run({**{k: b[k] for k in ("kv", "key_bits", "value_bits", "group", "value_group")},
-                             "alloc": alloc, "score": score})
-                    if r["kv_bytes_vs_fp16"] <= fraction + 1e-9:
-                        rows.append(r)
-        winner = min(rows, key=lambda r: r["perplexity"])
+        fits = [r for r in rows if r["kv_bytes_vs_fp16"] <= fraction + 1e-9]
+        for b in sorted(fits, key=lambda r: r["perplexity"])[:1]:
+            if b["kv"] < 1:
+                for alloc, score in (("ada", "h2o"), ("head", "observed"), ("ada", "observed")):
+                    rows.append(run({**{k: b[k] for k in ("kv", "key_bits", "value_bits", "group", "value_group")},
+                                     "alloc": alloc, "score": score}))
+        for r in rows:  # every row tried is recorded; only those within F can win
+            r["fits"] = r["kv_bytes_vs_fp16"] <= fraction + 1e-9
+        winner = min((r for r in rows if r["fits"]), key=lambda r: r["perplexity"])
         out["tried"][str(fraction)] = rows
         out["choices"].append({"kv_bytes": fraction, "recipe": winner["recipe"],
                                "valid_perplexity": round(winner["perplexity"], 4),
