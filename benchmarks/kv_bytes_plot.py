@@ -37,6 +37,9 @@ def plot(ours: Path, peers: Path, png: Path) -> None:
 
     rows = json.loads(ours.read_text())["rows"]
     dense = rows.get("dense", {}).get("perplexity")
+    quant = ours.with_name("kv-quant.json")
+    if dense is None and quant.is_file():  # our dense on the same chunks (kv-quant.json, test)
+        dense = json.loads(quant.read_text())["runs"].get("test", {}).get("dense", {}).get("perplexity")
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for (label, pts), marker in zip(series(ours).items(), ("o-", "s-", "^-"), strict=False):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"ours: {label}")
@@ -50,6 +53,14 @@ def plot(ours: Path, peers: Path, png: Path) -> None:
         ax.axhline(dense, color="grey", lw=0.8, ls="--", label=f"dense {dense:.3f}")
         for share, ls in ((0.005, ":"), (0.03, "-."), (0.07, (0, (1, 4)))):
             ax.axhline(dense * (1 + share), color="grey", lw=0.5, ls=ls, label=f"dense +{share:.1%}")
+    if dense:  # points far above (quanto 2 bits: 56) are off the panel, named in the title
+        top = dense * 1.3
+        off = [f"{r['peer']} {r['press']} {r['perplexity']:.1f}" for r in json.loads(peers.read_text())["rows"]
+               if r.get("split") == "test" and r["perplexity"] > top] if peers.is_file() else []
+        ax.set_ylim(dense * 0.99, top)
+        if off:
+            ax.text(0.99, 0.99, "off the panel: " + "; ".join(off), transform=ax.transAxes, ha="right", va="top",
+                    fontsize=6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("cost.kv_bytes_vs_fp16 (K/V bytes of the context read, vs the fp16 cache)")
     ax.set_ylabel("WikiText-2 test perplexity (8 chunks, continue 1536 + 512)")
