@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--shared", action="store_true", help="test: prefill each chunk once per score= and evict/pack "
                    "copies (calibrate/kv_bytes.evaluate: the real stages) instead of run_task per recipe")
     p.add_argument("--out", type=Path, help="test: the JSON (default results/kv-bytes.json)")
+    p.add_argument("--pairs", help="search: K:V bit pairs, e.g. 4:3,4:4 (default: calibrate/kv_bytes.BIT_PAIRS)")
+    p.add_argument("--groups", help="search: key groups, e.g. 64,128 (default 32,64,128)")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.mode == "plot":
@@ -58,7 +60,14 @@ def main() -> None:
     meta = {"model": "smollm2-135m", "protocol": "continue", "context": 1536, "continuation": 512,
             "machine": machine(), "threads": threads}
     if a.mode == "search":
+        from dynaprune.calibrate import kv_bytes as searcher
         from dynaprune.calibrate.kv_bytes import search
+
+        if a.pairs:  # a narrower search (a rerun on a loaded machine): K:V bit pairs, groups
+            pairs = tuple(tuple(int(x) for x in p.split(":")) for p in a.pairs.split(","))
+            searcher.BIT_PAIRS = {f: pairs for f in searcher.BIT_PAIRS}
+        if a.groups:
+            searcher.GROUPS = tuple(int(g) for g in a.groups.split(","))
 
         found = search(model, DATA / "valid.txt", a.fractions, chunks=a.chunks or 2, progress=progress)
         meta.update(split="valid", command=command, seconds=round(time.perf_counter() - t0, 1), load=load_average())
