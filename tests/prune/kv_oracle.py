@@ -9,9 +9,9 @@ from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.runtime.attention import RunContext
 
 
-def tiny_llama(layers: int = 3) -> Llama:
+def tiny_llama(layers: int = 3, max_positions: int = 128) -> Llama:
     cfg = LlamaConfig(vocab=60, hidden=48, layers=layers, heads=6, kv_heads=2, head_dim=8, intermediate=64,
-                      max_positions=128)
+                      max_positions=max_positions)
     torch.manual_seed(0)
     model = Llama(cfg)
     with torch.no_grad():

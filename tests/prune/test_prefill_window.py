@@ -6,36 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_oracle import QKOracle
+from kv_oracle import tiny_llama as _tiny_llama
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.llama import Llama, LlamaConfig
+from dynaprune.models.llama import Llama
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.techniques.prefill_window import prefill_choices, resolve_prefill
-from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.pruning import make_context
 
 
 def tiny_llama(layers: int = 4) -> Llama:
-    cfg = LlamaConfig(vocab=60, hidden=48, layers=layers, heads=6, kv_heads=2, head_dim=8, intermediate=64,
-                      max_positions=256)
-    torch.manual_seed(0)
-    model = Llama(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+    return _tiny_llama(layers, max_positions=256)
 
 
-class KeepQK(RunContext):
-    """Dense run that keeps each layer's q and k (after RoPE)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
-        self.qk[layer] = (q.clone(), k.clone())
-        return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
+KeepQK = QKOracle  # a dense run that keeps each layer's q and k (after RoPE)
 
 
 def expected_kept(q, k, window, sinks, pool, keep) -> list[int]:

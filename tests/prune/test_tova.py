@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_oracle import tiny_llama
 
 from dynaprune.errors import DynapruneError
-from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.recipe import Recipe
 from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.pruning import PruningContext, make_context
-
-
-def tiny_llama() -> Llama:
-    cfg = LlamaConfig(vocab=60, hidden=48, layers=3, heads=6, kv_heads=2, head_dim=8, intermediate=64,
-                      max_positions=128)
-    torch.manual_seed(0)
-    model = Llama(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
 
 
 def last_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
