@@ -16,19 +16,16 @@ a different float order than the real per-layer path: the chosen configs are rer
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import load_average, machine, setup_threads
 from benchmarks.kv_quant import via_run_task
+from dynaprune.calibrate import kv_bytes
 from dynaprune.io import write_json_atomic
-from dynaprune.runtime.pruning import make_context
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 OUT = Path(__file__).resolve().parent / "results" / "kv-evict.json"
@@ -52,37 +49,15 @@ def prefill_chunks(model, path: Path, context: int, continuation: int, chunks: i
     from dynaprune.eval.lm import read_tokens
 
     ids = torch.tensor(read_tokens(model, path, None))
-    size = context + continuation
-    out = []
-    with torch.inference_mode():
-        for i in range(0, min(len(ids) - size + 1, chunks * size), size):
-            piece = ids[i:i + size]
-            cache = model.new_cache(1, size)
-            ctx = make_context(f"kv_tokens={context},score={scorer},kv_alloc=head", model)
-            last = model(piece[None, :context], cache=cache, ctx=ctx, last_only=True)[0]
-            out.append((cache, _kv_stage(ctx).scores, last, piece[context:]))
-    return out
-
-
-def _kv_stage(ctx):
-    return next(s for s in ctx.stages if s.name == "kv")
+    return kv_bytes.prefill_chunks(model, ids, context, continuation, chunks, scorer)
 
 
 def shared_prefill(model, prefilled: list[tuple], recipe: str) -> dict:
-    """One config over every chunk, from copies of the prefilled caches and scorer states."""
-    nll, tokens, kept, held = 0.0, 0, 0, 0
-    with torch.inference_mode():
-        for cache, state, last, cont in prefilled:
-            ctx, c = make_context(recipe, model), copy.deepcopy(cache)
-            _kv_stage(ctx).scores = copy.deepcopy(state)
-            ctx.begin_forward(c)
-            ctx.end_forward(c)  # the prompt's end of forward: eviction
-            held += c.bytes_held(fp_bytes=2)
-            kept += c.dense_fp16_bytes()
-            rest = model(cont[None, :-1], cache=c)[0]  # dense attention over the evicted cache
-            nll += float(F.cross_entropy(torch.cat([last, rest]).float(), cont, reduction="sum"))
-            tokens += len(cont)
-    return {"perplexity": math.exp(nll / tokens), "kv_bytes_kept_vs_fp16": held / kept, "path": "shared prefill"}
+    """One config over every chunk, from copies of the prefilled caches and scorer states (the same
+    evaluation as ``dynaprune tune``'s search: ``calibrate/kv_bytes.evaluate``)."""
+    row = kv_bytes.evaluate(model, prefilled, recipe)
+    return {"perplexity": row["perplexity"], "kv_bytes_kept_vs_fp16": row["kv_bytes_vs_fp16"],
+            "path": "shared prefill"}
 
 
 def main() -> None:
