@@ -57,3 +57,28 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     with atomic_writer(path) as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
+
+
+@contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Fill a temporary sibling folder (yielded), then move it into place at ``out``. An existing ``out``
+    (an overwrite) stays until the new folder is complete and is restored if anything fails."""
+    import shutil
+
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old: Path | None = None
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint folder is as readable as any other
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name}")
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

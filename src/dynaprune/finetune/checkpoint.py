@@ -11,13 +11,12 @@ lower-casing, so ``dynaprune.load`` tokenizes as during training)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from dynaprune.errors import DynapruneError
+from dynaprune.io import atomic_folder
 from dynaprune.models.bert_classifier import MEAN_POOLING_NOTE, hf_state
 
 
@@ -73,9 +72,7 @@ def save_classifier(model, out: str | Path, *, overwrite: bool = False, training
     if getattr(model, "head", None) is None:
         raise DynapruneError(f"{model.name} has no classification head to save")
     out = check_output_folder(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old: Path | None = None
-    try:
+    with atomic_folder(out) as tmp:
         save_file(hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model, training), indent=2) + "\n")
         head = model.head
@@ -85,16 +82,4 @@ def save_classifier(model, out: str | Path, *, overwrite: bool = False, training
             {"max_seq_length": model.max_seq_length, "do_lower_case": model.lowercase}, indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint folder is as readable as any other
-        if out.exists():  # --overwrite: the old folder stays until the new one is complete
-            old = out.with_name(f".{out.name}.old-{tmp.name}")
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out

@@ -8,14 +8,13 @@ the smaller model and refuses tensors that disagree with it."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from dynaprune.errors import DynapruneError
+from dynaprune.io import atomic_folder
 from dynaprune.static.shapes import FFN_KEY, HEADS_KEY, RECORD_KEY
 from dynaprune.static.structured import adapter
 
@@ -122,9 +121,7 @@ def save_pruned(model, out: str | Path, record: dict, *, overwrite: bool = False
     config[HEADS_KEY] = [arch.heads(i) for i in range(arch.n_layers)]
     config[FFN_KEY] = [arch.ffn_width(i) for i in range(arch.n_layers)]
     config[RECORD_KEY] = record
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old: Path | None = None
-    try:
+    with atomic_folder(out) as tmp:
         tensors = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -132,16 +129,4 @@ def save_pruned(model, out: str | Path, record: dict, *, overwrite: bool = False
             model.tokenizer.save_pretrained(str(tmp))
         if arch.kind == "bert":
             _sentence_transformers_files(model, tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name}")
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
