@@ -130,3 +130,45 @@ def test_cli_bad_prefill_input_is_one_line_and_exit_2(dynaprune_cli, smollm2_pat
                                "--max-examples", "1", "--recipe", recipe)
     assert code == 2 and "Traceback" not in text and key in text
     assert len([line for line in text.splitlines() if line.startswith("error")]) == 1
+
+
+def test_schedule_cascades_two_selections_like_brute_force():
+    """prefill_schedule=1:0.6/2:0.3: layer 1 selects exactly as the brute force does on the dense run;
+    layer 2 then keeps 0.3 of the whole prompt, from layer 1's survivors, sinks and window included."""
+    model = tiny_llama()
+    ids = torch.randint(0, 60, (1, 40), generator=torch.Generator().manual_seed(11))
+    recipe = "prefill_schedule=1:0.6/2:0.3,prefill_window=4,prefill_sinks=2,prefill_pool=3"
+    ctx = make_context(recipe, model)
+    cache = model.new_cache(1, 64)
+    model(ids, cache=cache, ctx=ctx, last_only=True)
+    oracle = KeepQK()
+    with torch.no_grad():
+        model(ids, ctx=oracle)
+    first = expected_kept(*oracle.qk[1], 4, 2, 3, 0.6)
+    assert cache.cached_positions(2)[0].tolist() == first
+    held = cache.cached_positions(3)[0].tolist()
+    assert len(held) == int(0.3 * 40 + 0.5) and set(held) <= set(first)
+    assert set(held) >= {0, 1, *range(36, 40)}  # sinks and window survive both selections
+    assert ctx.summary()["prefill"]["schedule"] == ((1, 0.6), (2, 0.3))
+    assert [ctx.layer_stats[i].tokens_in for i in range(4)] == [40, 40, len(first), len(held)]
+
+
+@pytest.mark.parametrize("recipe,key", [
+    ("prefill_schedule=2:0.5/1:0.3", "prefill_schedule"),
+    ("prefill_schedule=1:0.3/2:0.5", "prefill_schedule"),
+    ("prefill_schedule=1:0.5,prefill_keep=0.5", "prefill_schedule"),
+])
+def test_bad_schedules_name_their_key(recipe, key):
+    with pytest.raises(DynapruneError, match=key):
+        Recipe.parse(recipe)
+
+
+def test_one_point_schedule_is_prefill_keep():
+    model = tiny_llama()
+    ids = torch.randint(0, 60, (1, 40), generator=torch.Generator().manual_seed(12))
+    outs = []
+    for recipe in ("prefill_keep=0.5,prefill_layer=1,prefill_window=4", "prefill_schedule=1:0.5,prefill_window=4"):
+        cache = model.new_cache(1, 48)
+        outs.append((model(ids, cache=cache, ctx=make_context(recipe, model), last_only=True),
+                     [cache.cached_positions(i)[0].tolist() for i in range(4)]))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]

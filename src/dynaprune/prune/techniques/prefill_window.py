@@ -1,5 +1,6 @@
 """Prefill token selection from one layer's observation window: ``prefill_keep`` / ``prefill_layer`` /
-``prefill_window`` / ``prefill_sinks`` / ``prefill_pool``, or ``prefill=F`` (a shipped choice).
+``prefill_window`` / ``prefill_sinks`` / ``prefill_pool``, or ``prefill=F`` (a shipped choice), or a
+cascade of such selections, ``prefill_schedule=I:F/J:G`` (after layer I, F of the prompt is alive).
 
 Layers ``0 .. s`` (s = ``prefill_layer``) run on the whole prompt with SDPA's fused kernel; layer s also
 computes the attention of the last ``w`` prompt queries (SnapKV's observation window, Li et al. 2024,
@@ -10,6 +11,10 @@ layer's last-query attention the same way); layers s+1 .. end run on the survivo
 states carried all context through layers 0 .. s). The KV cache holds, per layer, the tokens that layer
 computed: every prompt token up to layer s (LazyLLM, Fu et al. 2024: early layers keep pruned tokens'
 K/V), the survivors after it. Decode steps are never pruned.
+
+A schedule repeats the selection at several layers, each from its own window attention over the
+survivors (SpAtten's cascade, Sec. 3.1, with a window score: a token leaves every later layer), so the
+deep layers, whose K/V the continuation reads least, run on the fewest tokens.
 
 ``prefill=F`` means "the best prefill selection we ship at about F of the dense prefill FLOPs": the
 point of ``prefill_choices.json`` (chosen on WikiText-2 valid, ``benchmarks/prefill.py``) with the
@@ -64,6 +69,17 @@ def _pool(key: str, value) -> int:
     return value
 
 
+def _cascade(key: str, points) -> K.Schedule:
+    """A schedule whose layers increase and whose shares alive do not grow (tokens never come back)."""
+    points = K.schedule(key, points)
+    for (l0, f0), (l1, f1) in zip(points, points[1:], strict=False):
+        if l1 <= l0:
+            raise K.err(key, f"layers must increase, got {l0} then {l1}")
+        if f1 > f0:
+            raise K.err(key, f"the share alive cannot grow (a pruned token is gone), got {f0:g} then {f1:g}")
+    return points
+
+
 @dataclass(frozen=True)
 class PrefillSelection(Technique):
     """``prefill=F``, or ``prefill_keep`` (share of the prompt kept after layer ``prefill_layer``) with
@@ -76,6 +92,7 @@ class PrefillSelection(Technique):
     prefill_window: int | None = None
     prefill_sinks: int | None = None
     prefill_pool: int | None = None
+    prefill_schedule: K.Schedule | None = None
 
     role = "tokens"
     keys = (
@@ -85,36 +102,47 @@ class PrefillSelection(Technique):
         K.Key("prefill_window", K.parse_int, _window_size),
         K.Key("prefill_sinks", K.parse_int, K.at_least(0, integer=True)),
         K.Key("prefill_pool", K.parse_int, _pool),
+        K.Key("prefill_schedule", K.parse_schedule, _cascade, json="schedule"),
     )
 
     def check(self) -> None:
-        knobs = ("prefill_keep", "prefill_layer", "prefill_window", "prefill_sinks", "prefill_pool")
+        knobs = ("prefill_keep", "prefill_layer", "prefill_window", "prefill_sinks", "prefill_pool",
+                 "prefill_schedule")
+        given = next((n for n in knobs if getattr(self, n) is not None), None)
         if self.prefill is not None:
-            given = next((n for n in knobs if getattr(self, n) is not None), None)
             if given is not None:
                 raise K.err(given, "prefill=F picks every knob itself; set either prefill or the prefill_* keys")
             resolve_prefill(self.prefill)
-        elif self.prefill_keep is None:
-            given = next((n for n in knobs if getattr(self, n) is not None), None)
-            if given is not None:
-                raise K.err(given, "tunes the prefill selection; it needs prefill_keep (or use prefill=F)")
+        elif self.prefill_schedule is not None:
+            if self.prefill_keep is not None or self.prefill_layer is not None:
+                raise K.err("prefill_schedule", "set either prefill_schedule or prefill_keep/prefill_layer")
+        elif self.prefill_keep is None and given is not None:
+            raise K.err(given, "tunes the prefill selection; it needs prefill_keep (or use prefill=F)")
 
     def settings(self, n_layers: int) -> dict:
-        """The knobs this run uses: layer, keep, window, sinks, pool (``prefill=F`` resolved)."""
+        """The knobs this run uses: schedule ((layer, share alive after it), ...), window, sinks, pool;
+        ``layer`` and ``keep`` are the schedule's first point (``prefill=F`` resolved)."""
         if self.prefill is not None:
             c = resolve_prefill(self.prefill)
-            return {k: c[k] for k in ("layer", "keep", "window", "sinks", "pool")}
-        layer = self.prefill_layer if self.prefill_layer is not None else n_layers // 3
-        return {"layer": layer, "keep": self.prefill_keep,
-                "window": self.prefill_window or DEFAULT_WINDOW,
-                "sinks": DEFAULT_SINKS if self.prefill_sinks is None else self.prefill_sinks,
-                "pool": self.prefill_pool or DEFAULT_POOL}
+            schedule = tuple(map(tuple, c["schedule"])) if "schedule" in c else ((c["layer"], c["keep"]),)
+            s = {k: c[k] for k in ("window", "sinks", "pool")}
+        else:
+            if self.prefill_schedule is not None:
+                schedule = self.prefill_schedule
+            else:
+                layer = self.prefill_layer if self.prefill_layer is not None else n_layers // 3
+                schedule = ((layer, self.prefill_keep),)
+            s = {"window": self.prefill_window or DEFAULT_WINDOW,
+                 "sinks": DEFAULT_SINKS if self.prefill_sinks is None else self.prefill_sinks,
+                 "pool": self.prefill_pool or DEFAULT_POOL}
+        return {"layer": schedule[0][0], "keep": schedule[0][1], "schedule": schedule, **s}
 
     def validate_for(self, n_layers, n_heads, n_kv_heads, context_len) -> None:
-        layer = self.settings(n_layers)["layer"]
+        layer = self.settings(n_layers)["schedule"][-1][0]
         if layer >= n_layers:
-            raise K.err("prefill_layer" if self.prefill is None else "prefill",
-                        f"selection layer {layer} is outside the model (layers 0..{n_layers - 1})")
+            key = "prefill" if self.prefill is not None else (
+                "prefill_schedule" if self.prefill_schedule is not None else "prefill_layer")
+            raise K.err(key, f"selection layer {layer} is outside the model (layers 0..{n_layers - 1})")
         if context_len is not None:
             _check_prompt(self, self.settings(n_layers), context_len)
 
@@ -139,14 +167,16 @@ class PrefillSelectionStage(Stage):
     def __init__(self, technique: PrefillSelection, run) -> None:
         super().__init__(technique, run)
         self.settings = technique.settings(run.shape.layers)
+        self.share_alive = dict(self.settings["schedule"])  # selection layer -> share of the prompt alive
         self.window_scores: torch.Tensor | None = None  # (B, L) of the selection layer, until it is used
+        self.prompt_real: torch.Tensor | None = None  # (B,) real prompt tokens, at the first selection
         self.prompt_tokens = 0
         self.tokens_kept = 0
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         s = self.settings
-        if self.run.prefilled or layer != s["layer"] or q.shape[2] != k.shape[2]:
-            return  # only the prompt's forward, only the selection layer
+        if self.run.prefilled or layer not in self.share_alive or q.shape[2] != k.shape[2]:
+            return  # only the prompt's forward, only the selection layers
         length = q.shape[2] if key_padding_mask is None else int(key_padding_mask.sum(-1).min())
         _check_prompt(self.technique, s, length)
         mask = key_padding_mask if key_padding_mask is not None and key_padding_mask.dim() == 2 else None
@@ -156,17 +186,21 @@ class PrefillSelectionStage(Stage):
         c["window_pairs"] = c.get("window_pairs", 0) + q.shape[0] * q.shape[1] * s["window"] * k.shape[2]
 
     def between_layers(self, layer, hidden, keep):
-        if self.window_scores is None or layer != self.settings["layer"]:
+        if self.window_scores is None or layer not in self.share_alive:
             return hidden, keep
         scores, self.window_scores = self.window_scores, None
         valid = keep.get("mask")
         if valid is None:
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         real = valid.sum(-1)
-        target = K.keep_counts(self.settings["keep"], real.cpu()).to(hidden.device)
+        if self.prompt_real is None:
+            self.prompt_real = real.cpu()
+        # shares are of the whole prompt; a later point never asks for more than is alive
+        target = torch.minimum(K.keep_counts(self.share_alive[layer], self.prompt_real), real.cpu())
+        target = target.to(hidden.device)
         protected = edge_token_mask(valid, first=self.settings["sinks"], last=self.settings["window"])
         selection = select_tokens_to_keep(scores, target, protected, valid)
-        self.prompt_tokens, self.tokens_kept = int(real.sum()), int(selection.mask.sum())
+        self.prompt_tokens, self.tokens_kept = int(self.prompt_real.sum()), int(selection.mask.sum())
         if self.run.trace_calls:
             self.run.trace_calls[-1]["topk"] = int(selection.mask[0].sum())
         hidden = gather_tokens(hidden, selection.index)
