@@ -51,6 +51,21 @@ class CostShape:
     ffn_matrices: int  # 2 for a plain MLP, 3 for a gated (SwiGLU) MLP
     causal: bool
     vocab: int = 0  # LM-head outputs (0: no head, as in our encoders)
+    # a statically pruned checkpoint (static/shapes.py): query heads / FFN width of each layer; None = uniform
+    layer_heads: tuple[int, ...] | None = None
+    layer_ffn: tuple[int, ...] | None = None
+
+    def heads_of(self, layer: int) -> int:
+        return self.heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def ffn_of(self, layer: int) -> int:
+        return self.ffn if self.layer_ffn is None else self.layer_ffn[layer]
+
+    def kv_heads_of(self, layer: int) -> int:
+        """Multi-head attention (BERT) loses a pruned head's K and V too; grouped-query (Llama) keeps them."""
+        if self.layer_heads is not None and self.kv_heads == self.heads:
+            return self.layer_heads[layer]
+        return self.kv_heads
 
 
 def _first(cfg, *names: str) -> int:
@@ -79,6 +94,7 @@ def cost_shape(model) -> CostShape:
         ffn = _first(cfg, "intermediate", "intermediate_size", "ffn", "n_inner", "ffn_dim", "ffn_hidden")
     except AttributeError:
         ffn = 4 * hidden
+    layer_heads, layer_ffn = getattr(cfg, "layer_heads", None), getattr(cfg, "layer_intermediate", None)
     return CostShape(
         layers=_first(cfg, "layers", "n_layers", "num_layers", "num_hidden_layers", "n_layer"),
         hidden=hidden,
@@ -89,6 +105,8 @@ def cost_shape(model) -> CostShape:
         ffn_matrices=3 if gated else 2,
         causal="bert" not in kind,
         vocab=_first(cfg, "vocab", "vocab_size", "n_vocab") if hasattr(model, "generate") else 0,
+        layer_heads=tuple(int(h) for h in layer_heads) if layer_heads is not None else None,
+        layer_ffn=tuple(int(f) for f in layer_ffn) if layer_ffn is not None else None,
     )
 
 
@@ -98,20 +116,18 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
     ``cached`` gives, per sequence, keys already in a KV cache that the new tokens also attend to.
     """
     cached = cached or [0] * len(lengths)
-    qdim, kvdim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     tokens = sum(lengths)
     if shape.causal:
         pairs = sum(n * (n + 1) // 2 + n * c for n, c in zip(lengths, cached, strict=True))
     else:
         pairs = sum(n * n for n in lengths)
-    per_layer = {
-        "proj_qkvo": 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim),
-        "attn_qk_int": 0,  # HDP's integer pass: none in a dense run
-        "attn_qk": 2 * qdim * pairs,
-        "attn_pv": 2 * qdim * pairs,
-        "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
-    }
-    flops = {k: v * shape.layers for k, v in per_layer.items()}
+    flops = {"proj_qkvo": 0, "attn_qk_int": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
+    for layer in range(shape.layers):  # per layer: a statically pruned model's widths differ
+        qdim, kvdim = shape.heads_of(layer) * shape.head_dim, shape.kv_heads_of(layer) * shape.head_dim
+        flops["proj_qkvo"] += 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim)
+        flops["attn_qk"] += 2 * qdim * pairs
+        flops["attn_pv"] += 2 * qdim * pairs
+        flops["ffn"] += 2 * tokens * shape.hidden * shape.ffn_of(layer) * shape.ffn_matrices
     flops["lm_head"] = 2 * tokens * shape.hidden * shape.vocab  # every position's logits
     flops["token_merge"] = 0
     flops["total"] = sum(flops.values())
@@ -120,19 +136,20 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
         "shape": asdict(shape),
         "tokens": tokens,
         "dense_flops": flops,
-        "dense_kv_bytes_fp16": 2 * 2 * shape.layers * kv_tokens * kvdim,
+        "dense_kv_bytes_fp16": 2 * 2 * kv_tokens * shape.head_dim * sum(map(shape.kv_heads_of, range(shape.layers))),
     }
 
 
 def _flops(shape: CostShape, tokens: int, head_pairs: int, q_head_tokens: int, kv_head_tokens: int,
-           int_head_pairs: int = 0, pv_head_pairs: int | None = None) -> dict[str, int]:
-    """``q_head_tokens`` / ``kv_head_tokens``: tokens x query (KV) heads whose projections ran."""
+           int_head_pairs: int = 0, pv_head_pairs: int | None = None, layer: int = 0) -> dict[str, int]:
+    """``q_head_tokens`` / ``kv_head_tokens``: tokens x query (KV) heads whose projections ran; ``layer``
+    picks the FFN width of a statically pruned model."""
     return {
         "proj_qkvo": 2 * shape.hidden * shape.head_dim * (2 * q_head_tokens + 2 * kv_head_tokens),
         "attn_qk_int": 2 * shape.head_dim * int_head_pairs,
         "attn_qk": 2 * shape.head_dim * head_pairs,
         "attn_pv": 2 * shape.head_dim * (head_pairs if pv_head_pairs is None else pv_head_pairs),
-        "ffn": 2 * tokens * shape.hidden * shape.ffn * shape.ffn_matrices,
+        "ffn": 2 * tokens * shape.hidden * shape.ffn_of(layer) * shape.ffn_matrices,
     }
 
 
@@ -153,7 +170,6 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
     the useful (modelled under HDP) and computed views.
     """
     layers = range(shape.layers)
-    kv_row_bytes = 2 * 2 * shape.kv_heads * shape.head_dim  # K and V of one token, fp16
     head_flops = 2 * shape.hidden * shape.vocab  # per position
 
     def totals(counter: WorkCounter, replicate_first: bool) -> dict:
@@ -164,18 +180,19 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
             tokens = counter.tokens.get(src, 0)
             int_pairs = 0
             if replicate_first:  # the dense reference: layer 0 as if no K/V had been evicted, every head
-                head_pairs = counter.dense_pairs.get(0, 0) * shape.heads
+                head_pairs = counter.dense_pairs.get(0, 0) * shape.heads_of(layer)
                 keys = counter.dense_keys.get(0, 0)
-                q_head_tokens, kv_head_tokens = tokens * shape.heads, tokens * shape.kv_heads
+                q_head_tokens, kv_head_tokens = tokens * shape.heads_of(layer), tokens * shape.kv_heads_of(layer)
             else:
                 head_pairs, keys = counter.head_pairs.get(src, 0), counter.keys.get(src, 0)
                 int_pairs = counter.int_head_pairs.get(src, 0)
                 # pruned heads skip their projections; a counter without these figures ran every head
-                q_head_tokens = counter.q_head_tokens.get(src, tokens * shape.heads)
-                kv_head_tokens = counter.kv_head_tokens.get(src, tokens * shape.kv_heads)
-            for key, value in _flops(shape, tokens, head_pairs, q_head_tokens, kv_head_tokens, int_pairs).items():
+                q_head_tokens = counter.q_head_tokens.get(src, tokens * shape.heads_of(layer))
+                kv_head_tokens = counter.kv_head_tokens.get(src, tokens * shape.kv_heads_of(layer))
+            for key, value in _flops(shape, tokens, head_pairs, q_head_tokens, kv_head_tokens, int_pairs,
+                                     layer=layer).items():
                 flops[key] += value
-            kv_bytes += keys * kv_row_bytes
+            kv_bytes += keys * 2 * 2 * shape.kv_heads_of(layer) * shape.head_dim  # K and V of one token, fp16
         head_tokens = counter.lm_head_tokens_dense if replicate_first else counter.lm_head_tokens
         flops["lm_head"] = head_flops * head_tokens
         flops["token_merge"] = 0 if replicate_first else sum(counter.merge_flops.values())
@@ -217,7 +234,7 @@ def _computed_flops(shape: CostShape, work: WorkCounter) -> dict[str, int]:
     for layer in range(shape.layers):
         part = _flops(shape, work.tokens_computed.get(layer, 0), work.qk_head_pairs_computed.get(layer, 0),
                       work.q_head_tokens_computed.get(layer, 0), work.kv_head_tokens_computed.get(layer, 0),
-                      pv_head_pairs=work.pv_head_pairs_computed.get(layer, 0))
+                      pv_head_pairs=work.pv_head_pairs_computed.get(layer, 0), layer=layer)
         for key, value in part.items():
             flops[key] += value
     flops["lm_head"] = 2 * shape.hidden * shape.vocab * work.lm_head_tokens_computed

@@ -238,7 +238,7 @@ class PruningContext(RunContext):
                 dense_pairs = int(windowed_pairs(seen, torch.full_like(seen, tokens // B), window).sum())
         self.work.heads = n_heads
         plan, self._plan_given = self._plan_given, None  # what the model projected through, if anything
-        kv_computed = plan.kv_computed if plan is not None else self.shape.kv_heads
+        kv_computed = plan.kv_computed if plan is not None else self.shape.kv_heads_of(layer)
         projected = plan.projected.numel() if plan is not None else n_heads
         self.work.add(layer, tokens, pairs, computed, keys, dense_pairs, dense_keys, head_pairs,
                       kv_heads_computed=kv_computed, projected_heads=projected, int_head_pairs=call.int_pairs)
