@@ -40,8 +40,8 @@ def _brute_force_groups(x: torch.Tensor, bits: int, group: int):
         out, sc = [], []
         for j, value in enumerate(row):
             s, z = scale[r][j // group], zero[r][j // group]
-            lo = min(row[(j // group) * group:(j // group + 1) * group])
-            hi = max(row[(j // group) * group:(j // group + 1) * group])
+            lo = min(row[(j // group) * group : (j // group + 1) * group])
+            hi = max(row[(j // group) * group : (j // group + 1) * group])
             assert z <= lo and z + qmax * s >= hi - 1e-6 * abs(hi)  # no element needs a clipped code
             code = min(qmax, max(0, round((value - z) / s))) if s > 0 else 0
             out.append(code * s + z)
@@ -107,12 +107,12 @@ def test_keys_are_per_channel_values_per_token() -> None:
     k = quantize_keys(x, 4, 32)
     assert k.scale.shape == (1, 1, 2, 64)  # 2 blocks of 32 tokens x 64 channels
     # the outlier channel 5 gets its own wide scale; the other channels stay fine
-    assert float(k.scale[..., 5].float().min()) > 5 * float(k.scale[..., 6].float().max())
+    assert float(k.scale.float()[..., 5].min()) > 5 * float(k.scale.float()[..., 6].max())
     v = quantize_values(x, 4, 32)
     assert v.scale.shape == (1, 1, 64, 2)
     # per channel the keys' error is bounded by that channel's scale, not the outlier's
     kq, _ = fake_quantize_kv(x, x, KVQuantSpec(4, 4, 32, 32))
-    assert float((kq - x)[..., 6].abs().max()) <= float(k.scale[..., 6].float().max()) / 2 * 1.001
+    assert float((kq - x)[..., 6].abs().max()) <= float(k.scale.float()[..., 6].max()) / 2 * 1.001
     assert torch.equal(kq, dequantize_keys(k, 64))
 
 

@@ -23,8 +23,9 @@ class _CharTokenizer:
 @pytest.fixture(scope="module")
 def model() -> Llama:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=48,
-                      max_positions=256)
+    cfg = LlamaConfig(
+        vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=48, max_positions=256
+    )
     return Llama(cfg, tokenizer=_CharTokenizer(), name="tiny").eval()
 
 
@@ -40,16 +41,19 @@ def test_keys_round_trip_and_compose() -> None:
     assert (over.techniques[0].key_bits, over.techniques[0].value_bits) == (8, 4)
 
 
-@pytest.mark.parametrize("recipe, key, words", [
-    ("kv_bits=0", "kv_bits", "outside 1..16"),
-    ("kv_bits=17", "kv_bits", "outside 1..16"),
-    ("kv_bits=four", "kv_bits", "not an integer"),
-    ("kv_key_bits=20,kv_value_bits=4", "kv_key_bits", "outside 1..16"),
-    ("kv_bits=4,kv_group=0", "kv_group", "below the minimum"),
-    ("kv_group=64", "kv_group", "needs kv_bits"),
-    ("kv_key_bits=4", "kv_key_bits", "needs kv_bits"),
-    ("kv_bits=4,kv_residual=-1", "kv_residual", "below the minimum"),
-])
+@pytest.mark.parametrize(
+    "recipe, key, words",
+    [
+        ("kv_bits=0", "kv_bits", "outside 1..16"),
+        ("kv_bits=17", "kv_bits", "outside 1..16"),
+        ("kv_bits=four", "kv_bits", "not an integer"),
+        ("kv_key_bits=20,kv_value_bits=4", "kv_key_bits", "outside 1..16"),
+        ("kv_bits=4,kv_group=0", "kv_group", "below the minimum"),
+        ("kv_group=64", "kv_group", "needs kv_bits"),
+        ("kv_key_bits=4", "kv_key_bits", "needs kv_bits"),
+        ("kv_bits=4,kv_residual=-1", "kv_residual", "below the minimum"),
+    ],
+)
 def test_bad_keys_name_the_key(recipe: str, key: str, words: str) -> None:
     with pytest.raises(DynapruneError, match=rf"recipe key '{key}': .*{words}"):
         Recipe.parse(recipe)
@@ -98,12 +102,53 @@ def test_stream_under_budget_and_bits_counts_bytes_per_step(model: Llama, tmp_pa
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    out = run_task("tiny", "lm", data=text, protocol="stream", stream_tokens=80, max_examples=2,
-                   recipe="kv_tokens=40,kv_bits=8,kv_group=16", model=model)
-    fp = run_task("tiny", "lm", data=text, protocol="stream", stream_tokens=80, max_examples=2,
-                  recipe="kv_tokens=40", model=model)
+    out = run_task(
+        "tiny",
+        "lm",
+        data=text,
+        protocol="stream",
+        stream_tokens=80,
+        max_examples=2,
+        recipe="kv_tokens=40,kv_bits=8,kv_group=16",
+        model=model,
+    )
+    fp = run_task(
+        "tiny", "lm", data=text, protocol="stream", stream_tokens=80, max_examples=2, recipe="kv_tokens=40", model=model
+    )
     assert abs(out.metric["value"] - fp.metric["value"]) / fp.metric["value"] < 0.01  # 8 bits: ~no loss
     assert out.cost["kv_bytes_vs_fp16"] < fp.cost["kv_bytes_vs_fp16"] < 1.0
     # fp: step i (1..78) reads min(i, 40) tokens of the i a fp16 cache would hold
     steps = range(1, 79)
     assert fp.cost["kv_bytes_vs_fp16"] == pytest.approx(sum(min(i, 40) for i in steps) / sum(steps), abs=1e-12)
+
+
+def test_scale_bits_and_rotation_keys(model: Llama) -> None:
+    r = Recipe.parse("kv_rotate=k,kv_scale_bits=8,kv_bits=2,kv_group=16")
+    assert str(r) == "kv_bits=2,kv_group=16,kv_scale_bits=8,kv_rotate=k"
+    assert Recipe.parse(str(r)) == r
+    spec = r.techniques[0].spec(16)
+    assert (spec.scale_bits, spec.rotate) == (8, "k")
+    for bad, key in (("kv_bits=4,kv_scale_bits=4", "kv_scale_bits"), ("kv_bits=4,kv_rotate=q", "kv_rotate")):
+        with pytest.raises(DynapruneError, match=f"recipe key '{key}'"):
+            Recipe.parse(bad)
+
+
+def test_scale_bits_8_bytes_axis_hand_count(model: Llama) -> None:
+    """One forward of 48 tokens packs 48 (3 key groups of 16) at 2 bits, 8-bit scales, value groups of 16
+    (= head_dim): the next forward's read bytes are counted exactly."""
+    ctx = make_context("kv_bits=2,kv_group=16,kv_scale_bits=8,kv_rotate=kv", model)
+    cache = model.new_cache(1, 64)
+    ids = torch.randint(0, 64, (1, 49), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(ids[:, :48], cache=cache, ctx=ctx)
+        per_layer_head = (
+            48 * 16 * 2 // 8 * 2  # K and V codes
+            + 3 * 16 * 2
+            + 3 * 2 * 2 * 2  # keys: u8 scale+zero per channel per block, fp16 step+base
+            + 48 * 2
+            + 3 * 2 * 2 * 2
+        )  # values: u8 scale+zero per token, fp16 step+base per block
+        assert cache.bytes_held(fp_bytes=2) == 2 * 2 * per_layer_head  # 2 layers x 2 KV heads
+        model(ids[:, 48:], cache=cache, ctx=ctx)  # reads the packed context: the bytes axis
+    assert ctx.work.kv_read_bytes == 2 * 2 * per_layer_head
+    assert ctx.work.kv_read_bytes_dense == 2 * 2 * 48 * 16 * 2 * 2

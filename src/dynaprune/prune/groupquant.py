@@ -1,12 +1,13 @@
 """Group quantization of K and V for a packed KV cache (KIVI, Liu et al. 2024, Sec. 3).
 
 Asymmetric min/max quantization to B bits (1..16): a group of elements shares one scale and one
-zero-point, both stored in fp16; an element is stored as the code ``round((x - zero) / scale)`` in
+zero-point, stored in fp16 (or in 8 bits, ``prune/scalequant.py``; K and V may be Hadamard-rotated first,
+``prune/hadamard.py``); an element is stored as the code ``round((x - zero) / scale)`` in
 [0, 2^B - 1] and read back as ``code * scale + zero``. Keys are quantized PER CHANNEL (each channel's
 scale and zero over a group of G consecutive tokens: Llama keys have outlier channels, and a
 per-token group would spend its range on them) and values PER TOKEN (groups of G channels).
 
-The zero-point is rounded DOWN to fp16 and the scale UP (``_fp16_range``), so every element of a group
+The zero-point is rounded DOWN to fp16 and the scale UP (``scalequant.covering``), so every element of a group
 lies in [zero, zero + (2^B - 1) scale] with the fp16 values really stored: no code is clipped and the
 round-trip error of an element is at most scale / 2 (plus fp32 rounding), an exact bound.
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from dynaprune.errors import DynapruneError
+from dynaprune.prune.hadamard import rotate
+from dynaprune.prune.scalequant import Scales, check_scale_bits, covering
 
 MAX_BITS = 16
 
@@ -43,20 +46,6 @@ def check_group(group: int, length: int | None = None, what: str = "group") -> i
 
 
 # ---------------------------------------------------------------------- quantize / dequantize
-def _fp16_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, zero) with zero <= lo and zero + qmax * scale >= hi in the fp32 arithmetic of
-    ``dequantize_groups``: zero rounded down, scale rounded up (one fp16 step past nearest suffices)."""
-    qmax = (1 << bits) - 1
-    zero = lo.to(torch.float16)
-    zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, float("-inf"))), zero)
-    scale = ((hi - zero.float()) / qmax).to(torch.float16)
-    short = scale.float() * qmax + zero.float() < hi
-    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
-    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
-        raise DynapruneError("K/V values outside the fp16 range cannot be group-quantized")
-    return scale, zero
-
-
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (..., N) in groups of ``group`` consecutive elements of the last dim.
 
@@ -66,10 +55,8 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     check_group(group, x.shape[-1])
     g = x.float().unflatten(-1, (-1, group))
     lo, hi = g.amin(-1), g.amax(-1)
-    scale, zero = _fp16_range(lo, hi, bits)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()  # a constant group: every code 0
-    codes = torch.round((g - zero.float()[..., None]) / safe[..., None]).clamp_(0, (1 << bits) - 1)
-    return codes.to(torch.int32), scale, zero
+    scale, zero = covering(lo, hi, bits)
+    return _codes(g, scale.values.float(), zero.values.float(), bits), scale.values, zero.values
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -129,51 +116,78 @@ def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- K and V in cache layout
+ROTATIONS = ("", "k", "v", "kv")
+
+
 @dataclass(frozen=True)
 class KVQuantSpec:
     """How a packed cache stores K and V: bits of each, tokens per key group (per channel), channels per
-    value group (per token)."""
+    value group (per token); ``scale_bits`` 16 (fp16 scales and zero-points) or 8 (``prune/scalequant.py``);
+    ``rotate``: which of K / V are stored Hadamard-rotated (``prune/hadamard.py``): "", "k", "v" or "kv"."""
 
     key_bits: int
     value_bits: int
     key_group: int
     value_group: int
+    scale_bits: int = 16
+    rotate: str = ""
 
     def __post_init__(self) -> None:
         check_bits(self.key_bits, "key bits")
         check_bits(self.value_bits, "value bits")
         check_group(self.key_group, what="key group")
         check_group(self.value_group, what="value group")
+        check_scale_bits(self.scale_bits)
+        if self.rotate not in ROTATIONS:
+            raise DynapruneError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
 
 
 @dataclass
 class PackedGroups:
-    """Packed codes (uint8), fp16 scales and zero-points of a quantized K or V block.
+    """Packed codes (uint8), scales and zero-points (:class:`~dynaprune.prune.scalequant.Scales`) of a
+    quantized K or V block.
 
     Keys: codes (B, H, blocks, bytes of G x D codes), scale / zero (B, H, blocks, D), one block = G tokens.
     Values: codes (B, H, T, bytes of D codes), scale / zero (B, H, T, D / G)."""
 
     codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
+    scale: Scales
+    zero: Scales
     bits: int
     group: int
 
     @property
     def nbytes(self) -> int:
-        """Bytes really stored: codes + scales + zero-points."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        """Bytes really stored: codes + scales + zero-points (8-bit ones with their fp16 step and base)."""
+        return self.codes.numel() * self.codes.element_size() + self.scale.nbytes + self.zero.nbytes
+
+    def cat(self, other: PackedGroups, dim: int) -> PackedGroups:
+        return PackedGroups(
+            torch.cat([self.codes, other.codes], dim),
+            self.scale.cat(other.scale, dim),
+            self.zero.cat(other.zero, dim),
+            other.bits,
+            other.group,
+        )
 
 
-def quantize_keys(k: torch.Tensor, bits: int, group: int) -> PackedGroups:
-    """Keys (B, H, T, D), T a multiple of ``group``: per channel, over groups of ``group`` tokens."""
+def _codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 codes of groups ``g`` (..., G) with fp32 ``scale`` / ``zero`` (...)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant group: every code 0
+    return torch.round((g - zero[..., None]) / safe[..., None]).clamp_(0, (1 << bits) - 1).to(torch.int32)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int, scale_bits: int = 16) -> PackedGroups:
+    """Keys (B, H, T, D), T a multiple of ``group``: per channel, over groups of ``group`` tokens; with
+    ``scale_bits=8`` a block's D scales (and D zero-points) share one fp16 step and base."""
+    check_bits(bits)
     b, h, t, d = k.shape
     check_group(group, t, "key group (tokens)")
-    by_channel = k.transpose(-1, -2)  # (B, H, D, T): a channel's groups run along the tokens
-    codes, scale, zero = quantize_groups(by_channel, bits, group)  # codes (B, H, D, T/G, G)
+    g = k.float().transpose(-1, -2).unflatten(-1, (-1, group))  # (B, H, D, T/G, G): a channel's groups
+    scale, zero = covering(g.amin(-1).transpose(-1, -2), g.amax(-1).transpose(-1, -2), bits, scale_bits)
+    codes = _codes(g, scale.float().transpose(-1, -2), zero.float().transpose(-1, -2), bits)
     blocks = codes.permute(0, 1, 3, 2, 4).reshape(b, h, t // group, d * group)  # one row per G-token block
-    return PackedGroups(pack_bits(blocks, bits), scale.transpose(-1, -2).contiguous(),
-                        zero.transpose(-1, -2).contiguous(), bits, group)
+    return PackedGroups(pack_bits(blocks, bits), scale, zero, bits, group)
 
 
 def dequantize_keys(p: PackedGroups, head_dim: int) -> torch.Tensor:
@@ -184,20 +198,47 @@ def dequantize_keys(p: PackedGroups, head_dim: int) -> torch.Tensor:
     return x.transpose(-1, -2).reshape(b, h, n_blocks * p.group, head_dim)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group: int) -> PackedGroups:
-    """Values (B, H, T, D): per token, over groups of ``group`` channels (``group`` divides D)."""
+def quantize_values(v: torch.Tensor, bits: int, group: int, scale_bits: int = 16, rows: int = 1) -> PackedGroups:
+    """Values (B, H, T, D): per token, over groups of ``group`` channels (``group`` divides D); with
+    ``scale_bits=8`` the scales of ``rows`` consecutive tokens (T a multiple of it) share a step and base."""
+    check_bits(bits)
     check_group(group, v.shape[-1], "value group (channels)")
-    codes, scale, zero = quantize_groups(v, bits, group)  # codes (B, H, T, D/G, G)
+    g = v.float().unflatten(-1, (-1, group))  # (B, H, T, D/G, G)
+    scale, zero = covering(g.amin(-1), g.amax(-1), bits, scale_bits, rows)
+    codes = _codes(g, scale.float(), zero.float(), bits)
     return PackedGroups(pack_bits(codes.flatten(-2), bits), scale, zero, bits, group)
 
 
 def dequantize_values(p: PackedGroups, head_dim: int) -> torch.Tensor:
     """(B, H, T, D) fp32 values of :func:`quantize_values`."""
     codes = unpack_bits(p.codes, p.bits, head_dim).unflatten(-1, (-1, p.group))
-    return dequantize_groups(codes, p.scale, p.zero)
+    return dequantize_groups(codes, p.scale.float(), p.zero.float())
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, spec: KVQuantSpec) -> tuple[PackedGroups, PackedGroups]:
+    """K and V (B, H, T, D) as ``spec`` stores them (rotated first where it says so); T a multiple of the
+    key group, which is also the token row of the values' 8-bit scales."""
+    k = rotate(k) if "k" in spec.rotate else k
+    v = rotate(v) if "v" in spec.rotate else v
+    return (
+        quantize_keys(k, spec.key_bits, spec.key_group, spec.scale_bits),
+        quantize_values(v, spec.value_bits, spec.value_group, spec.scale_bits, spec.key_group),
+    )
+
+
+def dequantize_kv(
+    k: PackedGroups, v: PackedGroups, spec: KVQuantSpec, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 K and V of :func:`quantize_kv` (rotated back)."""
+    dk, dv = dequantize_keys(k, head_dim), dequantize_values(v, head_dim)
+    return (rotate(dk) if "k" in spec.rotate else dk), (rotate(dv) if "v" in spec.rotate else dv)
 
 
 def fake_quantize_kv(k: torch.Tensor, v: torch.Tensor, spec: KVQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantize-dequantize reference of what a packed cache returns (no packing involved)."""
-    by_channel = fake_quantize(k.transpose(-1, -2), spec.key_bits, spec.key_group).transpose(-1, -2)
-    return by_channel, fake_quantize(v, spec.value_bits, spec.value_group)
+    """The quantize-dequantize reference of what a packed cache returns (for fp16 scales and no rotation
+    through the generic :func:`fake_quantize`, no packing involved)."""
+    if spec.scale_bits == 16 and not spec.rotate:
+        by_channel = fake_quantize(k.transpose(-1, -2), spec.key_bits, spec.key_group).transpose(-1, -2)
+        return by_channel, fake_quantize(v, spec.value_bits, spec.value_group)
+    dk, dv = dequantize_kv(*quantize_kv(k, v, spec), spec, k.shape[-1])
+    return dk.to(k.dtype), dv.to(v.dtype)

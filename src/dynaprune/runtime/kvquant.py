@@ -1,10 +1,11 @@
 """The packed part of a KV cache layer: its first tokens group-quantized (``prune/groupquant.py``).
 
 A layer of :class:`~dynaprune.runtime.kvcache.KVCache` may hold a packed prefix (``cache.packed[layer]``,
-a :class:`PackedLayer`): its first ``tokens`` tokens as packed codes, fp16 scales and zero-points, and
-only those. The fp buffer slots of those tokens are overwritten with NaN when they are packed, so a read
-that bypassed the packed form could not go unnoticed. The tokens after the prefix stay in the fp buffer
-(new tokens, and a KIVI-style full-precision window of the newest ones).
+a :class:`PackedLayer`): its first ``tokens`` tokens as packed codes, scales and zero-points (fp16 or
+8-bit, ``prune/scalequant.py``; Hadamard-rotated first if the spec says so), and only those. The fp
+buffer slots of those tokens are overwritten with NaN when they are packed, so a read that bypassed
+the packed form could not go unnoticed. The tokens after the prefix stay in the fp buffer (new
+tokens, and a KIVI-style full-precision window of the newest ones).
 
 - ``pack_layer``: quantize and pack tokens [packed, n) of a layer (n - packed a multiple of the key
   group, since a key group spans G consecutive tokens of a channel);
@@ -28,21 +29,11 @@ from typing import Any
 import torch
 
 from dynaprune.errors import DynapruneError
-from dynaprune.prune.groupquant import (
-    KVQuantSpec,
-    PackedGroups,
-    dequantize_keys,
-    dequantize_values,
-    quantize_keys,
-    quantize_values,
-)
+from dynaprune.prune.groupquant import KVQuantSpec, PackedGroups, dequantize_kv, quantize_kv
 
 
 def _cat(a: PackedGroups | None, b: PackedGroups, dim: int) -> PackedGroups:
-    if a is None:
-        return b
-    return PackedGroups(torch.cat([a.codes, b.codes], dim), torch.cat([a.scale, b.scale], dim),
-                        torch.cat([a.zero, b.zero], dim), b.bits, b.group)
+    return b if a is None else a.cat(b, dim)
 
 
 class PackedLayer:
@@ -57,15 +48,14 @@ class PackedLayer:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack (B, H, T, D) keys and values after the tokens already packed."""
-        s = self.spec
-        self.keys = _cat(self.keys, quantize_keys(k, s.key_bits, s.key_group), 2)
-        self.values = _cat(self.values, quantize_values(v, s.value_bits, s.value_group), 2)
+        pk, pv = quantize_kv(k, v, self.spec)
+        self.keys, self.values = _cat(self.keys, pk, 2), _cat(self.values, pv, 2)
         self.tokens += k.shape[2]
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, tokens, D) keys and values as the packed codes give them back."""
-        return (dequantize_keys(self.keys, self.head_dim).to(dtype),
-                dequantize_values(self.values, self.head_dim).to(dtype))
+        k, v = dequantize_kv(self.keys, self.values, self.spec, self.head_dim)
+        return k.to(dtype), v.to(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +80,10 @@ def pack_layer(cache: Any, layer: int, n: int, spec: KVQuantSpec) -> None:
     if n <= start:
         return
     if n > cache.lengths[layer] or (n - start) % spec.key_group:
-        raise DynapruneError(f"cannot pack tokens {start}..{n} of layer {layer} holding {cache.lengths[layer]} "
-                             f"in key groups of {spec.key_group} tokens")
+        raise DynapruneError(
+            f"cannot pack tokens {start}..{n} of layer {layer} holding {cache.lengths[layer]} "
+            f"in key groups of {spec.key_group} tokens"
+        )
     store.append(cache.k[layer][:, :, start:n], cache.v[layer][:, :, start:n])
     cache.k[layer][:, :, start:n] = float("nan")  # only the packed form holds them now
     cache.v[layer][:, :, start:n] = float("nan")
@@ -102,8 +94,10 @@ def read_layer(cache: Any, layer: int, end: int) -> tuple[torch.Tensor, torch.Te
     """The (B, H, end, D) keys and values attention reads: dequantized prefix ++ fp tokens."""
     store = cache.packed[layer]
     k, v = store.dequantize(cache.k[layer].dtype)
-    return (torch.cat([k, cache.k[layer][:, :, store.tokens:end]], 2),
-            torch.cat([v, cache.v[layer][:, :, store.tokens:end]], 2))
+    return (
+        torch.cat([k, cache.k[layer][:, :, store.tokens : end]], 2),
+        torch.cat([v, cache.v[layer][:, :, store.tokens : end]], 2),
+    )
 
 
 def unpack_layer(cache: Any, layer: int) -> None:

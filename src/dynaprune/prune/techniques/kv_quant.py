@@ -1,6 +1,8 @@
 """Quantized, packed K/V cache: ``kv_bits=B`` (or ``kv_key_bits`` / ``kv_value_bits``), ``kv_group=G``,
 ``kv_value_group``, ``kv_residual=R`` (KIVI, Liu et al. 2024, Sec. 3: keys per channel, values per
-token, a full-precision window of the newest tokens).
+token, a full-precision window of the newest tokens), ``kv_scale_bits=8|16`` (scales and zero-points in
+8 bits with a fp16 step and base per row, QLoRA's double quantization: ``prune/scalequant.py``) and
+``kv_rotate=k|v|kv`` (K and/or V stored Hadamard-rotated, QuaRot-style: ``prune/hadamard.py``).
 
 After every decoder forward (role ``kvstore``: after the KV budget has evicted, so only the survivors
 are packed) each layer's cached tokens but the newest ``R`` are group-quantized to B bits and packed
@@ -27,6 +29,14 @@ from dynaprune.prune.technique import Stage, Technique
 # gains 0.008 perplexity for +0.03 of the fp16 bytes, 128 tokens no more: it does not pay by default.
 DEFAULT_KV_GROUP = 64
 DEFAULT_KV_RESIDUAL = 0
+DEFAULT_KV_SCALE_BITS = 16
+
+
+def check_scale_bits(key: str, value: Any) -> int:
+    value = K.as_int(key, value)
+    if value not in (8, 16):
+        raise K.err(key, f"scales and zero-points are stored in 8 or 16 bits, got {value}")
+    return value
 
 
 def check_bits(key: str, value: Any) -> int:
@@ -48,6 +58,8 @@ class KVQuantization(Technique):
     kv_group: int | None = None
     kv_value_group: int | None = None
     kv_residual: int | None = None
+    kv_scale_bits: int | None = None
+    kv_rotate: str | None = None
 
     role = "kvstore"
     keys = (
@@ -57,6 +69,8 @@ class KVQuantization(Technique):
         K.Key("kv_group", K.parse_int, K.at_least(1, integer=True)),
         K.Key("kv_value_group", K.parse_int, K.at_least(1, integer=True)),
         K.Key("kv_residual", K.parse_int, K.at_least(0, integer=True)),
+        K.Key("kv_scale_bits", K.parse_int, check_scale_bits),
+        K.Key("kv_rotate", K.parse_word, K.choice("k", "v", "kv")),
     )
 
     def check(self) -> None:
@@ -79,9 +93,15 @@ class KVQuantization(Technique):
         if head_dim % value_group:
             key = "kv_value_group" if self.kv_value_group is not None else "kv_group"
             hint = "" if key == "kv_value_group" else f" (set kv_value_group to a divisor of {head_dim})"
-            raise K.err(key, f"{value_group} does not divide head_dim={head_dim}: values are quantized per "
-                             f"token in groups of channels{hint}")
-        return KVQuantSpec(self.key_bits, self.value_bits, group, value_group)
+            raise K.err(
+                key,
+                f"{value_group} does not divide head_dim={head_dim}: values are quantized per "
+                f"token in groups of channels{hint}",
+            )
+        scale_bits = self.kv_scale_bits if self.kv_scale_bits is not None else DEFAULT_KV_SCALE_BITS
+        if self.kv_rotate and head_dim & (head_dim - 1):
+            raise K.err("kv_rotate", f"a Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
+        return KVQuantSpec(self.key_bits, self.value_bits, group, value_group, scale_bits, self.kv_rotate or "")
 
     def stage(self, run) -> Stage | None:
         return KVQuantStage(self, run)
