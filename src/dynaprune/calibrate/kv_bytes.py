@@ -94,6 +94,7 @@ def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, ch
             piece = ids[i:i + size]
             cache = model.new_cache(1, size)
             ctx = make_context(f"kv_tokens={context},score={scorer},kv_alloc=head", model)
+            ctx.reconstruction = (model, piece[None, :context])  # read only by a scorer that reconstructs
             last = model(piece[None, :context], cache=cache, ctx=ctx, last_only=True)[0]
             out.append((cache, _kv_stage(ctx).scores, last, piece[context:]))
     return out

@@ -7,6 +7,11 @@
   head with spread-out attention; each head first keeps its protected tokens and a floor of
   ``ADA_FLOOR x budget`` (the paper's safeguard). Heads then hold different counts: padded with invalid
   slots that attention masks and the byte count ignores.
+- ``kv_alloc=global``: KVzip (Kim et al. 2025, Sec. 3.3): one threshold over every layer's and KV head's
+  scores at the prompt's eviction, so layers and heads keep unequal counts with the same total
+  (``budget x Hkv x layers``); protected tokens stay in every head; no floor. Scores must be comparable
+  across layers (attention probabilities or sums of them, as every scorer here gives). Later (decode)
+  evictions keep each layer's width from then on, per head. Needs ``kv_depth=flat``.
 - ``kv_depth=flat`` (default): every layer the same budget; ``pyramid``: PyramidKV (Cai et al. 2024)
   budgets shrinking linearly with depth (1.5x the mean at layer 0 to 0.5x at the last, the same total);
   or one relative weight per layer ``w0/w1/...`` (normalised to mean 1).
@@ -19,7 +24,7 @@ import torch
 from dynaprune.prune import keys as K
 from dynaprune.prune.tokens import select_tokens_to_keep
 
-ALLOCATIONS = ("layer", "head", "ada")
+ALLOCATIONS = ("layer", "head", "ada", "global")
 DEPTHS = ("flat", "pyramid")
 ADA_FLOOR = 0.2  # share of a head's uniform budget it keeps whatever the other heads score
 PYRAMID_SPAN = 0.5  # pyramid weights run from 1 + span (first layer) to 1 - span (last layer)
@@ -77,8 +82,31 @@ def ada_select(scores: torch.Tensor, budget: int, protected: torch.Tensor, valid
                                  valid.reshape(b, h * length))
     selected = torch.zeros(b, h * length, dtype=torch.bool, device=scores.device)
     selected.scatter_(-1, flat.index, flat.mask)
-    selected = selected.view(b, h, length)
+    return padded_selection(selected.view(b, h, length))
+
+
+def padded_selection(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Hkv, L) bool -> (index, mask) (B, Hkv, W): each head's selected tokens in order then filler."""
     counts = selected.sum(-1)
-    width = int(counts.max())
+    width = max(1, int(counts.max()))
     index = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[..., :width]
-    return index, torch.arange(width, device=scores.device) < counts[..., None]
+    return index, torch.arange(width, device=selected.device) < counts[..., None]
+
+
+def global_select(scores: list[torch.Tensor], total: int, protected: list[torch.Tensor],
+                  valid: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KVzip's global selection: per layer scores, protected, valid (B, Hkv, L_l) -> per layer (index,
+    mask) (B, Hkv, W_l). Per row the protected tokens plus the highest scores over all layers and heads
+    together, ``total`` slots in all (more only where protected tokens demand it)."""
+    b = scores[0].shape[0]
+    flat = select_tokens_to_keep(torch.cat([s.float().reshape(b, -1) for s in scores], 1), total,
+                                 torch.cat([p.reshape(b, -1) for p in protected], 1),
+                                 torch.cat([v.reshape(b, -1) for v in valid], 1))
+    chosen = torch.zeros(b, sum(s[0].numel() for s in scores), dtype=torch.bool, device=scores[0].device)
+    chosen.scatter_(-1, flat.index, flat.mask)
+    out, start = [], 0
+    for s in scores:
+        n = s[0].numel()
+        out.append(padded_selection(chosen[:, start:start + n].view(s.shape)))
+        start += n
+    return out

@@ -11,6 +11,7 @@ from dynaprune.prune.keys import Key
 from dynaprune.prune.scorers.base import SCORE_KEY, TokenScorer
 from dynaprune.prune.scorers.h2o import H2OScore
 from dynaprune.prune.scorers.instant import InstantScore
+from dynaprune.prune.scorers.kvzip import KVzipScore
 from dynaprune.prune.scorers.observed import ObservedScore
 from dynaprune.prune.scorers.random import RandomScore
 from dynaprune.prune.scorers.snapkv import SnapKVScore
@@ -68,6 +69,7 @@ register_scorer(StreamingScore)
 register_scorer(RandomScore)
 register_scorer(InstantScore)
 register_scorer(TOVAScore)
+register_scorer(KVzipScore)
 register_scorer(ObservedScore)
 register_scorer(SnapKVScore)
 

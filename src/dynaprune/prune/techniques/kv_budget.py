@@ -11,9 +11,13 @@ so the compaction copy runs once per budget / 16 steps.
 Cost: fewer keys read per decode step (the work counter counts the keys attended beside those a dense
 cache would hold).
 
-Allocation (``prune/kv_alloc.py``): ``kv_alloc=layer|head|ada`` (one token set per layer, per KV head,
-or Ada-KV's budget spread over a layer's heads by score) and ``kv_depth=flat|pyramid|w0/w1/...``
+Allocation (``prune/kv_alloc.py``): ``kv_alloc=layer|head|ada|global`` (one token set per layer, per KV
+head, Ada-KV's budget spread over a layer's heads by score, or KVzip's one threshold over all layers and
+heads) and ``kv_depth=flat|pyramid|w0/w1/...``
 (budgets per layer, the same total). The defaults are today's behaviour (SpAtten and H2O rows).
+
+A scorer that ``reconstructs`` (``score=kvzip``) scores the prompt with one extra forward at the end of
+the prompt's forward; the caller hands the prompt ids over first: ``ctx.reconstruction = (model, ids)``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Any
 
 import torch
 
+from dynaprune.errors import DynapruneError
 from dynaprune.prune import keys as K
-from dynaprune.prune.kv_alloc import ALLOCATIONS, ada_select, check_depth, depth_weights, layer_budgets
+from dynaprune.prune.kv_alloc import ALLOCATIONS, ada_select, check_depth, depth_weights, global_select, layer_budgets
 from dynaprune.prune.technique import Stage, Technique
 from dynaprune.prune.tokens import edge_token_mask, select_tokens_to_keep
 
@@ -81,6 +86,8 @@ class KVBudget(Technique):
         for name, default in (("kv_alloc", "layer"), ("kv_depth", "flat")):
             if getattr(self, name) != default and not self.has_kv_budget:
                 raise K.err(name, f"{name} spreads the decode-time KV budget; it needs kv or kv_tokens")
+        if self.kv_alloc == "global" and self.kv_depth != "flat":
+            raise K.err("kv_depth", "kv_alloc=global sets every layer's budget itself; it needs kv_depth=flat")
         if self.kv_tokens is not None:
             self._check_protected_fit(self.kv_tokens)
 
@@ -149,6 +156,8 @@ class KVBudgetStage(Stage):
         self.received_per_kv_head = technique.kv_alloc != "layer"
         self._layer_budgets: list[int] | None = None
         self._held: list[int] = []  # cache slots per layer after the last forward
+        self.reconstruction: tuple | None = None  # (model, prompt ids) for a scorer that reconstructs
+        self.reconstruction_tokens = 0  # tokens of the scorer's extra forward (per sequence)
 
     def summary(self, out: dict, layers: list[int]) -> None:
         """What the cache held and evicted: slots per layer after the last forward, slots evicted in all
@@ -157,6 +166,8 @@ class KVBudgetStage(Stage):
         out["kv_held_per_layer"] = list(self._held)
         out["kv_evicted_tokens"] = int(self.total(layers, "evicted"))
         out["kv_evictions"] = int(self.total(layers, "evictions"))
+        if self.reconstruction_tokens:
+            out["kv_reconstruction_tokens"] = self.reconstruction_tokens
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         if self.run.cache is not None and self.run.scorer.observes:
@@ -180,6 +191,8 @@ class KVBudgetStage(Stage):
             return
         if self.kv_budget is None:
             self.kv_budget = self.technique.kv_budget_tokens(int(cache.next_position.max()))
+        if getattr(self.run.scorer, "reconstructs", False) and not self.scores.by_layer:
+            self._reconstruct(cache)
         if self._layer_budgets is None:
             # a layer above the mean budget is held to the cache's capacity (a stream allocates budget + step)
             self._layer_budgets = [min(b, cache.capacity - 1) if b > self.kv_budget else b
@@ -192,6 +205,8 @@ class KVBudgetStage(Stage):
         evicted = False
         target = self.kv_budget
         decoding = self.run.iteration > 1  # end_forward of the prompt's forward runs with iteration == 1
+        if self.technique.kv_alloc == "global" and not decoding:
+            evicted = self.evict_global(cache)
         for layer in range(cache.n_layers):
             budget = self._layer_budgets[layer]
             chunked = decoding and budget >= CHUNKED_EVICTION_MIN_BUDGET
@@ -207,6 +222,38 @@ class KVBudgetStage(Stage):
         if evicted and self.run.trace_calls:  # the budget's top-k, after the last layer, for the next step
             self.run.trace_calls[-1]["topk"] = target
 
+    def _reconstruct(self, cache) -> None:
+        scorer = self.run.scorer
+        if self.reconstruction is None:
+            raise DynapruneError(f"score={scorer.name} scores the prompt by reconstructing it: this run did not "
+                                 "hand over the prompt ids (ctx.reconstruction = (model, ids))")
+        model, ids = self.reconstruction
+        self.reconstruction_tokens = scorer.reconstruct(self.scores, model, ids, cache)
+
+    def evict_global(self, cache) -> bool:
+        """The prompt's eviction under ``kv_alloc=global``: one selection over every layer and KV head;
+        each layer's width becomes its budget for later evictions."""
+        layers = range(cache.n_layers)
+        if all(cache.lengths[i] <= b for i, b in zip(layers, self._layer_budgets, strict=True)):
+            return False
+        run, valids, protected, scores = self.run, [], [], []
+        for layer in layers:
+            valid = cache.head_valid_mask(layer)
+            sink, recent = self.technique.protected(self._layer_budgets[layer], run.scorer)
+            s = run.scorer.kv_scores(self.scores, layer, cache.cached_positions(layer), run.generator)
+            valids.append(valid)
+            protected.append(edge_token_mask(valid, first=sink, last=recent))
+            scores.append(s[:, None].expand(valid.shape) if s.dim() == 2 else s)
+        total = sum(self._layer_budgets) * cache.k[0].shape[1]
+        for layer, (index, mask) in zip(layers, global_select(scores, total, protected, valids), strict=True):
+            counts = self.run.counts(layer, self.name)
+            counts["evicted"] = counts.get("evicted", 0) + int(cache.lengths[layer]) - int(mask.sum(-1).max())
+            counts["evictions"] = counts.get("evictions", 0) + 1
+            run.scorer.compact_state(self.scores, layer, index)
+            cache.compact(layer, index, None if bool(mask.all()) else mask)
+            self._layer_budgets[layer] = max(1, cache.lengths[layer])
+        return True
+
     def evict(self, cache, layer: int, budget: int) -> None:
         """Compact one layer's cache to ``budget`` tokens: sinks and recent tokens, then the most important."""
         run, alloc = self.run, self.technique.kv_alloc
@@ -218,11 +265,11 @@ class KVBudgetStage(Stage):
             valid = cache.valid[layer][:, : cache.lengths[layer]]
             scores = scores.sum(1) if scores.dim() == 3 else scores
             index = select_tokens_to_keep(scores, budget, edge_token_mask(valid, first=sink, last=recent), valid).index
-        else:  # each KV head its own tokens
+        else:  # each KV head its own tokens (global: later evictions keep each head within the layer's width)
             valid = cache.head_valid_mask(layer)
             scores = scores[:, None].expand(valid.shape) if scores.dim() == 2 else scores
             protected = edge_token_mask(valid, first=sink, last=recent)
-            if alloc == "head":
+            if alloc in ("head", "global"):
                 keep = select_tokens_to_keep(scores, budget, protected, valid)
                 index, keep_mask = keep.index, keep.mask
             else:

@@ -1,0 +1,106 @@
+"""score=kvzip (context reconstruction) and kv_alloc=global, against a brute-force oracle: the dense model
+run on the context followed by its repeat (what the reconstruction pass over the cached context is), the
+causal softmax recomputed by hand (float64) from each layer's q and k, the max over the repeat's queries
+and each KV head's query heads, and the top scores picked by hand (per head, or over all layers/heads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kv_oracle import QKOracle, causal_probs, tiny_llama, top_positions
+
+from dynaprune.errors import DynapruneError
+from dynaprune.prune.kv_alloc import global_select
+from dynaprune.runtime.pruning import make_context
+
+N, LAYERS, KV_HEADS, GROUP = 20, 3, 2, 3
+
+
+def ids_of(seed: int = 3) -> torch.Tensor:
+    return torch.randint(1, 60, (1, N), generator=torch.Generator().manual_seed(seed))
+
+
+def oracle_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """(Hkv, N) per layer: max attention of the repeat's queries (a model without a tokenizer repeats the
+    context alone) to the context keys, by hand."""
+    oracle = QKOracle()
+    with torch.inference_mode():
+        model(torch.cat([ids, ids], 1), ctx=oracle)
+    out = []
+    for layer in range(LAYERS):
+        probs = causal_probs(*oracle.qk[layer])[0]  # (Hq, 2N, 2N)
+        out.append(probs[:, N:, :N].amax(1).view(KV_HEADS, GROUP, N).amax(1))
+    return out
+
+
+def run(model, ids: torch.Tensor, recipe: str):
+    cache, ctx = model.new_cache(1, N + 4), make_context(recipe, model)
+    ctx.reconstruction = (model, ids)
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=ctx)
+    return cache, ctx
+
+
+def test_scores_are_the_reconstruction_max_attention():
+    model, ids = tiny_llama(), ids_of()
+    cache, ctx = run(model, ids, f"kv_tokens={N},score=kvzip,kv_alloc=head")  # nothing evicted: scores only
+    want = oracle_scores(model, ids)
+    for layer in range(LAYERS):
+        got = ctx.scores.by_layer[layer][0].double()
+        torch.testing.assert_close(got, want[layer], atol=1e-5, rtol=1e-4)
+    assert cache.lengths == [N] * LAYERS  # the repeat's K/V are not left in the cache
+    assert int(cache.next_position[0]) == N
+    assert ctx.summary()["kv_reconstruction_tokens"] == N
+
+
+@pytest.mark.parametrize("budget", [6, 11])
+def test_per_head_selection_keeps_the_top_reconstruction_scores(budget):
+    model, ids = tiny_llama(), ids_of()
+    cache, _ = run(model, ids, f"kv_tokens={budget},score=kvzip,kv_alloc=head")
+    want = oracle_scores(model, ids)
+    sinks = set(range(min(4, budget)))  # KVzip's 4 sinks, no recent window
+    for layer in range(LAYERS):
+        for head in range(KV_HEADS):
+            assert cache.head_cached_positions(layer)[0, head].tolist() == top_positions(
+                want[layer][head].tolist(), budget, sinks
+            ), (layer, head)
+
+
+def test_global_selection_is_one_threshold_over_layers_and_heads():
+    model, ids, budget = tiny_llama(), ids_of(5), 6
+    cache, _ = run(model, ids, f"kv_tokens={budget},score=kvzip,kv_alloc=global,sink=1")
+    want = oracle_scores(model, ids)
+    ranked = sorted(
+        (-float(want[layer][h][i]), layer, h, i)
+        for layer in range(LAYERS)
+        for h in range(KV_HEADS)
+        for i in range(1, N)
+    )  # token 0 is the sink of every head
+    chosen = {(layer, h, i) for _, layer, h, i in ranked[: budget * KV_HEADS * LAYERS - KV_HEADS * LAYERS]}
+    counts = []
+    for layer in range(LAYERS):
+        valid = cache.head_valid_mask(layer)[0]
+        for h in range(KV_HEADS):
+            kept = cache.head_cached_positions(layer)[0, h][valid[h]].tolist()
+            assert kept == [0] + sorted(i for (lay, hh, i) in chosen if lay == layer and hh == h), (layer, h)
+            counts.append(len(kept))
+    assert sum(counts) == budget * KV_HEADS * LAYERS
+    assert len(set(counts)) > 1  # heads and layers keep unequal counts
+
+
+def test_global_select_by_hand():
+    scores = [torch.tensor([[[5.0, 1.0, 4.0]]]), torch.tensor([[[2.0, 3.0, 0.0], [9.0, 0.5, 0.1]]])]
+    protected = [torch.zeros(1, 1, 3, dtype=torch.bool), torch.tensor([[[False, False, True], [False] * 3]])]
+    valid = [torch.ones(1, 1, 3, dtype=torch.bool), torch.ones(1, 2, 3, dtype=torch.bool)]
+    (i0, m0), (i1, m1) = global_select(scores, 4, protected, valid)  # protected + 9, 5, 4
+    assert i0[m0].tolist() == [0, 2]
+    assert [i1[0, h][m1[0, h]].tolist() for h in range(2)] == [[2], [0]]
+
+
+def test_kvzip_needs_the_prompt_ids_and_global_needs_flat_depth():
+    model, ids = tiny_llama(), ids_of()
+    cache, ctx = model.new_cache(1, N), make_context("kv_tokens=6,score=kvzip,kv_alloc=head", model)
+    with pytest.raises(DynapruneError, match="score=kvzip"), torch.inference_mode():
+        model(ids, cache=cache, ctx=ctx)
+    with pytest.raises(DynapruneError, match="kv_depth"):
+        make_context("kv=0.5,score=h2o,kv_alloc=global,kv_depth=pyramid", model)
