@@ -2,6 +2,11 @@
 row rates, then perplexity and LSB row share on VALID and TEST (``continue`` protocol), dense beside it.
 
     python -m benchmarks.progressive_quant --examples 8 --context 1536 --continuation 512 [--ship]
+    python -m benchmarks.progressive_quant --msb 4,3,2 --rates 0.05 --static 4,3,2 --ship   # issue 14
+
+The thresholds are calibrated on VALID only; TEST rows reuse them as numbers. ``--static B,...`` adds
+static ``quant=B`` rows (MSBs alone, no LSB) on every split. Every row records its split, the measured
+share of rows that fetched LSBs and the load average.
 
 Loads the model once; writes benchmarks/results/progressive-quant.json (atomic) after every run, with
 the exact command. ``--ship`` merges the calibrated tables into the package's lsb_thresholds.json.
@@ -15,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import load_average, setup_threads
 from dynaprune import load
 from dynaprune.calibrate.lsb import calibrate_lsb, merge_table
 from dynaprune.eval.lm import evaluate_lm
@@ -36,14 +42,25 @@ def main() -> None:
     parser.add_argument("--lsb", type=int, default=4)
     parser.add_argument("--rates", default="0.02,0.05,0.1")
     parser.add_argument("--splits", default="valid,test")
+    parser.add_argument("--static", default="", help="static quant=B rows, e.g. 4,3,2")
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/progressive-quant.json")
     args = parser.parse_args()
+    threads = setup_threads(args.threads)
     model = load(args.model)
-    proto = dict(protocol="continue", context=args.context, continuation=args.continuation,
-                 max_examples=args.examples)
-    out = {"command": "python -m benchmarks.progressive_quant " + " ".join(sys.argv[1:]), "model": args.model,
-           "protocol": proto, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "tables": [], "runs": []}
+    proto = dict(protocol="continue", context=args.context, continuation=args.continuation, max_examples=args.examples)
+    out = {
+        "command": "python -m benchmarks.progressive_quant " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "protocol": proto,
+        "chunks": args.examples,
+        "threads": threads,
+        "calibration_split": "valid",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tables": [],
+        "runs": [],
+    }
 
     def run(split: str, recipe: str | None) -> dict:
         contexts: list = []
@@ -55,13 +72,19 @@ def main() -> None:
         t0 = time.time()
         result = evaluate_lm(model, DATA / f"{split}.txt", ctx_factory=factory if recipe else None, **proto)
         summary = merge_summaries(contexts) if recipe else {}
-        row = {"split": split, "recipe": recipe or "dense", "perplexity": result.metric["value"],
-               "lsb_row_fraction": summary.get("lsb_row_fraction"),
-               "bits_fetched_vs_fp16": summary.get("bits_fetched_vs_fp16"),
-               "key_bits_fetched_vs_fp16": summary.get("key_bits_fetched_vs_fp16"),
-               "value_bits_fetched_vs_fp16": summary.get("value_bits_fetched_vs_fp16"),
-               "lsb_threshold": summary.get("lsb_threshold"), "storage": "simulated" if recipe else None,
-               "seconds": round(time.time() - t0, 1)}
+        row = {
+            "split": split,
+            "recipe": recipe or "dense",
+            "perplexity": result.metric["value"],
+            "lsb_row_fraction": summary.get("lsb_row_fraction"),
+            "bits_fetched_vs_fp16": summary.get("bits_fetched_vs_fp16"),
+            "key_bits_fetched_vs_fp16": summary.get("key_bits_fetched_vs_fp16"),
+            "value_bits_fetched_vs_fp16": summary.get("value_bits_fetched_vs_fp16"),
+            "lsb_threshold": summary.get("lsb_threshold"),
+            "storage": "simulated" if recipe else None,
+            "seconds": round(time.time() - t0, 1),
+            "load": load_average(),
+        }
         out["runs"].append(row)
         write_json_atomic(args.out, out)
         print(json.dumps(row), flush=True)
@@ -69,9 +92,21 @@ def main() -> None:
 
     splits = args.splits.split(",")
     dense = {split: run(split, None)["perplexity"] for split in splits}
+    for bits in (int(b) for b in args.static.split(",") if b):
+        for split in splits:
+            row = run(split, f"quant={bits}")
+            row.update(vs_dense=row["perplexity"] / dense[split] - 1)
+            write_json_atomic(args.out, out)
     for msb in (int(m) for m in args.msb.split(",")):
-        table = calibrate_lsb(model, DATA / "valid.txt", msb, args.lsb, examples=args.examples,
-                              context=args.context, continuation=args.continuation)
+        table = calibrate_lsb(
+            model,
+            DATA / "valid.txt",
+            msb,
+            args.lsb,
+            examples=args.examples,
+            context=args.context,
+            continuation=args.continuation,
+        )
         out["tables"].append(table)
         write_json_atomic(args.out, out)
         if args.ship:

@@ -83,6 +83,8 @@ def _key_rows(split: str) -> list[dict[str, Any]]:
     return [{"peer": "dense", "press": None, "keep": 1.0, "bits": None, "split": split},
             press(first, 0.5), press(first, 0.25), press(first, 0.125), quant(4),
             press(first, 0.5, 4), press(first, 0.25, 4), press(second, 0.25), quant(2),
+            # a press on the 4- and 2-bit caches at every share kept: a peer at each bytes point
+            press(first, 0.125, 4), press(first, 0.5, 2), press(first, 0.25, 2), press(first, 0.125, 2),
             press(second, 0.5, 4), press(second, 0.25, 4), press(second, 0.5), press(second, 0.125)]
 
 

@@ -118,6 +118,8 @@ def test_the_plan_covers_the_brief():
         assert all(has(press, keep) for keep in (0.5, 0.25, 0.125)), press
     assert all(has(p, 0.0625) for p in run_kvpress.BEST_TWO)
     assert all(has(p, keep, 4) for p in run_kvpress.BEST_TWO for keep in (0.5, 0.25))
+    first = run_kvpress.BEST_TWO[0]  # a press on the quantized cache at every share kept and both widths
+    assert all(has(first, keep, bits) for keep in (0.5, 0.25, 0.125) for bits in (4, 2))
     assert {s["bits"] for s in test if s["peer"] == "quantized-cache"} == {2, 4}
     assert test[0]["peer"] == "dense"  # the dense check runs first
     specs = [run_kvpress.options_of(s) | {"press": s["press"]} for s in test]
