@@ -41,10 +41,12 @@ class StreamingMaskContext(RunContext):
         super().__init__()
         self.budget, self.sink, self.first = budget, sink, first
 
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
         n = q.shape[2]
         i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
         mask = (j <= i) & ((i < self.first) | (j < self.sink) | (j >= i - (self.budget - self.sink)))
+        if window is not None:  # a sliding-window layer (Gemma 3) sees its window only
+            mask &= j > i - window
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

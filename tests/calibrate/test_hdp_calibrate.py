@@ -151,3 +151,44 @@ def test_cli_missing_and_empty_data(dynaprune_cli, tmp_path):
 def test_cli_unreadable_recipe_file(dynaprune_cli, tmp_path):
     code, text = dynaprune_cli("eval", "minilm-l6", "sts", "--recipe", f"@{tmp_path / 'nope.txt'}")
     assert code == 2 and "cannot be read" in text and "Traceback" not in text
+
+
+def test_recorder_sees_the_sliding_window_of_a_gemma_layer(tmp_path):
+    """Tiny Gemma 3 (window 8) on 40 tokens: each layer's theta_head is taken over the pairs that layer
+    attends (brute-force band for sliding layers, the causal triangle for global ones), and a whole
+    calibration runs beyond the window."""
+    import sys
+    from pathlib import Path
+
+    from dynaprune.calibrate.hdp import ScoreRecorder
+    from dynaprune.prune.hdp import head_importance, integer_scores, to_fixed_point
+    from dynaprune.runtime.attention import RunContext
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prune"))
+    from kv_oracle import QKOracle
+
+    from tests.models.test_gemma3 import TINY, tiny
+
+    model = tiny()
+    ids = torch.randint(0, TINY.vocab, (1, 40), generator=torch.Generator().manual_seed(6))
+    spec = CalibrationSpec(0.5)
+    recorder, oracle = ScoreRecorder(spec), QKOracle()
+    with torch.no_grad():
+        model(ids, ctx=recorder.wrap(RunContext()))
+        model(ids, ctx=oracle)
+    assert recorder.calls == TINY.layers
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    for layer, theta in enumerate(recorder.head_thetas):
+        q, k = oracle.qk[layer]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        band = (j <= i) & ((j > i - TINY.sliding_window) if TINY.is_sliding(layer) else True)
+        s = integer_scores(to_fixed_point(q, spec.int_bits, spec.frac_bits),
+                           to_fixed_point(k, spec.int_bits, spec.frac_bits))
+        torch.testing.assert_close(theta, head_importance(s * band).reshape(-1).double())
+        if TINY.is_sliding(layer):  # not vacuous: the causal triangle gives another theta
+            assert not torch.allclose(theta, head_importance(s * (j <= i)).reshape(-1).double())
+    model.tokenizer = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=[ord(c) % 97 for c in text])
+    text = tmp_path / "cal.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    result = calibrate_model(model, text, CalibrationSpec(0.5, tolerance=0.05), examples=2, window=40)
+    assert result.calls == 2 * TINY.layers and abs(result.block.achieved - 0.5) <= 0.05

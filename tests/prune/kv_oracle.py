@@ -27,9 +27,9 @@ class QKOracle(RunContext):
         super().__init__()
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
         self.qk[layer] = (q.clone(), k.clone())
-        return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
+        return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
 
 
 def causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -28,18 +28,18 @@ class HandOracle(RunContext):
         super().__init__()
         self.attention: dict[int, torch.Tensor] = {}
 
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
         self.attention[layer] = last_query_attention(q, k, scale)
-        return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
+        return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
 
 
 class Watched(PruningContext):
     """The TOVA run, also keeping each layer's by-hand attention and cached positions of the last call."""
 
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
         self.seen = getattr(self, "seen", {})
         self.seen[layer] = (last_query_attention(q, k, scale), self.cache.cached_positions(layer).clone())
-        return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
+        return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
 
 
 def expected_positions(attention: torch.Tensor, positions: torch.Tensor, budget: int) -> list[int]:

@@ -45,6 +45,7 @@ from dynaprune.prune.hdp import (
 )
 from dynaprune.prune.hdp.config import DEFAULT_BLOCK_SCORE, _check_target
 from dynaprune.prune.recipe import Recipe
+from dynaprune.runtime.attention import build_mask
 
 _F64 = torch.float64
 SAME_RATIO = 1e-9
@@ -153,8 +154,8 @@ class ScoreRecorder:
     """Collects critical ratios (float32, finite ones) and theta_head of every attention call it sees.
 
     ``wrap(ctx)`` makes a run context record before it attends: q and k are put in fixed point as the
-    HDP path does (per-call abs-max scale), S_I = Q_I K_I^T over valid pairs (causal, key padding, and
-    padding query rows when Lq == Lk), then the block importance and theta_head.
+    HDP path does (per-call abs-max scale), S_I = Q_I K_I^T over valid pairs (causal, a sliding window's
+    band, key padding, and padding query rows when Lq == Lk), then the block importance and theta_head.
     """
 
     spec: CalibrationSpec
@@ -163,12 +164,15 @@ class ScoreRecorder:
     head_thetas: list[torch.Tensor] = field(default_factory=list)
     calls: int = 0
 
-    def record(self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool) -> None:
+    def record(self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+               window: int | None = None) -> None:
         spec = self.spec
         if q.shape[1] != k.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         lq, lk = q.shape[2], k.shape[2]
         valid = valid_pairs(lq, lk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+        if causal and window is not None:  # a sliding-window layer (Gemma 3): keys older than the window
+            valid = valid & build_mask(lq, lk, None, True, q.device, window)
         if key_padding_mask is not None and lq == lk:
             valid = valid & key_padding_mask.to(torch.bool)[:, None, :, None]
         s_int = integer_scores(to_fixed_point(q, spec.int_bits, spec.frac_bits),
@@ -187,9 +191,9 @@ class ScoreRecorder:
     def wrap(self, ctx):
         inner = ctx.attend
 
-        def attend(layer, q, k, v, key_padding_mask, causal, scale):
-            self.record(q, k, key_padding_mask, causal)
-            return inner(layer, q, k, v, key_padding_mask, causal, scale)
+        def attend(layer, q, k, v, key_padding_mask, causal, scale, window=None):
+            self.record(q, k, key_padding_mask, causal, window)
+            return inner(layer, q, k, v, key_padding_mask, causal, scale, window=window)
 
         ctx.attend = attend
         return ctx

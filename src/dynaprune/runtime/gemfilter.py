@@ -7,6 +7,7 @@ there. The ``keep`` share of the prompt with the highest window attention surviv
 ``sinks`` tokens and the window itself. Pass 2 is a plain forward of the survivors at their original
 positions into the KV cache, so every layer's cache holds the selected tokens only (the tokens that
 layer computed). It drives the model twice, so it lives here, above the models, not in a recipe stage.
+A sliding-window selection layer (Gemma 3) scores each observation query over its own window only.
 """
 
 from __future__ import annotations
@@ -59,11 +60,28 @@ class SelectionPass(RunContext):
         super().__init__()
         self.g = g
 
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale):
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
         if layer == self.g.layer:
-            scores = window_attention(q, k, self.g.window, scale=scale).sum(1)
+            scores = observation_attention(q, k, self.g.window, scale, window).sum(1)
             raise _Selected(pool_scores(scores, self.g.pool))
-        return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
+        return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
+
+
+def observation_attention(q: torch.Tensor, k: torch.Tensor, n: int, scale: float | None,
+                          sliding: int | None) -> torch.Tensor:
+    """(B, Hq, Lk): the attention of the last ``n`` queries, summed over them (``prune/window.py``); in a
+    sliding-window layer (Gemma 3) each of those queries sees only its ``sliding`` latest keys, as the
+    layer itself does, so each is one call of ``window_attention`` with the older keys masked."""
+    if sliding is None:
+        return window_attention(q, k, n, scale=scale)
+    B, _, lq, _ = q.shape
+    lk = k.shape[2]
+    out = torch.zeros(B, q.shape[1], lk, dtype=torch.float32, device=q.device)
+    for i in range(n):  # query lq - 1 - i sits at key lk - 1 - i
+        end = lk - i
+        inside = (torch.arange(end, device=q.device) > end - 1 - sliding).expand(B, end)
+        out[..., :end] += window_attention(q[:, :, :lq - i], k[:, :, :end], 1, scale=scale, key_padding_mask=inside)
+    return out
 
 
 def gemfilter_select(model: Any, input_ids: torch.Tensor, g: GemFilter,

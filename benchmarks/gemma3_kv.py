@@ -1,0 +1,128 @@
+"""KV results of the KV issue on Gemma 3 270M (issue 20): eviction, the packed quantized cache and
+``kv_bytes=F`` on WikiText-2, ``lm --protocol continue`` (context 1536 + continuation 512, each chunk after
+<bos> as ``eval.lm`` reads it), the first N chunks; JSON to ``benchmarks/results/gemma3-kv.json``.
+
+    python -m benchmarks.gemma3_kv --split test --chunks 8 --threads 1
+
+Each chunk's prompt (<bos> + 1536 tokens) is prefilled ONCE per scorer under ``kv_tokens=<prompt>,score=S,
+kv_alloc=head`` (nothing evicted by the budget; the sliding layers still drop what left their 512-token
+window, the scorer state following); every recipe evicts / packs a copy of that cache with the real stages
+and teacher-forces the continuation on it (``calibrate/kv_bytes.evaluate``, the SmolLM2 rows' path).
+
+What a budget means here (printed per row as ``held``): ``kv=F`` keeps F x the prompt's tokens in EVERY
+layer; a sliding layer's dense cache already holds only 511 of them, so a budget above 511 leaves the
+sliding layers as they are, and ``kv_bytes_vs_fp16`` (over the dense, windowed cache) is above F.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import load_average, machine, setup_threads
+from dynaprune.calibrate import kv_bytes
+from dynaprune.io import write_json_atomic
+from dynaprune.prune.techniques.kv_bytes import resolve_kv_bytes
+from dynaprune.runtime.pruning import make_context
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+OUT = Path(__file__).resolve().parent / "results" / "gemma3-kv.json"
+RECIPES = ("", *(f"kv={b},score={s},kv_alloc=head" for b in (0.5, 0.25, 0.125) for s in ("h2o", "observed")),
+           "kv_bits=4", "kv_bits=2", "kv_bytes=0.25", "kv_bytes=0.125")
+
+
+def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int, scorer: str) -> list:
+    """``calibrate/kv_bytes.prefill_chunks`` with <bos> before each chunk (``eval.lm``'s continue protocol
+    for a model that ``requires_bos``): prompt = <bos> + ``context`` tokens."""
+    bos = torch.tensor([model.tokenizer.bos_token_id])
+    size = context + continuation
+    out = []
+    with torch.inference_mode():
+        for i in range(0, min(len(ids) - size + 1, chunks * size), size):
+            piece = torch.cat([bos, ids[i:i + size]])
+            cache = model.new_cache(1, size + 1)
+            ctx = make_context(f"kv_tokens={context + 1},score={scorer},kv_alloc=head", model)
+            last = model(piece[None, :context + 1], cache=cache, ctx=ctx, last_only=True)[0]
+            out.append((cache, kv_bytes._kv_stage(ctx).scores, last, piece[context + 1:]))
+    return out
+
+
+def expanded(recipe: str) -> str:
+    """The composition a ``kv_bytes=F`` recipe runs (the shipped choices, derived on SmolLM2 VALID)."""
+    if recipe.startswith("kv_bytes="):
+        return resolve_kv_bytes(float(recipe.split("=", 1)[1]))["recipe"]
+    return recipe
+
+
+def scorer_of(recipe: str) -> str:
+    return next((item.split("=", 1)[1] for item in recipe.split(",") if item.startswith("score=")), "h2o")
+
+
+def held_tokens(model, prefilled: list, recipe: str) -> dict[str, int]:
+    """Tokens each kind of layer holds after the prompt's eviction (first chunk; max over its layers)."""
+    cache, state, _, _ = prefilled[0]
+    ctx, c = make_context(recipe, model), copy.deepcopy(cache)
+    kv = next((s for s in getattr(ctx, "stages", ()) if s.name == "kv"), None)
+    if kv is not None:
+        kv.scores = copy.deepcopy(state)
+    ctx.begin_forward(c)
+    ctx.end_forward(c)
+    cfg = model.config
+    kinds = {"sliding": [i for i in range(cfg.layers) if cfg.is_sliding(i)],
+             "global": [i for i in range(cfg.layers) if not cfg.is_sliding(i)]}
+    return {k: max(int(c.lengths[i]) for i in layers) for k, layers in kinds.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), help="'' is dense")
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--context", type=int, default=1536)
+    p.add_argument("--continuation", type=int, default=512)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    threads = setup_threads(args.threads)
+    from dynaprune.eval.lm import read_tokens
+    from dynaprune.models import load
+
+    model = load("gemma3-270m")
+    text = DATA / f"{args.split}.txt"
+    ids = torch.tensor(read_tokens(model, text, None))
+    out = {"what": "Gemma 3 270M: perplexity vs K/V bytes (kv_bytes_vs_fp16 over the dense, windowed fp16 cache)",
+           "model": "gemma3-270m", "protocol": "continue", "context": args.context, "continuation": args.continuation,
+           "bos": "each chunk read after <bos> (prompt = <bos> + context tokens)", "split": args.split,
+           "chunks": args.chunks, "machine": machine(), "threads": threads,
+           "command": "python -m benchmarks.gemma3_kv " + " ".join(a if a else "''" for a in sys.argv[1:]),
+           "kv_bytes_choices": "shipped kv_bytes_choices.json (derived on SmolLM2-135M VALID, not on Gemma)",
+           "rows": {}}
+    prefilled: dict[str, list] = {}
+    t_all = time.perf_counter()
+    for recipe in args.recipes:
+        run = expanded(recipe)
+        score = scorer_of(run)
+        if score not in prefilled:
+            t0 = time.perf_counter()
+            prefilled[score] = prefill_chunks(model, ids, args.context, args.continuation, args.chunks, score)
+            print(f"prefill score={score}: {len(prefilled[score])} chunks, {time.perf_counter() - t0:.0f}s", flush=True)
+        t0 = time.perf_counter()
+        row = kv_bytes.evaluate(model, prefilled[score], run)
+        row.update(path="shared prefill per score (calibrate/kv_bytes.evaluate)",
+                   held=held_tokens(model, prefilled[score], run), seconds=round(time.perf_counter() - t0, 1))
+        if run != recipe:
+            row["expanded"] = run
+        out["rows"][recipe or "dense"] = row
+        out.update(seconds=round(time.perf_counter() - t_all, 1), load=load_average())
+        write_json_atomic(args.out, out)
+        print(f"{recipe or 'dense'}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f} held {row['held']} "
+              f"({row['seconds']}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
