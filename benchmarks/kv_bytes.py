@@ -39,7 +39,7 @@ def main() -> None:
                    "copies (calibrate/kv_bytes.evaluate: the real stages) instead of run_task per recipe")
     p.add_argument("--out", type=Path, help="test: the JSON (default results/kv-bytes.json)")
     p.add_argument("--pairs", help="search: K:V bit pairs, e.g. 4:3,4:4 (default: calibrate/kv_bytes.BIT_PAIRS)")
-    p.add_argument("--groups", help="search: key groups, e.g. 64,128 (default 32,64,128)")
+    p.add_argument("--groups", help="search: stage-1 key groups, e.g. 64,128 (default calibrate/kv_bytes.GROUPS)")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.mode == "plot":
@@ -65,7 +65,7 @@ def main() -> None:
 
         if a.pairs:  # a narrower search (a rerun on a loaded machine): K:V bit pairs, groups
             pairs = tuple(tuple(int(x) for x in p.split(":")) for p in a.pairs.split(","))
-            searcher.BIT_PAIRS = {f: pairs for f in searcher.BIT_PAIRS}
+            searcher.BIT_PAIRS = pairs
         if a.groups:
             searcher.GROUPS = tuple(int(g) for g in a.groups.split(","))
 

@@ -12,6 +12,7 @@ from kv_oracle import tiny_llama
 
 from dynaprune.calibrate import kv_bytes as search_mod
 from dynaprune.errors import DynapruneError
+from dynaprune.prune.groupquant import KVQuantSpec
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.techniques.kv_bytes import ENV_FILE, load_choices, resolve_kv_bytes
 from dynaprune.runtime.pruning import make_context
@@ -25,11 +26,14 @@ def _held_share(model, recipe: str, n: int) -> float:
     return cache.bytes_held(fp_bytes=2) / cache.dense_fp16_bytes()
 
 
-@pytest.mark.parametrize(("fraction", "kb", "vb"), [(0.25, 4, 4), (0.3, 4, 3), (0.2, 3, 3), (0.45, 5, 4)])
-def test_eviction_share_is_the_largest_that_a_real_packed_cache_fits(fraction, kb, vb):
+@pytest.mark.parametrize(("fraction", "kb", "vb", "scale_bits", "rotate"),
+                         [(0.25, 4, 4, 16, ""), (0.3, 4, 3, 16, ""), (0.2, 3, 3, 8, "kv"), (0.45, 5, 4, 8, ""),
+                          (0.15, 2, 2, 16, "k")])
+def test_eviction_share_is_the_largest_that_a_real_packed_cache_fits(fraction, kb, vb, scale_bits, rotate):
     model, n, group = tiny_llama(layers=2), 100, 8  # head_dim 8: values in groups of 8 channels
-    kv = search_mod.eviction_share(fraction, kb, vb, group, group, n)
-    bits = f"kv_key_bits={kb},kv_value_bits={vb},kv_group={group}"
+    kv = search_mod.eviction_share(fraction, KVQuantSpec(kb, vb, group, group, scale_bits, rotate), n, 8)
+    bits = f"kv_key_bits={kb},kv_value_bits={vb},kv_group={group},kv_scale_bits={scale_bits}" + \
+        (f",kv_rotate={rotate}" if rotate else "")
     kept = round(kv * n)
     held = _held_share(model, f"kv_tokens={kept},score=h2o,kv_alloc=head,{bits}", n)
     assert held <= fraction + 1e-12
@@ -83,6 +87,7 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
 
     model = tiny_llama(layers=2)
     monkeypatch.setattr(search_mod, "GROUPS", (8,))
+    monkeypatch.setattr(search_mod, "RECENT", 2)
     monkeypatch.setattr(lm, "read_tokens", lambda m, p, n: torch.randint(1, 60, (120,), generator=torch.Generator()
                                                                             .manual_seed(4)).tolist())
     found = search_mod.search(model, tmp_path / "t.txt", [0.25, 0.5], chunks=2, context=48, continuation=12)
@@ -92,7 +97,8 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
         assert [r["fits"] for r in tried] == [r in fitting for r in tried]
         assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
         assert c["valid_perplexity"] == round(min(r["perplexity"] for r in fitting), 4)
-        assert {r["score"] for r in tried} == {"h2o", "observed"} and {r["alloc"] for r in tried} == {"head", "ada"}
+        assert {(r["score"], r["alloc"]) for r in tried} == {search_mod.EVICTION, *search_mod.ALTERNATIVES}
+        assert {r.get("scale_bits") for r in tried} == {16, 8} and {r.get("rotate") for r in tried} == {"", "k", "kv"}
 
 
 def test_cli_bad_kv_bytes_one_line_exit_2(dynaprune_cli, tmp_path) -> None:

@@ -1,13 +1,16 @@
 """The search behind ``kv_bytes=F`` (issue 14 item 5): the composition of KV eviction (share kept,
-allocation, score) and the packed quantized cache (K / V bits, group) with the lowest perplexity on a
-validation text among those holding <= F of the fp16 K/V bytes of the context.
+allocation, score) and the packed quantized cache (K / V bits, groups, scale width, rotation) with the
+lowest perplexity on a validation text among those holding <= F of the fp16 K/V bytes of the context.
 
-For each F and each (key bits, value bits, group) the eviction share is the largest one whose bytes fit
-(whole key groups packed, the tail in fp16: ``eviction_share``). Stage 1 ranks the bit/group choices
-with ``score=h2o,kv_alloc=head``; stage 2 tries the best of each F with ``kv_alloc=ada`` and
-``score=observed``. Each chunk's context is prefilled once per scorer (per-KV-head state, nothing
-evicted); every config evicts and packs a copy of that cache with the real stages and teacher-forces
-the continuation on it (``lm --protocol continue``). Used by ``benchmarks/kv_bytes.py`` (the shipped
+For each F and each quantizer the eviction share is the largest one whose bytes fit, measured on a real
+packed cache (whole key groups packed, the tail in fp16: ``eviction_share``); an allocation that pads
+heads to the layer's widest (``ada``, ``global``: padding inside the packed prefix is stored) is refitted
+from its measured bytes (``REFITS``). Stage 1 ranks bits x key group under ``EVICTION`` (the best
+eviction on VALID alone); stage 2 tries the best ``STAGE2_TOP`` with 8-bit scales, Hadamard rotation and
+groups of 32; stage 3 the best with the other evictions (``ALTERNATIVES``). Each chunk's context is
+prefilled once per scorer (per-KV-head state, nothing evicted; ``score=kvzip``'s reconstruction included);
+every config evicts and packs a copy of that cache with the real stages and teacher-forces the
+continuation on it (``lm --protocol continue``). Used by ``benchmarks/kv_bytes.py`` (the shipped
 ``kv_bytes_choices.json``) and ``dynaprune tune``.
 """
 
@@ -22,41 +25,56 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dynaprune.prune.groupquant import KVQuantSpec
 from dynaprune.prune.keys import keep_count
 from dynaprune.runtime.pruning import make_context
 
-# bit pairs (key, value) tried per F, pruned with kv-quant.json (VALID): below 3 bits quantization alone
-# costs > +15%; 5 bits is within 0.1% of dense, so more bits only shrink the eviction share (at F = 0.25,
-# 6 bits leaves 60% of the tokens); keys are the more sensitive, so K >= V
-BIT_PAIRS = {0.25: ((3, 3), (4, 3), (4, 4), (5, 4)),
-             0.125: ((3, 3), (4, 3), (4, 4)),
-             0.0625: ((3, 3), (4, 3), (4, 4))}
-GROUPS = (32, 64, 128)
+# (key, value) bits: 2..8, keys the more sensitive so K >= V; groups of tokens per key channel
+BIT_PAIRS = ((2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 4), (6, 4), (8, 8))
+GROUPS = (64, 128)  # stage 1; 32 in stage 2 (its scales cost 1 bit per element at fp16)
 MAX_VALUE_GROUP = 64  # values are grouped per token over channels: <= head_dim
+EVICTION = ("kvzip", "global")  # (score, kv_alloc) of stage 1: the best eviction alone on VALID (kv-evict.json)
+RECENT = 32  # the recent window of stage 1's eviction (kvzip,global: 13.230 with it, 13.267 without, VALID 25%)
+ALTERNATIVES = (("kvzip", "head"), ("observed", "head"), ("h2o", "global"))
+STAGE2_TOP = 2
+STAGE2 = ({"scale_bits": 8}, {"rotate": "k"}, {"rotate": "kv"}, {"scale_bits": 8, "rotate": "kv"}, {"group": 32})
+REFITS = 2  # re-evaluations of a padded allocation whose measured bytes overshoot F
+PADDED = ("ada", "global")
 
 
-def bit_pairs(fraction: float) -> tuple[tuple[int, int], ...]:
-    """The (key, value) bits tried for a target: the table's nearest F at or above it."""
-    above = [f for f in BIT_PAIRS if f >= fraction - 1e-9]
-    return BIT_PAIRS[min(above)] if above else BIT_PAIRS[0.25]
+def spec_of(c: dict) -> KVQuantSpec:
+    return KVQuantSpec(c["key_bits"], c["value_bits"], c["group"], c["value_group"], c.get("scale_bits", 16),
+                       c.get("rotate", ""))
 
 
-def token_share(key_bits: int, value_bits: int, group: int, value_group: int) -> float:
-    """Bytes of one packed token vs fp16: K codes + a fp16 scale and zero per channel per ``group`` tokens,
-    V codes + a fp16 scale and zero per ``value_group`` channels."""
-    return ((key_bits + 32 / group) + (value_bits + 32 / value_group)) / 32
+def packed_bytes(spec: KVQuantSpec, n: int, head_dim: int) -> int:
+    """fp16-axis bytes of one KV head holding ``n`` tokens, whole key groups packed (a real packed cache)."""
+    from dynaprune.runtime.kvcache import KVCache
+
+    cache = KVCache(1, 1, 1, head_dim, max(n, 1))
+    cache.update(0, torch.randn(1, 1, n, head_dim, generator=torch.Generator().manual_seed(0)),
+                 torch.randn(1, 1, n, head_dim, generator=torch.Generator().manual_seed(1)))
+    packed = n // spec.key_group * spec.key_group
+    if packed:
+        cache.pack_prefix(0, packed, spec)
+    return cache.bytes_held(fp_bytes=2)
 
 
-def eviction_share(fraction: float, key_bits: int, value_bits: int, group: int, value_group: int,
-                   context: int) -> float | None:
-    """The largest share of ``context`` whose cache (whole groups packed, the rest fp16) fits ``fraction``;
-    written with 4 decimals, rounded down, so ``keep_count`` gives back the token count. None: not even 1."""
-    share = token_share(key_bits, value_bits, group, value_group)
-    for n in range(context, 0, -1):
-        packed = n // group * group
-        if (packed * share + (n - packed)) / context <= fraction:
-            kv = math.floor(n / context * 1e4) / 1e4
-            return kv if keep_count(kv, context) == n else None
+def eviction_share(fraction: float, spec: KVQuantSpec, context: int, head_dim: int) -> float | None:
+    """The largest share of ``context`` whose cache fits ``fraction`` of the fp16 bytes; written with 4
+    decimals, rounded down, so ``keep_count`` gives back the token count. None: not even 1 token."""
+    dense = 2 * context * head_dim * 2
+    low, high = 0, context  # bytes grow with n: the largest n that fits, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        if packed_bytes(spec, mid, head_dim) <= fraction * dense:
+            low = mid
+        else:
+            high = mid - 1
+    for n in range(low, 0, -1):
+        kv = math.floor(n / context * 1e4) / 1e4
+        if kv > 0 and keep_count(kv, context) == n:
+            return kv
     return None
 
 
@@ -65,22 +83,40 @@ def recipe_of(c: dict) -> str:
     bits = f"kv_bits={c['key_bits']}" if c["key_bits"] == c["value_bits"] else \
         f"kv_key_bits={c['key_bits']},kv_value_bits={c['value_bits']}"
     value_group = f",kv_value_group={c['value_group']}" if c["value_group"] != c["group"] else ""
-    kv = f"kv={c['kv']}," if c["kv"] < 1 else ""
+    extra = (f",kv_scale_bits={c['scale_bits']}" if c.get("scale_bits", 16) != 16 else "") + \
+        (f",kv_rotate={c['rotate']}" if c.get("rotate") else "")
+    quant = f"{bits},kv_group={c['group']}{value_group}{extra}"
+    if c["kv"] >= 1:
+        return quant
     alloc = f",kv_alloc={c['alloc']}" if c["alloc"] != "layer" else ""
-    return f"{kv}score={c['score']}{alloc},{bits},kv_group={c['group']}{value_group}" if kv else \
-        f"{bits},kv_group={c['group']}{value_group}"
+    recent = f",recent={c['recent']}" if c.get("recent") is not None else ""
+    return f"kv={c['kv']},score={c['score']}{alloc}{recent},{quant}"
+
+
+def composition(fraction: float, context: int, head_dim: int, base: dict, **change: Any) -> dict | None:
+    """``base`` with ``change`` and the largest eviction share that fits (None: nothing fits)."""
+    c = {**base, **change}
+    c["value_group"] = min(c["group"], MAX_VALUE_GROUP, head_dim)
+    kv = eviction_share(fraction, spec_of(c), context, head_dim)
+    return None if kv is None or kv < 0.02 else {**c, "kv": min(kv, 1.0)}
+
+
+def described() -> str:
+    return (f"per F, the largest eviction share that fits (measured bytes; padded allocations refitted): stage 1 "
+            f"bits (K, V) in {list(BIT_PAIRS)} x key group {list(GROUPS)} under score={EVICTION[0]},"
+            f"kv_alloc={EVICTION[1]},recent={RECENT}; stage 2 the best {STAGE2_TOP} with {list(STAGE2)}; "
+            f"stage 3 the best with {[f'score={s},kv_alloc={a}' for s, a in ALTERNATIVES]}")
 
 
 def stage1(fraction: float, context: int, head_dim: int) -> list[dict]:
+    score, alloc = EVICTION
+    base = {"scale_bits": 16, "rotate": "", "alloc": alloc, "score": score, "recent": RECENT}
     out = []
-    for (kb, vb) in bit_pairs(fraction):
+    for kb, vb in BIT_PAIRS:
         for group in GROUPS:
-            value_group = min(group, MAX_VALUE_GROUP, head_dim)
-            kv = eviction_share(fraction, kb, vb, group, value_group, context)
-            if kv is None or kv < 0.05:
-                continue
-            out.append({"kv": min(kv, 1.0), "key_bits": kb, "value_bits": vb, "group": group,
-                        "value_group": value_group, "alloc": "head", "score": "h2o"})
+            c = composition(fraction, context, head_dim, base, key_bits=kb, value_bits=vb, group=group)
+            if c is not None:
+                out.append(c)
     return out
 
 
@@ -133,29 +169,50 @@ def search(model, text: str | Path, fractions: list[float], *, chunks: int = 2, 
     ids = torch.tensor(read_tokens(model, text, None))
     prefilled: dict[str, list] = {}
 
-    def run(c: dict) -> dict:
+    def measure(c: dict) -> dict:
         if c["score"] not in prefilled:
             prefilled[c["score"]] = prefill_chunks(model, ids, context, continuation, chunks, c["score"])
         row = {**c, "recipe": recipe_of(c), **evaluate(model, prefilled[c["score"]], recipe_of(c))}
         progress(f"{row['recipe']}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f}")
         return row
 
+    def run(c: dict | None, fraction: float, rows: list[dict]) -> None:
+        """Measure ``c``; a padded allocation over F is refitted from its measured bytes."""
+        if c is None:
+            return
+        row = measure(c)
+        rows.append(row)
+        for _ in range(REFITS if c["alloc"] in PADDED and c["kv"] < 1 else 0):
+            if row["kv_bytes_vs_fp16"] <= fraction + 1e-9:
+                break
+            kv = math.floor(row["kv"] * fraction / row["kv_bytes_vs_fp16"] * 0.995 * 1e4) / 1e4
+            row = measure({**c, "kv": kv})
+            rows.append(row)
+
+    def best(rows: list[dict], fraction: float, n: int = 1) -> list[dict]:
+        fits = sorted((r for r in rows if r["kv_bytes_vs_fp16"] <= fraction + 1e-9), key=lambda r: r["perplexity"])
+        return fits[:n]
+
     out: dict[str, Any] = {"context": context, "continuation": continuation, "chunks": chunks, "choices": [],
-                           "tried": {}}
+                           "searched": described(), "tried": {}}
     prefilled["h2o"] = prefill_chunks(model, ids, context, continuation, chunks, "h2o")
     out["dense_perplexity"] = round(evaluate(model, prefilled["h2o"], "")["perplexity"], 4)
     progress(f"dense: {out['dense_perplexity']}")
+    keep = ("key_bits", "value_bits", "group", "scale_bits", "rotate", "alloc", "score", "recent")
     for fraction in fractions:
-        rows = [run(c) for c in stage1(fraction, context, head_dim)]
-        fits = [r for r in rows if r["kv_bytes_vs_fp16"] <= fraction + 1e-9]
-        for b in sorted(fits, key=lambda r: r["perplexity"])[:1]:
-            if b["kv"] < 1:
-                for alloc, score in (("ada", "h2o"), ("head", "observed"), ("ada", "observed")):
-                    rows.append(run({**{k: b[k] for k in ("kv", "key_bits", "value_bits", "group", "value_group")},
-                                     "alloc": alloc, "score": score}))
+        rows: list[dict] = []
+        for c in stage1(fraction, context, head_dim):
+            run(c, fraction, rows)
+        for b in best(rows, fraction, STAGE2_TOP):
+            for change in STAGE2:
+                run(composition(fraction, context, head_dim, {k: b[k] for k in keep}, **change), fraction, rows)
+        for b in best(rows, fraction):
+            for score, alloc in ALTERNATIVES if b["kv"] < 1 else ():
+                run(composition(fraction, context, head_dim, {k: b[k] for k in keep}, score=score, alloc=alloc,
+                                recent=None), fraction, rows)
         for r in rows:  # every row tried is recorded; only those within F can win
             r["fits"] = r["kv_bytes_vs_fp16"] <= fraction + 1e-9
-        winner = min((r for r in rows if r["fits"]), key=lambda r: r["perplexity"])
+        winner = best(rows, fraction)[0]
         out["tried"][str(fraction)] = rows
         out["choices"].append({"kv_bytes": fraction, "recipe": winner["recipe"],
                                "valid_perplexity": round(winner["perplexity"], 4),

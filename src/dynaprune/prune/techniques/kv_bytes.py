@@ -82,7 +82,7 @@ def expand_kv_bytes(values: dict[str, Any], parse: Any) -> dict[str, Any]:
 
 
 COMPOSED_KEYS = ("kv", "kv_tokens", "score", "kv_alloc", "kv_depth", "kv_bits", "kv_key_bits", "kv_value_bits",
-                 "kv_group", "kv_value_group", "kv_residual")
+                 "kv_group", "kv_value_group", "kv_residual", "kv_scale_bits", "kv_rotate", "sink", "recent")
 
 
 def write_choices(path: Path, shape: str, found: dict, *, source: str, command: str, default: bool) -> None:
@@ -93,9 +93,8 @@ def write_choices(path: Path, shape: str, found: dict, *, source: str, command: 
     data["models"][shape] = {"source": source, "command": command, "split": "valid",
                              "context": found["context"], "continuation": found["continuation"],
                              "chunks": found["chunks"], "dense_perplexity": found.get("dense_perplexity"),
-                             "searched": "per F: bits (K, V) x group {32, 64, 128} with the largest eviction share "
-                                         "that fits, score=h2o,kv_alloc=head; the best also with kv_alloc=ada and "
-                                         "score=observed", "choices": found["choices"]}
+                             "searched": found.get("searched", "see calibrate/kv_bytes.py"),
+                             "choices": found["choices"]}
     if default or "default" not in data:
         data["default"] = shape
     tmp = path.with_name(path.name + ".tmp")
