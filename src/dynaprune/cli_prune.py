@@ -25,7 +25,11 @@ def prune_cmd(
                                   "magnitude"),
     calib: Path = typer.Option(..., help="calibration data: STS pairs / text<TAB>label (BERT), text (Llama)"),
     max_calib: int = typer.Option(128, help="calibration examples (Llama: chunks of 256 tokens)"),
-    finetune: Path | None = typer.Option(None, help="recovery fine-tuning data (not available yet)"),
+    finetune: Path | None = typer.Option(None, help="recovery fine-tuning after pruning: text<TAB>label rows "
+                                         "(BERT classifiers; e.g. SST-2 train)"),
+    max_train: int = typer.Option(4000, help="--finetune: train on N random rows"),
+    finetune_epochs: int = typer.Option(1, help="--finetune: passes over those rows"),
+    finetune_lr: float = typer.Option(1e-4, help="--finetune: peak AdamW learning rate"),
     out: Path | None = typer.Option(None, "--out", "-o", help="output folder (refused if it exists)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     sensitivity: bool = typer.Option(False, help="print and plot per-layer sensitivity instead of pruning"),
@@ -40,9 +44,14 @@ def prune_cmd(
     cfg.check()
     if max_calib < 1:
         raise DynapruneError(f"--max-calib must be a positive integer, got {max_calib}")
+    recovery = None
     if finetune is not None:
-        raise DynapruneError("--finetune is not available yet for pruned checkpoints; prune, then run "
-                             "`dynaprune finetune DIR ...` on the pruned folder")
+        from dynaprune.static.recover import RecoveryConfig
+
+        if sensitivity:
+            raise DynapruneError("--finetune and --sensitivity do not go together")
+        recovery = RecoveryConfig(finetune, max_train=max_train, epochs=finetune_epochs, lr=finetune_lr)
+        recovery.check()
     if not sensitivity:
         if out is None:
             raise DynapruneError("give -o DIR for the pruned checkpoint")
@@ -54,6 +63,12 @@ def prune_cmd(
     with status(f"loading {model_name}"):
         model = load(model_name)
     adapter(model)
+    train = None
+    if recovery is not None:  # refuse a model or data it cannot train before any pruning
+        from dynaprune.static.recover import check_recoverable, read_recovery_data
+
+        check_recoverable(model)
+        train, _ = read_recovery_data(model, recovery)
     data = load_calibration(model, calib, max_examples=max_calib)
     if sensitivity:
         from dynaprune.static.sensitivity import plot as plot_png
@@ -74,6 +89,12 @@ def prune_cmd(
     with status("pruning") as say:
         record = prune_model(model, data, cfg, say)
     record["calibration"] = {"file": str(calib), "examples": max_calib, "kind": data.kind}
+    if recovery is not None:
+        from dynaprune.static.recover import recover
+
+        with status("recovery fine-tuning") as say:
+            record["recovery"] = recover(model, recovery, train,
+                                         lambda s: say(f"step {s.step}/{s.total} loss {s.loss:.3f}"))
     save_pruned(model, out, record, overwrite=overwrite)
     console.print(json.dumps({k: v for k, v in record.items() if k != "config"}), soft_wrap=True)
     console.print(f"[green]✓[/] {record['params']:,} of {record['params_parent']:,} parameters -> {out}")

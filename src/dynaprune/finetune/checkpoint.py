@@ -64,6 +64,11 @@ def hf_config(model, training: dict | None = None) -> dict:
             **({"training": training} if training else {}),
         },
     }
+    if cfg.layer_heads is not None or cfg.layer_intermediate is not None:  # statically pruned (static/shapes.py)
+        from dynaprune.static.shapes import FFN_KEY, HEADS_KEY
+
+        config[HEADS_KEY] = [cfg.heads_of(i) for i in range(cfg.num_layers)]
+        config[FFN_KEY] = [cfg.ffn_of(i) for i in range(cfg.num_layers)]
     return config
 
 

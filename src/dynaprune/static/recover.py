@@ -1,0 +1,78 @@
+"""Recovery fine-tuning of a statically pruned model (pruning guide section 4: "fine-tune after pruning to
+recover accuracy"; section 5's iterative schedule ends with it too).
+
+Only a BERT classifier (a fine-tuned head travels with the pruned encoder) is supported: it is trained
+again on ``text<TAB>label`` rows with ``dynaprune.finetune`` (same labels and pooling: the head is
+continued, not re-initialised). A sentence encoder (STS loss) and a Llama-family model (language-model
+loss on WikiText-2 *valid*) have no recovery loop here and are refused before any pruning is done."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dynaprune.errors import DynapruneError
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    data: Path
+    max_train: int | None = 4000
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_train is not None and self.max_train < 1:
+            raise DynapruneError(f"--max-train must be a positive integer, got {self.max_train}")
+        if self.epochs < 1:
+            raise DynapruneError(f"--finetune-epochs must be a positive integer, got {self.epochs}")
+        if not self.lr > 0:
+            raise DynapruneError(f"--finetune-lr must be a positive number, got {self.lr}")
+
+
+def check_recoverable(model) -> None:
+    """Refuse, before any work, a model this recovery loop cannot train."""
+    from dynaprune.static.structured import adapter
+
+    arch = adapter(model)
+    if arch.kind == "llama":
+        raise DynapruneError(f"{model.name}: --finetune supports BERT classifiers only; recovery of a "
+                             "Llama-family model (language-model training on WikiText-2 valid) is not implemented")
+    if getattr(model, "head", None) is None:
+        raise DynapruneError(f"{model.name}: --finetune needs a fine-tuned classifier (a checkpoint from "
+                             "`dynaprune finetune`); a sentence encoder has no recovery loop here")
+
+
+def read_recovery_data(model, cfg: RecoveryConfig):
+    """The training rows, with the classifier's own label map (unknown labels: one error naming them)."""
+    from dynaprune.eval.data import resolve_data_path
+    from dynaprune.finetune import LabelMap, read_training_data
+    from dynaprune.user_paths import check_input_file
+
+    cfg.check()
+    path = check_input_file(resolve_data_path(cfg.data), "recovery fine-tuning data file")
+    head = model.head
+    labels = LabelMap(tuple(head.labels), head.label_type)
+    train, _ = read_training_data(path, max_rows=cfg.max_train, seed=cfg.seed, labels=labels,
+                                  what="recovery fine-tuning data")
+    if not train.texts:
+        raise DynapruneError(f"{path}: recovery fine-tuning data is empty")
+    return train, labels
+
+
+def recover(model, cfg: RecoveryConfig, train=None, on_step=None) -> dict:
+    """Fine-tune the pruned ``model`` in place; the training record stored in its config."""
+    from dynaprune.finetune import FinetuneConfig, LabelMap, finetune
+
+    check_recoverable(model)
+    if train is None:
+        train, _ = read_recovery_data(model, cfg)
+    labels = LabelMap(tuple(model.head.labels), model.head.label_type)
+    ft = FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                        pooling=model.head.pooling)
+    report = finetune(model, train, labels, None, ft, on_step)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    record.update(rows=len(train.texts), steps=report.steps, seconds=round(report.seconds, 1))
+    return record
