@@ -45,18 +45,26 @@ def token_candidates(n_layers: int) -> list[str]:
         out.append("token_schedule=" + "/".join(f"{i}:{f:.3f}" for i, f in zip(steps, fractions, strict=True)))
     return list(dict.fromkeys(out))
 HDP = "block_sparsity=0.75,block_score=max"
-HEAD_CURVE = ["head=0.9", "head=0.8", "head=0.7", "head=0.6", "head=0.5"]
+# head=K prunes in the last layers only (cascade default); head_schedule=1:F prunes from layer 1 on
+HEAD_CURVE = ["head=0.8", "head=0.6", "head=0.4", "head_schedule=1:0.75", "head_schedule=1:0.5",
+              "head_schedule=1:0.25"]
+HEAD_PAFT = "head_schedule=1:0.5"  # the head point fine-tuned with pruning on
 
 
-def heldout_rows(training: dict, n: int, seed: int = 1) -> list[tuple[str, object]]:
-    """``n`` rows of the training file the fine-tune did not use (same seeded subset as read_training_data)."""
+def heldout_rows(training: dict, n: int, seed: int = 1) -> tuple[list[tuple[str, object]], bool]:
+    """``n`` rows of the training file the fine-tune did not use (same seeded subset as read_training_data),
+    and whether they were seen in training: a fine-tune on the whole file leaves no unseen row, and then
+    ``n`` seeded TRAIN rows it did see stand in (still not dev; their accuracy is optimistic)."""
     rows = load_labeled_text(training["data"])
     used: set[int] = set(range(len(rows)))
     if training.get("rows") and training["rows"] < len(rows):
         used = set(np.random.default_rng(training["seed"]).choice(len(rows), training["rows"], replace=False).tolist())
     free = [i for i in range(len(rows)) if i not in used]
+    seen = len(free) < n
+    if seen:
+        free = list(range(len(rows)))
     pick = np.random.default_rng(seed).permutation(len(free))[:n]
-    return [(rows[free[i]].text, rows[free[i]].label) for i in sorted(pick)]
+    return [(rows[free[i]].text, rows[free[i]].label) for i in sorted(pick)], seen
 
 
 def evaluate(model, data: Path, recipe: str) -> dict:
@@ -87,9 +95,9 @@ def plot(payload: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     dense = payload["dense"]["accuracy"]
-    curve = [payload["dense"], *payload["head_curve"]]
+    curve = sorted([payload["dense"], *payload["head_curve"]], key=lambda p: -p["flops_kept"])
     ax.plot([p["flops_kept"] for p in curve], [p["accuracy"] for p in curve], "o-", label="head pruning (no FT)")
-    for key, marker in (("token", "s"), ("hdp", "^")):
+    for key, marker in (("token", "s"), ("token_cascade", "D"), ("hdp", "^"), ("head_paft", "v")):
         point = payload[key]
         ax.plot(point["dev"]["flops_kept"], point["dev"]["accuracy"], marker, ms=9, label=f"{key} (no FT)")
         if point.get("paft"):
@@ -128,23 +136,30 @@ def main() -> None:
     heads = HEAD_CURVE[::2] if args.quick else HEAD_CURVE
     with tempfile.TemporaryDirectory() as tmp:
         held = Path(tmp) / "heldout.tsv"
-        held.write_text("".join(f"{t}\t{lab}\n" for t, lab in heldout_rows(training, args.heldout)))
+        held_rows, held_seen = heldout_rows(training, args.heldout)
+        held.write_text("".join(f"{t}\t{lab}\n" for t, lab in held_rows))
         dense_held = evaluate(model, held, "")
         tuning = [evaluate(model, held, r) for r in candidates]
     best = max(tuning, key=lambda x: (x["accuracy"], -x["flops_kept"]))
     dense = evaluate(model, dev, "")
-    token = {"picked_on": f"{args.heldout} held-out TRAIN rows", "heldout_dense": dense_held, "candidates": tuning,
+    where = "TRAIN rows seen in fine-tuning (no unseen row left)" if held_seen else "held-out TRAIN rows"
+    token = {"picked_on": f"{args.heldout} {where}", "heldout_seen_in_training": held_seen,
+             "heldout_dense": dense_held, "candidates": tuning,
              "recipe": best["recipe"], "dev": evaluate(model, dev, best["recipe"])}
+    cascade = candidates[0]  # the default cascade (token=K): most FLOPs removed, a separate PAFT point
+    token_cascade = {"recipe": cascade, "dev": evaluate(model, dev, cascade)}
     hdp = {"recipe": HDP, "dev": evaluate(model, dev, HDP)}
     head_curve = [evaluate(model, dev, r) for r in heads]
+    head_point = {"recipe": HEAD_PAFT, "dev": evaluate(model, dev, HEAD_PAFT)}
     paft_rows = 64 if args.quick else args.paft_rows
+    points = [token, hdp, head_point] + ([token_cascade] if cascade != token["recipe"] else [])
     if paft_rows:
-        for point in (token, hdp):
+        for point in points:
             tuned, info = paft(model, point["recipe"], training.get("data", "sst2/train.tsv"), paft_rows,
                                args.paft_lr, training.get("seed", 0))
             point["paft"] = {**info, "dev": evaluate(tuned, dev, point["recipe"]),
                              "dev_dense_after": evaluate(tuned, dev, "")}
-    for point in (token, hdp, *([{"dev": h} for h in head_curve])):
+    for point in (*points, token_cascade, *([{"dev": h} for h in head_curve])):
         point["drop_points"] = round(100 * (dense["accuracy"] - point["dev"]["accuracy"]), 2)
         if point.get("paft"):
             point["paft"]["drop_points"] = round(100 * (dense["accuracy"] - point["paft"]["dev"]["accuracy"]), 2)
@@ -155,7 +170,8 @@ def main() -> None:
         "checkpoint": str(args.checkpoint), "checkpoint_name": args.checkpoint.name,
         "finetune": {k: training.get(k) for k in ("base_model", "rows", "epochs", "lr", "batch_size", "seed",
                                                    "steps", "seconds", "steps_per_second", "dev_accuracy")},
-        "threads": threads, "dev": str(dev), "dense": dense, "token": token, "hdp": hdp, "head_curve": head_curve,
+        "threads": threads, "dev": str(dev), "dense": dense, "token": token, "token_cascade": token_cascade,
+        "hdp": hdp, "head_curve": head_curve, "head_paft": head_point,
         "targets": {"spatten_token_1.9x_max_drop_points": 0.5, "hdp_75_max_drop_points": 1.0,
                     "dense_min_accuracy": 0.88, "finetune_max_minutes_2_cores": 30},
         "seconds": round(time.perf_counter() - t_start, 1), "pid": os.getpid(),

@@ -35,6 +35,11 @@ DEFAULT_RECIPES = [
 ]
 
 
+def policy_of(recipe: str) -> str:
+    """The recipe's token_policy (drop when unset)."""
+    return next((kv.split("=", 1)[1] for kv in recipe.split(",") if kv.startswith("token_policy=")), "drop")
+
+
 def sample_pairs(data: Path, pairs: int | None, seed: int) -> Path:
     """A seeded sample of ``pairs`` pairs as a plain ``s1<TAB>s2<TAB>score`` file in a temporary folder
     (the whole file when ``pairs`` is None)."""
@@ -54,7 +59,7 @@ def plot(results: dict, path: Path) -> None:
 
     dense = results["dense"]["spearman"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for policy, marker in (("drop", "o"), ("merge", "s")):
+    for policy, marker in (("drop", "o"), ("merge", "s"), ("tome", "^")):
         rows = [r for r in results["runs"] if r["policy"] == policy]
         ax.scatter([1 - r["flops_kept"] for r in rows], [r["spearman"] - dense for r in rows], marker=marker,
                    label=f"token_policy={policy}")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     for recipe in recipes:
         r = run_task("minilm-l6", "sts", data=data, model=model, recipe=recipe)
         cost = r.cost
-        row = {"recipe": recipe, "policy": "merge" if "token_policy=merge" in recipe else "drop",
+        row = {"recipe": recipe, "policy": policy_of(recipe),
                "spearman": 100 * r.metric["value"],
                "drop_points": results["dense"]["spearman"] - 100 * r.metric["value"],
                "flops_kept": cost["flops_kept"], "flops_removed": 1 - cost["flops_kept"],

@@ -235,3 +235,54 @@ def test_cli_unknown_policy_is_one_error_line(dynaprune_cli):
     code, text = dynaprune_cli("eval", "minilm-l6", "sts", "--recipe", "token=0.5,token_policy=average")
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "token_policy" in lines[0], text
+
+
+def bipartite_by_hand(metric, valid, protected):
+    """One row, in loops: free real tokens alternate A, B, A, ... (protected ones are B); an A token
+    scores minus its best cosine with a B token, a B token 2, padding -inf."""
+    L = len(valid)
+    free = [i for i in range(L) if valid[i] and not protected[i]]
+    a_set = set(free[0::2])
+    b_set = [i for i in range(L) if valid[i] and i not in a_set]
+    out = []
+    for i in range(L):
+        if not valid[i]:
+            out.append(-math.inf)
+        elif i in a_set:
+            out.append(-max(float(metric[i] @ metric[j]) for j in b_set))
+        else:
+            out.append(2.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_bipartite_importance_matches_the_loop_reference_and_drops_the_closest_pair_first():
+    from dynaprune.prune.merge import bipartite_importance
+    from dynaprune.prune.tokens import edge_token_mask
+
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 2, 10, 4, generator=g, dtype=torch.float64)
+    keys[0, :, 3] = keys[0, :, 2] * 2.0  # token 3 (A: free rank 2) is a copy of token 2 (B: free rank 1)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False
+    protected = edge_token_mask(valid, first=1, last=1)
+    metric = key_metric(keys)
+    got = bipartite_importance(metric, valid, protected)
+    for b in range(2):
+        torch.testing.assert_close(got[b], bipartite_by_hand(metric[b], valid[b].tolist(), protected[b].tolist()))
+    selection = select_tokens_to_keep(got, 9, protected, valid)
+    assert 3 not in selection.index[0, :9].tolist()  # the exact duplicate goes first
+    assert {0, 9} <= set(selection.index[0, :9].tolist())  # [CLS] and [SEP] stay
+
+
+def test_tome_policy_keeps_the_token_counts_and_sizes_add_up():
+    model, (ids, mask) = tiny_bert(), batch()
+    recipe = "token_schedule=0:0.7/2:0.4"
+    drop_ctx, tome_ctx = make_context(recipe, model), make_context(recipe + ",token_policy=tome", model)
+    with torch.inference_mode():
+        model(ids, mask, ctx=drop_ctx)
+        full, full_mask = model(ids, mask, ctx=tome_ctx)
+    stage = tome_ctx.stages[0]
+    assert drop_ctx.summary()["tokens_per_layer"] == tome_ctx.summary()["tokens_per_layer"]
+    assert torch.equal(full_mask, mask)
+    assert torch.equal(stage.sizes.sum(-1), mask.sum(-1).to(stage.sizes.dtype))
+    assert tome_ctx.summary()["tokens_merged"] == int(mask.sum()) - sum(keep_count(0.4, int(n)) for n in mask.sum(-1))

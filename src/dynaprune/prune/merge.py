@@ -10,10 +10,13 @@ ToMe's ingredients, as we use them:
 - proportional attention: ``softmax(q k^T / sqrt(d) + log s)`` with ``s`` the size of each key (Sec. 3,
   "Tracking token size"), so a merged token of size s gets the attention s identical copies would.
 
-Unlike ToMe's bipartite soft matching, which tokens disappear is decided elsewhere (SpAtten's
-cumulative importance, ``prune/tokens.py``); each of them is merged into its most similar *kept* token,
-so the kept set is exactly the one token dropping keeps and the two policies cost the same after the
-merge. Pure functions on tensors; the run-time wiring is ``prune/techniques/token_cascade.py``.
+With ``token_policy=merge`` which tokens disappear is decided elsewhere (SpAtten's cumulative
+importance, ``prune/tokens.py``), so the kept set is exactly the one token dropping keeps. With
+``token_policy=tome`` they are chosen by ToMe's bipartite soft matching (Sec. 3, "Bipartite Soft
+Matching", :func:`bipartite_importance`): the most redundant tokens go, not the least attended (which
+in a BERT are the content words: attention piles up on [CLS], [SEP] and punctuation). Either way each
+pruned token is merged into its most similar *kept* token. Pure functions on tensors; the run-time
+wiring is ``prune/techniques/token_cascade.py``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,36 @@ def merge_flops(pruned: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, h
     flops = (n_valid * head_dim * (heads + 3) + n_pruned * n_kept * (2 * head_dim + 1)
              + 2 * hidden * (n_pruned + n_kept))
     return int(flops.sum())
+
+
+def bipartite_importance(metric: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """ToMe's bipartite soft matching as an importance for ``select_tokens_to_keep`` (keep the highest).
+
+    metric (B, L, D) unit keys (:func:`key_metric`), valid / protected (B, L) bool. The real tokens that
+    are not protected alternate between set A (even rank) and set B (odd rank); protected tokens
+    ([CLS], [SEP]) join B. Each A token scores ``-max cos(a, b)`` over the row's B tokens, so keeping the
+    top-n drops the A tokens with the closest match first (ToMe merges the r most similar edges);
+    B tokens score 2 (above any A token: at most |A| tokens leave per step unless more are asked for).
+    Padding scores -inf.
+    """
+    valid = valid.to(torch.bool)
+    free = valid & ~protected.to(torch.bool)
+    rank = free.long().cumsum(-1) - 1
+    in_a = free & (rank % 2 == 0)
+    in_b = valid & ~in_a
+    similarity = metric @ metric.transpose(1, 2)  # (B, L, L)
+    similarity = similarity.masked_fill(~in_b[:, None, :], float("-inf"))
+    best = similarity.max(dim=-1).values  # -inf for a row without any B token
+    scores = torch.where(in_a, -best, torch.full_like(best, 2.0))
+    return scores.masked_fill(~valid, float("-inf"))
+
+
+def bipartite_flops(valid: torch.Tensor, protected: torch.Tensor, head_dim: int) -> int:
+    """FLOPs of :func:`bipartite_importance`: every A x B cosine and its max, ``|A| |B| (2 D + 1)`` per row."""
+    free = valid.to(torch.bool) & ~protected.to(torch.bool)
+    n_a = (free.long().sum(-1) + 1) // 2
+    n_b = valid.long().sum(-1) - n_a
+    return int((n_a * n_b * (2 * head_dim + 1)).sum())
 
 
 def proportional_probs(probs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

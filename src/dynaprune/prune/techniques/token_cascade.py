@@ -11,7 +11,10 @@ enter the later layers (counted by the run's work counter).
 into its most similar kept token instead (ToMe, Bolya et al. ICLR 2023, Sec. 3; math in
 ``prune/merge.py``): size-weighted states, ``+ log(size)`` on merged keys' logits in every later layer,
 and the pooled states of an encoder are every original token's merged state (a size-weighted mean).
-The similarity and the merge are counted in the cost (``token_merge`` FLOPs).
+``token_policy=tome`` merges the same way but picks the tokens to merge by ToMe's bipartite soft
+matching on key similarity (``prune/merge.py`` bipartite_importance) instead of attention importance;
+no attention scores are accumulated. The similarity and the merge are counted in the cost
+(``token_merge`` FLOPs).
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from dynaprune.prune import keys as K
-from dynaprune.prune.merge import key_metric, merge_flops, merge_into_kept
+from dynaprune.prune.merge import bipartite_flops, bipartite_importance, key_metric, merge_flops, merge_into_kept
 from dynaprune.prune.technique import Stage, Technique
 from dynaprune.prune.tokens import edge_token_mask, gather_tokens, select_tokens_to_keep
 
 # Length-adaptive token pruning (see TokenPruning.token_keep_schedule).
 DEFAULT_TOKEN_ADAPT = 1.0 / 3.0
 DEFAULT_TOKEN_REF_LEN = 128
-TOKEN_POLICIES = ("drop", "merge")
+TOKEN_POLICIES = ("drop", "merge", "tome")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class TokenPruning(Technique):
     """``token``: fraction of the input's tokens alive after the last pruning layer; or
     ``token_schedule``: after layer I (0-based) a fraction F of the original tokens is alive (taken
     literally). ``token_adapt`` (default 1/3, 0 = off) and ``token_ref_len`` (default 128) tune the
-    length-adaptive rule of ``token``. ``token_policy``: ``drop`` (default) or ``merge`` the pruned tokens
-    (see the module docstring)."""
+    length-adaptive rule of ``token``. ``token_policy``: ``drop`` (default) or ``merge`` the pruned tokens,
+    or ``tome`` (merge the most similar tokens; see the module docstring)."""
 
     token: float | None = None
     token_schedule: K.Schedule | None = None
@@ -66,7 +69,7 @@ class TokenPruning(Technique):
             raise K.err("token_policy", "says what happens to pruned tokens; it needs token or token_schedule")
 
     def check_with(self, recipe) -> None:
-        if self.token_policy == "merge" and any(t.role == "kernel" for t in recipe.techniques):
+        if self.token_policy in ("merge", "tome") and any(t.role == "kernel" for t in recipe.techniques):
             raise K.err("token_policy", "merge needs proportional attention (log size on merged keys), which "
                                         "HDP's own attention kernel (block/hdp keys) does not apply")
 
@@ -130,7 +133,8 @@ class TokenCascadeStage(Stage):
         # Pruned tokens' last hidden states ("frozen" where they left), so mean pooling still sees every
         # token (else a mean-pooled embedding drifts to the few high-attention tokens that survive).
         self.pruned_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (hidden, pos, valid)
-        self.merge = technique.token_policy == "merge"
+        self.merge = technique.token_policy in ("merge", "tome")
+        self.bipartite = technique.token_policy == "tome"  # which tokens go: key similarity, not attention
         if self.merge and run.shape.causal:
             raise K.err("token_policy", "merge is for encoders: in a decoder a later token merged into an earlier "
                                         "one would leak the future into its keys (use token_policy=drop)")
@@ -163,13 +167,14 @@ class TokenCascadeStage(Stage):
 
     @property
     def wants_probabilities(self) -> bool:
-        return self.run.scorer.uses_attention
+        return self.run.scorer.uses_attention and not self.bipartite
 
     def needs_received(self, layer: int) -> bool:
-        return self.run.scorer.uses_attention and not self.run.prefilled and layer <= self.last_token_layer
+        return (self.run.scorer.uses_attention and not self.bipartite and not self.run.prefilled
+                and layer <= self.last_token_layer)
 
     def received(self, layer: int, received: torch.Tensor) -> None:
-        if self.run.scorer.uses_attention and not self.run.prefilled:
+        if self.run.scorer.uses_attention and not self.bipartite and not self.run.prefilled:
             self.token_importance = self.run.scorer.accumulate(self.token_importance, received)
 
     def between_layers(self, layer, hidden, keep):
@@ -183,9 +188,14 @@ class TokenCascadeStage(Stage):
         if bool((valid.sum(-1) <= target).all()):
             return hidden, keep
         importance = self.token_importance
-        if not run.scorer.uses_attention or importance is None:
-            importance = torch.rand(hidden.shape[:2], generator=run.generator).to(hidden.device)
         protected = edge_token_mask(valid, first=run.protect_first, last=run.protect_last)
+        if self.bipartite:  # ToMe: the A tokens with the closest B match go ([CLS] and [SEP] stay)
+            protected = edge_token_mask(valid, first=max(1, run.protect_first), last=max(1, run.protect_last))
+            importance = bipartite_importance(key_metric(self.layer_keys), valid, protected)
+            work = run.work.merge_flops
+            work[layer] = work.get(layer, 0) + bipartite_flops(valid, protected, self.layer_keys.shape[-1])
+        elif not run.scorer.uses_attention or importance is None:
+            importance = torch.rand(hidden.shape[:2], generator=run.generator).to(hidden.device)
         selection = select_tokens_to_keep(importance, target, protected, valid)
         if run.trace_calls:
             run.trace_calls[-1]["topk"] = int(selection.mask[0].sum())
