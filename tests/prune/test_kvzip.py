@@ -104,3 +104,17 @@ def test_kvzip_needs_the_prompt_ids_and_global_needs_flat_depth():
         model(ids, cache=cache, ctx=ctx)
     with pytest.raises(DynapruneError, match="kv_depth"):
         make_context("kv=0.5,score=h2o,kv_alloc=global,kv_depth=pyramid", model)
+
+
+def test_decode_tokens_after_the_prompt_get_the_head_mean_and_the_budget_holds():
+    model, ids = tiny_llama(), ids_of()
+    cache, ctx = run(model, ids, "kv_tokens=8,score=kvzip,kv_alloc=global,recent=2")
+    total = sum(int(cache.head_valid_mask(layer).sum()) for layer in range(LAYERS))
+    with torch.inference_mode():
+        for step in range(3):
+            model(torch.tensor([[5 + step]]), cache=cache, ctx=ctx)
+    for layer in range(LAYERS):
+        assert ctx.scores.by_layer[layer].shape[-1] == cache.lengths[layer]  # aligned with the cache
+        assert int(cache.head_valid_mask(layer).sum(-1).max()) <= cache.lengths[layer]
+    assert sum(int(cache.head_valid_mask(layer).sum()) for layer in range(LAYERS)) <= total + 3 * LAYERS * KV_HEADS
+    assert int(cache.next_position[0]) == N + 3

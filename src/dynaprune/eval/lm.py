@@ -106,6 +106,8 @@ def _stream_nll(
         ctx.kv_budget = budget  # of the whole stream, not of the first forward
     capacity = cache_capacity(n, prefill, 1, budget)
     cache = model.new_cache(b, capacity)
+    if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
+        ctx.reconstruction = (model, streams[:, :prefill])
     logits = model(streams[:, :prefill], cache=cache, ctx=ctx)  # (B, prefill, V)
     total = _nll(logits[:, :-1].reshape(-1, logits.shape[-1]), streams[:, 1:prefill].reshape(-1))
     last = logits[:, -1]
@@ -211,6 +213,8 @@ def evaluate_lm(
                 else:
                     prompt, cont = piece[:context + bos], piece[context + bos:]
                     cache = model.new_cache(1, len(piece))
+                    if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
+                        ctx.reconstruction = (model, prompt[None])
                     last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
                     if stepwise:
                         rest = [model(cont[None, i:i + 1], cache=cache, ctx=ctx)[0] for i in range(len(cont) - 1)]

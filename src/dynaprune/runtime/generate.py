@@ -172,6 +172,8 @@ def generate(
         # under a KV budget the cache never holds more than budget + the one token a step adds
         capacity = cache_capacity(longest + max_new_tokens, longest, 1, kv_budget(ctx, longest))
         cache = model.new_cache(b, capacity)
+        if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
+            ctx.reconstruction = (model, ids)
         logits = model(ids, cache=cache, ctx=ctx, attention_mask=mask, last_only=True)
         t1 = time.perf_counter()
         for i in range(max_new_tokens):

@@ -123,6 +123,16 @@ class KVzipScore(TokenScorer):
         state.by_layer.update(reconstruct(model, context_ids, cache))
         return repeat_ids(model, context_ids[:, :1]).shape[1] - 1 + context_ids.shape[1]
 
+    def kv_scores(self, state, layer, positions, generator):
+        """The reconstruction scores; tokens cached after the prompt (decode steps, a stream) were never
+        reconstructed: they get their head's mean score (stored, so the state stays aligned)."""
+        scores = state.by_layer[layer]
+        extra = positions.shape[-1] - scores.shape[-1]
+        if extra > 0:
+            fill = scores.mean(-1, keepdim=True).expand(*scores.shape[:-1], extra)
+            state.by_layer[layer] = scores = torch.cat([scores, fill], -1)
+        return scores
+
     def default_sink(self, budget: int) -> int:
         return min(SINKS, budget)
 
