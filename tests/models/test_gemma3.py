@@ -194,3 +194,37 @@ def test_dense_kv_bytes_reference_is_the_windowed_cache(pair):
     row = 2 * 2 * TINY.kv_heads * TINY.head_dim  # K and V of one token at fp16
     held = [TINY.sliding_window - 1 if TINY.is_sliding(i) else 21 for i in range(TINY.layers)]
     assert cache.dense_fp16_bytes() == row * sum(held) == cache.bytes_held(fp_bytes=2)
+
+
+def test_dense_flops_reference_counts_each_layer_with_its_own_window(pair):
+    """Hand count: the tiny model's sliding layers attend sum_i min(i + 1, 8) pairs, its global layers
+    i + 1; the dense reference of a run (no ``dense`` counter given), of a KV-budget decode, and
+    ``dense_cost`` all say so (before: layer 0's windowed pairs were copied to the global layers)."""
+    from dynaprune.runtime.cost import cost_shape, dense_cost, work_cost
+
+    ours, _ = pair
+    shape = cost_shape(ours)
+    assert shape.layer_windows == tuple(0 if (i + 1) % 3 == 0 else 8 for i in range(6))
+    n, qdim = 20, TINY.heads * TINY.head_dim
+    hand = sum(sum(min(i + 1, 8) if TINY.is_sliding(layer) else i + 1 for i in range(n)) for layer in range(6))
+    ids = torch.randint(0, TINY.vocab, (1, n), generator=torch.Generator().manual_seed(7))
+    ctx = RunContext()
+    with torch.no_grad():
+        ours(ids, ctx=ctx)
+    cost = work_cost(shape, ctx.work)
+    assert cost["dense"]["flops"]["attn_qk"] == cost["actual"]["flops"]["attn_qk"] == 2 * qdim * hand
+    assert cost["flops_kept"] == 1.0
+    assert dense_cost(shape, [n])["dense_flops"]["attn_qk"] == 2 * qdim * hand
+    # a KV budget: prompt of 20 under kv=0.25, 4 decode steps; its dense reference is a dense run's work
+    runs = {}
+    for name, recipe in (("dense", None), ("kv", "kv=0.25,score=h2o")):
+        c, cache = (make_context(recipe, ours) if recipe else RunContext()), ours.new_cache(1, 30)
+        with torch.no_grad():
+            ours(ids, cache=cache, ctx=c)
+            for t in range(4):
+                ours(ids[:, t:t + 1], cache=cache, ctx=c)
+        runs[name] = c.work
+    dense_run = work_cost(shape, runs["dense"])["actual"]["flops"]
+    kv = work_cost(shape, runs["kv"])
+    assert kv["dense"]["flops"]["attn_qk"] == dense_run["attn_qk"]
+    assert kv["actual"]["flops"]["attn_qk"] < dense_run["attn_qk"]

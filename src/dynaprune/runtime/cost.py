@@ -37,7 +37,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dynaprune.runtime.attention import WorkCounter
+import torch
+
+from dynaprune.runtime.attention import WorkCounter, windowed_pairs
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class CostShape:
     # a statically pruned checkpoint (static/shapes.py): query heads / FFN width of each layer; None = uniform
     layer_heads: tuple[int, ...] | None = None
     layer_ffn: tuple[int, ...] | None = None
+    # sliding-window layers (Gemma 3): keys a query of each layer sees at most, 0 = all; None = no window
+    layer_windows: tuple[int, ...] | None = None
+
+    def window_of(self, layer: int) -> int | None:
+        return self.layer_windows[layer] or None if self.layer_windows is not None else None
+
+    def reference_layer(self, layer: int) -> int:
+        """The first layer with ``layer``'s window: whose dense (query, key) pairs stand for it (a sliding
+        layer attends fewer pairs than a global one of the same tokens)."""
+        return 0 if self.layer_windows is None else self.layer_windows.index(self.layer_windows[layer])
 
     def heads_of(self, layer: int) -> int:
         return self.heads if self.layer_heads is None else self.layer_heads[layer]
@@ -95,8 +107,12 @@ def cost_shape(model) -> CostShape:
     except AttributeError:
         ffn = 4 * hidden
     layer_heads, layer_ffn = getattr(cfg, "layer_heads", None), getattr(cfg, "layer_intermediate", None)
+    n_layers = _first(cfg, "layers", "n_layers", "num_layers", "num_hidden_layers", "n_layer")
+    windows = None
+    if callable(getattr(cfg, "window", None)):  # models/gemma3.py: sliding-window layers
+        windows = tuple(cfg.window(i) or 0 for i in range(n_layers))
     return CostShape(
-        layers=_first(cfg, "layers", "n_layers", "num_layers", "num_hidden_layers", "n_layer"),
+        layers=n_layers,
         hidden=hidden,
         heads=heads,
         kv_heads=kv_heads,
@@ -107,6 +123,7 @@ def cost_shape(model) -> CostShape:
         vocab=_first(cfg, "vocab", "vocab_size", "n_vocab") if hasattr(model, "generate") else 0,
         layer_heads=tuple(int(h) for h in layer_heads) if layer_heads is not None else None,
         layer_ffn=tuple(int(f) for f in layer_ffn) if layer_ffn is not None else None,
+        layer_windows=windows if windows is not None and any(windows) else None,
     )
 
 
@@ -124,6 +141,11 @@ def dense_cost(shape: CostShape, lengths: list[int], cached: list[int] | None = 
     flops = {"proj_qkvo": 0, "attn_qk_int": 0, "attn_qk": 0, "attn_pv": 0, "ffn": 0}
     for layer in range(shape.layers):  # per layer: a statically pruned model's widths differ
         qdim, kvdim = shape.heads_of(layer) * shape.head_dim, shape.kv_heads_of(layer) * shape.head_dim
+        if shape.causal and shape.window_of(layer) is not None:  # a sliding layer: each query sees <= window keys
+            pairs = sum(int(windowed_pairs(torch.tensor(n + c), torch.tensor(n), shape.window_of(layer)))
+                        for n, c in zip(lengths, cached, strict=True))
+        elif shape.causal:
+            pairs = sum(n * (n + 1) // 2 + n * c for n, c in zip(lengths, cached, strict=True))
         flops["proj_qkvo"] += 2 * tokens * shape.hidden * (2 * qdim + 2 * kvdim)
         flops["attn_qk"] += 2 * qdim * pairs
         flops["attn_pv"] += 2 * qdim * pairs
@@ -166,7 +188,9 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
     The dense reference is ``dense`` when given (e.g. the same inputs run without pruning), else the
     first layer's work repeated over every layer, with its (query, key) pairs and keys counted as if no
     K/V had been evicted: exact for token and head pruning, which never prune before the first layer,
-    and for KV budgets, which the counter tracks beside the real pairs. See the module docstring for
+    and for KV budgets, which the counter tracks beside the real pairs. Sliding-window layers (Gemma 3):
+    a layer's pairs and keys are those of the first layer with its window (``CostShape.reference_layer``),
+    exact unless tokens were pruned before that layer (then pass ``dense``). See the module docstring for
     the useful (modelled under HDP) and computed views.
     """
     layers = range(shape.layers)
@@ -180,8 +204,9 @@ def work_cost(shape: CostShape, work: WorkCounter, dense: WorkCounter | None = N
             tokens = counter.tokens.get(src, 0)
             int_pairs = 0
             if replicate_first:  # the dense reference: layer 0 as if no K/V had been evicted, every head
-                head_pairs = counter.dense_pairs.get(0, 0) * shape.heads_of(layer)
-                keys = counter.dense_keys.get(0, 0)
+                ref = shape.reference_layer(layer)  # pairs and keys: the first layer of the same window
+                head_pairs = counter.dense_pairs.get(ref, 0) * shape.heads_of(layer)
+                keys = counter.dense_keys.get(ref, 0)
                 q_head_tokens, kv_head_tokens = tokens * shape.heads_of(layer), tokens * shape.kv_heads_of(layer)
             else:
                 head_pairs, keys = counter.head_pairs.get(src, 0), counter.keys.get(src, 0)
