@@ -22,6 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/dynaprune fetch minilm-l6
 	$(BIN)/dynaprune fetch smollm2-135m
+	$(BIN)/dynaprune fetch gemma3-270m  # tests/models/test_gemma3*.py skip without it
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
