@@ -51,6 +51,11 @@ def test_scores_are_the_reconstruction_max_attention():
     assert cache.lengths == [N] * LAYERS  # the repeat's K/V are not left in the cache
     assert int(cache.next_position[0]) == N
     assert ctx.summary()["kv_reconstruction_tokens"] == N
+    # by hand: 3 layers x (q,k,v,o: 2*48*8*(6+6+2+2) + MLP 2*3*48*64) per token, attention 6*6*8 per pair
+    pairs = N * N + N * (N + 1) // 2
+    assert (
+        ctx.summary()["kv_reconstruction_flops"] == 3 * (2 * 48 * 8 * 16 + 2 * 3 * 48 * 64) * N + 3 * 6 * 6 * 8 * pairs
+    )
 
 
 @pytest.mark.parametrize("budget", [6, 11])

@@ -111,6 +111,20 @@ def reconstruct(model, context_ids: torch.Tensor, cache) -> dict[int, torch.Tens
     return ctx.scores
 
 
+def reconstruction_flops(shape, n_context: int, n_repeat: int) -> int:
+    """FLOPs of the reconstruction pass (per sequence): every layer's projections and MLP on ``n_repeat``
+    tokens, QK^T and PV over the context and the repeat so far, and the score rows' extra QK^T (no LM head:
+    only the last position's, negligible). ``shape``: ``runtime.cost.CostShape``."""
+    linear = sum(
+        2 * shape.hidden * shape.head_dim * (2 * shape.heads_of(layer) + 2 * shape.kv_heads)
+        + 2 * shape.ffn_matrices * shape.hidden * shape.ffn
+        for layer in range(shape.layers)
+    )
+    pairs = n_repeat * n_context + n_repeat * (n_repeat + 1) // 2
+    attention = sum(6 * shape.heads_of(layer) * shape.head_dim * pairs for layer in range(shape.layers))
+    return linear * n_repeat + attention
+
+
 @dataclass(frozen=True)
 class KVzipScore(TokenScorer):
     name = "kvzip"
@@ -122,6 +136,9 @@ class KVzipScore(TokenScorer):
         """Fill ``state`` with the reconstruction scores; returns the reconstruction's token count."""
         state.by_layer.update(reconstruct(model, context_ids, cache))
         return repeat_ids(model, context_ids[:, :1]).shape[1] - 1 + context_ids.shape[1]
+
+    def reconstruction_flops(self, shape, n_context: int, n_repeat: int) -> int:
+        return reconstruction_flops(shape, n_context, n_repeat)
 
     def kv_scores(self, state, layer, positions, generator):
         """The reconstruction scores; tokens cached after the prompt (decode steps, a stream) were never

@@ -158,6 +158,7 @@ class KVBudgetStage(Stage):
         self._held: list[int] = []  # cache slots per layer after the last forward
         self.reconstruction: tuple | None = None  # (model, prompt ids) for a scorer that reconstructs
         self.reconstruction_tokens = 0  # tokens of the scorer's extra forward (per sequence)
+        self.reconstruction_flops = 0
 
     def summary(self, out: dict, layers: list[int]) -> None:
         """What the cache held and evicted: slots per layer after the last forward, slots evicted in all
@@ -166,8 +167,9 @@ class KVBudgetStage(Stage):
         out["kv_held_per_layer"] = list(self._held)
         out["kv_evicted_tokens"] = int(self.total(layers, "evicted"))
         out["kv_evictions"] = int(self.total(layers, "evictions"))
-        if self.reconstruction_tokens:
+        if self.reconstruction_tokens:  # the scorer's extra forward: its FLOPs beside the run's (per sequence)
             out["kv_reconstruction_tokens"] = self.reconstruction_tokens
+            out["kv_reconstruction_flops"] = self.reconstruction_flops
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         if self.run.cache is not None and self.run.scorer.observes:
@@ -229,6 +231,8 @@ class KVBudgetStage(Stage):
                                  "hand over the prompt ids (ctx.reconstruction = (model, ids))")
         model, ids = self.reconstruction
         self.reconstruction_tokens = scorer.reconstruct(self.scores, model, ids, cache)
+        self.reconstruction_flops = scorer.reconstruction_flops(self.run.shape, cache.lengths[0],
+                                                                self.reconstruction_tokens)
 
     def evict_global(self, cache) -> bool:
         """The prompt's eviction under ``kv_alloc=global``: one selection over every layer and KV head;
