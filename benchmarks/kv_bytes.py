@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="test: the JSON (default results/kv-bytes.json)")
     p.add_argument("--pairs", help="search: K:V bit pairs, e.g. 4:3,4:4 (default: calibrate/kv_bytes.BIT_PAIRS)")
     p.add_argument("--groups", help="search: stage-1 key groups, e.g. 64,128 (default calibrate/kv_bytes.GROUPS)")
+    p.add_argument("--prefill-store", type=Path, help="search / test --shared: keep each prefill in this folder "
+                   "and reuse it (one file per text, score, chunks)")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.mode == "plot":
@@ -69,7 +71,8 @@ def main() -> None:
         if a.groups:
             searcher.GROUPS = tuple(int(g) for g in a.groups.split(","))
 
-        found = search(model, DATA / "valid.txt", a.fractions, chunks=a.chunks or 2, progress=progress)
+        found = search(model, DATA / "valid.txt", a.fractions, chunks=a.chunks or 2, progress=progress,
+                       store=a.prefill_store)
         meta.update(split="valid", command=command, seconds=round(time.perf_counter() - t0, 1), load=load_average())
         if a.part is not None:  # one F per process on a loaded machine; `merge` ships them together
             write_json_atomic(a.part, {**meta, **found})
@@ -94,7 +97,7 @@ def main() -> None:
         for c in json.loads(Path(part).read_text())["choices"]:
             recipes.append(c["recipe"])
             labels[c["recipe"]] = f"kv_bytes={c['kv_bytes']:g}"
-    shared = shared_prefill_rows(model, recipes, chunks, progress) if a.shared else {}
+    shared = shared_prefill_rows(model, recipes, chunks, progress, a.prefill_store) if a.shared else {}
     for r in recipes:
         row = shared[r] if a.shared else via_run_task(model, DATA / "test.txt", r, 1536, 512, chunks)
         if labels[r].startswith("kv_bytes="):
@@ -107,7 +110,7 @@ def main() -> None:
                                 "seconds": round(time.perf_counter() - t0, 1), "load": load_average(), "rows": rows})
 
 
-def shared_prefill_rows(model, recipes: list[str], chunks: int, progress) -> dict[str, dict]:
+def shared_prefill_rows(model, recipes: list[str], chunks: int, progress, store: Path | None = None) -> dict[str, dict]:
     """Each recipe from a shared per-score prefill of the TEST chunks (see calibrate/kv_bytes.py)."""
     import torch
 
@@ -121,7 +124,8 @@ def shared_prefill_rows(model, recipes: list[str], chunks: int, progress) -> dic
         by_score.setdefault(Recipe.parse(r).scorer.name, []).append(r)
     out = {}
     for score, group in by_score.items():
-        prefilled = prefill_chunks(model, ids, 1536, 512, chunks, score)
+        prefilled = prefill_chunks(model, ids, 1536, 512, chunks, score,
+                                   None if store is None else store / f"test-{score}-{chunks}x1536+512.pt")
         progress(f"prefilled {len(prefilled)} chunks under score={score}")
         for r in group:
             out[r] = {**evaluate(model, prefilled, r), "path": "shared prefill per score (calibrate/kv_bytes.evaluate)"}

@@ -43,13 +43,15 @@ def scorer_of(recipe: str) -> str:
     return next(item.split("=", 1)[1] for item in recipe.split(",") if item.startswith("score="))
 
 
-def prefill_chunks(model, path: Path, context: int, continuation: int, chunks: int, scorer: str) -> list[tuple]:
+def prefill_chunks(model, path: Path, context: int, continuation: int, chunks: int, scorer: str,
+                   store: Path | None = None) -> list[tuple]:
     """(cache after the prompt, the scorer's state, logits predicting the first continuation token,
     continuation) per chunk, the prompt run under ``score=scorer`` per KV head without eviction."""
     from dynaprune.eval.lm import read_tokens
 
     ids = torch.tensor(read_tokens(model, path, None))
-    return kv_bytes.prefill_chunks(model, ids, context, continuation, chunks, scorer)
+    file = None if store is None else store / f"{path.stem}-{scorer}-{chunks}x{context}+{continuation}.pt"
+    return kv_bytes.prefill_chunks(model, ids, context, continuation, chunks, scorer, file)
 
 
 def shared_prefill(model, prefilled: list[tuple], recipe: str) -> dict:
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--context", type=int, default=1536)
     p.add_argument("--continuation", type=int, default=512)
+    p.add_argument("--prefill-store", type=Path, help="keep each prefill in this folder and reuse it")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
@@ -106,7 +109,7 @@ def main() -> None:
         write_json_atomic(a.out, payload)
 
     for scorer in dict.fromkeys(scorer_of(r) for r in recipes):
-        prefilled = prefill_chunks(model, path, a.context, a.continuation, a.chunks, scorer)
+        prefilled = prefill_chunks(model, path, a.context, a.continuation, a.chunks, scorer, a.prefill_store)
         progress(f"prefilled {len(prefilled)} chunks for score={scorer}")
         for r in (r for r in recipes if scorer_of(r) == scorer):
             rows[r] = shared_prefill(model, prefilled, r)

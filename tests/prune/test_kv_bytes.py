@@ -98,7 +98,7 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
         assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
         assert c["valid_perplexity"] == round(min(r["perplexity"] for r in fitting), 4)
         assert {(r["score"], r["alloc"]) for r in tried} == {search_mod.EVICTION, *search_mod.ALTERNATIVES}
-        assert {r.get("scale_bits") for r in tried} == {16, 8} and {r.get("rotate") for r in tried} == {"", "k", "kv"}
+        assert {r.get("scale_bits") for r in tried} == {16, 8} and {r.get("rotate") for r in tried} == {"", "kv"}
 
 
 def test_cli_bad_kv_bytes_one_line_exit_2(dynaprune_cli, tmp_path) -> None:

@@ -31,14 +31,14 @@ from dynaprune.runtime.pruning import make_context
 
 # (key, value) bits: 2..8, keys the more sensitive so K >= V; groups of tokens per key channel
 BIT_PAIRS = ((2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 4), (6, 4), (8, 8))
-GROUPS = (64, 128)  # stage 1; 32 in stage 2 (its scales cost 1 bit per element at fp16)
+GROUPS = (128,)  # stage 1; 64 in stage 2
 MAX_VALUE_GROUP = 64  # values are grouped per token over channels: <= head_dim
 EVICTION = ("kvzip", "global")  # (score, kv_alloc) of stage 1: the best eviction alone on VALID (kv-evict.json)
 RECENT = 32  # the recent window of stage 1's eviction (kvzip,global: 13.230 with it, 13.267 without, VALID 25%)
-ALTERNATIVES = (("kvzip", "head"), ("observed", "head"), ("h2o", "global"))
+ALTERNATIVES = (("kvzip", "head"), ("h2o", "head"))
 STAGE2_TOP = 2
-STAGE2 = ({"scale_bits": 8}, {"rotate": "k"}, {"rotate": "kv"}, {"scale_bits": 8, "rotate": "kv"}, {"group": 32})
-REFITS = 2  # re-evaluations of a padded allocation whose measured bytes overshoot F
+STAGE2 = ({"scale_bits": 8}, {"rotate": "kv"}, {"group": 64})
+REFITS = 1  # re-evaluations of a padded allocation whose measured bytes overshoot F
 PADDED = ("ada", "global")
 
 
@@ -121,8 +121,21 @@ def stage1(fraction: float, context: int, head_dim: int) -> list[dict]:
 
 
 def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int,
-                   scorer: str) -> list[tuple]:
-    """(cache after the prompt, scorer state, logits predicting the first continuation token, continuation)."""
+                   scorer: str, store: Path | None = None) -> list[tuple]:
+    """(cache after the prompt, scorer state, logits predicting the first continuation token, continuation).
+    ``store``: a file holding them (read when it exists, written otherwise; keyed by the caller)."""
+    if store is not None and store.is_file():
+        return torch.load(store, weights_only=False)
+    out = _prefill_chunks(model, ids, context, continuation, chunks, scorer)
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, store.with_name(store.name + ".tmp"))
+        store.with_name(store.name + ".tmp").replace(store)
+    return out
+
+
+def _prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int,
+                    scorer: str) -> list[tuple]:
     size = context + continuation
     out = []
     with torch.inference_mode():
@@ -160,7 +173,8 @@ def evaluate(model, prefilled: list[tuple], recipe: str) -> dict:
 
 
 def search(model, text: str | Path, fractions: list[float], *, chunks: int = 2, context: int = 1536,
-           continuation: int = 512, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+           continuation: int = 512, progress: Callable[[str], None] = lambda m: None,
+           store: Path | None = None) -> dict[str, Any]:
     """The best composition per F on ``text`` (see the module docstring), with every config tried."""
     from dynaprune.eval.lm import read_tokens
     from dynaprune.runtime.cost import cost_shape
@@ -169,9 +183,13 @@ def search(model, text: str | Path, fractions: list[float], *, chunks: int = 2, 
     ids = torch.tensor(read_tokens(model, text, None))
     prefilled: dict[str, list] = {}
 
+    def stored(score: str) -> Path | None:
+        return None if store is None else store / f"{Path(text).stem}-{score}-{chunks}x{context}+{continuation}.pt"
+
     def measure(c: dict) -> dict:
         if c["score"] not in prefilled:
-            prefilled[c["score"]] = prefill_chunks(model, ids, context, continuation, chunks, c["score"])
+            prefilled[c["score"]] = prefill_chunks(model, ids, context, continuation, chunks, c["score"],
+                                                   stored(c["score"]))
         row = {**c, "recipe": recipe_of(c), **evaluate(model, prefilled[c["score"]], recipe_of(c))}
         progress(f"{row['recipe']}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f}")
         return row
@@ -195,8 +213,9 @@ def search(model, text: str | Path, fractions: list[float], *, chunks: int = 2, 
 
     out: dict[str, Any] = {"context": context, "continuation": continuation, "chunks": chunks, "choices": [],
                            "searched": described(), "tried": {}}
-    prefilled["h2o"] = prefill_chunks(model, ids, context, continuation, chunks, "h2o")
-    out["dense_perplexity"] = round(evaluate(model, prefilled["h2o"], "")["perplexity"], 4)
+    first = EVICTION[0]
+    prefilled[first] = prefill_chunks(model, ids, context, continuation, chunks, first, stored(first))
+    out["dense_perplexity"] = round(evaluate(model, prefilled[first], "")["perplexity"], 4)
     progress(f"dense: {out['dense_perplexity']}")
     keep = ("key_bits", "value_bits", "group", "scale_bits", "rotate", "alloc", "score", "recent")
     for fraction in fractions:
