@@ -50,6 +50,8 @@ from dynaprune.runtime.pruning import make_context
 
 SEARCH_LAYERS = [3, 6]
 SEARCH_KEEP = [0.5, 0.65, 0.8]
+SEARCH_WINDOWS = [32, 128]
+SEARCH_POOLS = [7]
 SHIP_TARGETS = [0.5, 0.6, 0.7, 0.8, 0.9]
 GEMFILTER = [GemFilter(3, 0.5), GemFilter(6, 0.65)]
 
@@ -106,7 +108,10 @@ def prefill_cost(model, ids: torch.Tensor, v: dict) -> dict:
         summary = ctx.summary().get("prefill", {}) if hasattr(ctx, "summary") else {}
         window_pairs = summary.get("window_pairs", 0)
         if summary:
-            extra = {"settings": {k: summary[k] for k in ("layer", "keep", "window", "sinks", "pool")},
+            settings = {k: summary[k] for k in ("layer", "keep", "window", "sinks", "pool")}
+            if len(summary["schedule"]) > 1:
+                settings["schedule"] = [list(p) for p in summary["schedule"]]
+            extra = {"settings": settings,
                      "tokens_kept": summary["tokens_kept"]}
     dense_flops = work_cost(shape, dense.work)["flops_useful"]
     window_flops = 2 * window_pairs * shape.head_dim  # the window's QK^T (its softmax sums are minor)
@@ -120,14 +125,16 @@ def search(model, args, length: int, continuation: int) -> dict:
     examples = args.ppl_examples
     dense = perplexity(model, "valid", length, continuation, examples, {})
     grid = []
-    for layer in args.layers:
-        for keep in args.keep:
-            v = {"recipe": f"prefill_keep={keep:g},prefill_layer={layer}"}
-            cost = prefill_cost(model, ids, v)
-            ppl = perplexity(model, "valid", length, continuation, examples, v)
-            grid.append({"recipe": v["recipe"], **cost, "perplexity": ppl, "perplexity_cost": ppl / dense - 1})
-            print(f"{v['recipe']:36s} flops kept {cost['flops_kept']:.3f}: perplexity {ppl:.3f} "
-                  f"({100 * (ppl / dense - 1):+.2f}%)", flush=True)
+    points = [f"prefill_keep={keep:g},prefill_layer={layer},prefill_window={w},prefill_pool={pool}"
+              for layer in args.layers for keep in args.keep for w in args.windows for pool in args.pools]
+    points += [f"prefill_schedule={s},prefill_window={w}" for s in args.schedules for w in args.windows]
+    for recipe in points:
+        v = {"recipe": recipe}
+        cost = prefill_cost(model, ids, v)
+        ppl = perplexity(model, "valid", length, continuation, examples, v)
+        grid.append({"recipe": v["recipe"], **cost, "perplexity": ppl, "perplexity_cost": ppl / dense - 1})
+        print(f"{v['recipe']:36s} flops kept {cost['flops_kept']:.3f}: perplexity {ppl:.3f} "
+              f"({100 * (ppl / dense - 1):+.2f}%)", flush=True)
     choices = []
     for target in SHIP_TARGETS:
         fitting = [r for r in grid if r["flops_kept"] <= target + 0.005]
@@ -223,10 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hw-trace-dir", default="/tmp", help="--hw: where the (large) trace CSVs go")
     p.add_argument("--layers", default=",".join(map(str, SEARCH_LAYERS)), help="--search: prefill_layer values")
     p.add_argument("--keep", default=",".join(map(str, SEARCH_KEEP)), help="--search: prefill_keep values")
+    p.add_argument("--windows", default=",".join(map(str, SEARCH_WINDOWS)), help="--search: prefill_window values")
+    p.add_argument("--pools", default=",".join(map(str, SEARCH_POOLS)), help="--search: prefill_pool values")
+    p.add_argument("--schedules", default="", help="--search: ';'-separated prefill_schedule values too")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     args.layers = [int(x) for x in args.layers.split(",")]
     args.keep = [float(x) for x in args.keep.split(",")]
+    args.windows = [int(x) for x in args.windows.split(",")]
+    args.pools = [int(x) for x in args.pools.split(",")]
+    args.schedules = [x for x in args.schedules.split(";") if x]
     threads = setup_threads(args.threads)
     length, continuation = (64, 16) if args.quick else (args.length, 128)
     repeats = 1 if args.quick else args.repeats
