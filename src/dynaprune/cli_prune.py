@@ -23,6 +23,8 @@ def prune_cmd(
     steps: int = typer.Option(1, help="steps of the exponential magnitude schedule"),
     criterion: str = typer.Option("taylor", help="head/FFN importance: taylor, entropy, confidence, spatten, "
                                   "magnitude"),
+    layer_criterion: str = typer.Option("cosine", help="layer importance: cosine (input/output similarity) or "
+                                        "sensitivity (calibration loss with the layer skipped)"),
     calib: Path = typer.Option(..., help="calibration data: STS pairs / text<TAB>label (BERT), text (Llama)"),
     max_calib: int = typer.Option(128, help="calibration examples (Llama: chunks of 256 tokens)"),
     finetune: Path | None = typer.Option(None, help="recovery fine-tuning after pruning: text<TAB>label rows "
@@ -39,8 +41,8 @@ def prune_cmd(
     from dynaprune.static.checkpoint import check_output_folder, save_pruned
     from dynaprune.static.prune import StaticConfig
 
-    cfg = StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion, nm=nm, sparsity=sparsity,
-                       steps=steps)
+    cfg = StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion, layer_criterion=layer_criterion,
+                       nm=nm, sparsity=sparsity, steps=steps)
     cfg.check()
     if max_calib < 1:
         raise DynapruneError(f"--max-calib must be a positive integer, got {max_calib}")
@@ -82,7 +84,16 @@ def prune_cmd(
             console.print(f"{i:>5} {h:>12.4f} {f:>12.4f} {w:>12.4f}")
         png = plot or (Path(out).with_suffix(".png") if out else Path("sensitivity.png"))
         plot_png(result, png)
-        console.print(f"plot: {png}")
+        import os
+        import sys
+
+        from dynaprune.io import write_json_atomic
+
+        write_json_atomic(png.with_suffix(".json"), {
+            **result, "model": model_name, "command": " ".join(["dynaprune", *sys.argv[1:]]),
+            "calibration": {"file": str(calib), "examples": max_calib, "kind": data.kind},
+            "load_average": list(os.getloadavg())})
+        console.print(f"plot: {png} (values: {png.with_suffix('.json')})")
         return
     from dynaprune.static.prune import prune_model
 

@@ -22,6 +22,18 @@ def _mean_loss(model, calib) -> float:
     return sum(losses) / len(losses)
 
 
+def layer_losses(model, calib) -> list[float]:
+    """The mean calibration loss with each layer skipped in turn (the block returns its input)."""
+    out = []
+    for blk in model.layers:
+        h = blk.register_forward_hook(lambda m, args, o: args[0])
+        try:
+            out.append(_mean_loss(model, calib))
+        finally:
+            h.remove()
+    return out
+
+
 def sensitivity(model, calib, progress=None) -> dict:
     """{"metric", "dense", "heads": [...], "ffn": [...], "layer": [...]} (one value per layer)."""
     arch = adapter(model)

@@ -11,6 +11,7 @@ from dynaprune.static.criteria import (
     head_spatten,
     head_taylor,
     layer_cosine,
+    layer_sensitivity,
 )
 
 HEAD_CRITERIA = {"taylor": head_taylor.scores, "entropy": head_entropy.scores,
@@ -19,7 +20,7 @@ HEAD_CRITERIA = {"taylor": head_taylor.scores, "entropy": head_entropy.scores,
 FFN_CRITERIA = {"taylor": ffn_taylor.scores, "magnitude": ffn_magnitude.scores,
                 "entropy": ffn_magnitude.scores, "confidence": ffn_magnitude.scores,
                 "spatten": ffn_magnitude.scores}  # FFN has no attention: attention criteria use magnitude
-LAYER_CRITERIA = {"cosine": layer_cosine.scores}
+LAYER_CRITERIA = {"cosine": layer_cosine.scores, "sensitivity": layer_sensitivity.scores}
 
 
 def criterion(name: str) -> tuple:
