@@ -21,8 +21,9 @@ class _CharTokenizer:
 
 def _model(head_dim: int = 8) -> Llama:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=head_dim, intermediate=48,
-                      max_positions=256)
+    cfg = LlamaConfig(
+        vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=head_dim, intermediate=48, max_positions=256
+    )
     return Llama(cfg, tokenizer=_CharTokenizer(), name="tiny").eval()
 
 
@@ -128,8 +129,17 @@ def _lm_cost(model: Llama, tmp_path, recipe: str, context: int, continuation: in
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    result = run_task("tiny", "lm", data=text, protocol="continue", context=context, continuation=continuation,
-                      max_examples=2, recipe=recipe, model=model)
+    result = run_task(
+        "tiny",
+        "lm",
+        data=text,
+        protocol="continue",
+        context=context,
+        continuation=continuation,
+        max_examples=2,
+        recipe=recipe,
+        model=model,
+    )
     return result.cost
 
 
@@ -163,3 +173,24 @@ def test_bytes_axis_eviction_then_packing(tmp_path) -> None:
     # decode-time growth), 64 packed + 6 fp16
     cost = _lm_cost(_model(), tmp_path, "kv=0.7,kv_bits=4,kv_group=8", 100)
     assert cost["kv_bytes_vs_fp16"] == pytest.approx((64 * 8 / 16 + 6) / 100, abs=1e-12)
+
+
+def test_read_copy_reads_exactly_what_dequantizing_reads(monkeypatch) -> None:
+    """KEEP_READ_COPY (CPU accuracy runs): blocks packed in two appends, 8-bit scales and rotation, read
+    back bit-identical to dequantizing the packed form; the bytes held are the packed form's either way."""
+    from dynaprune.runtime import kvquant
+
+    spec = KVQuantSpec(3, 2, 8, 8, scale_bits=8, rotate="kv")
+    k, v = _kv(40, seed=3)
+    reads, held = [], []
+    for copy in (False, True):
+        monkeypatch.setattr(kvquant, "KEEP_READ_COPY", copy)
+        cache = KVCache(1, 2, 3, 16, 64)
+        cache.update(0, k[:, :, :36], v[:, :, :36])
+        cache.pack_prefix(0, 16, spec)
+        cache.pack_prefix(0, 32, spec)
+        assert (cache.packed[0].read_copy is not None) == copy
+        reads.append(cache.update(0, k[:, :, 36:], v[:, :, 36:]))
+        held.append(cache.bytes_held(fp_bytes=2))
+    assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1])
+    assert held[0] == held[1]

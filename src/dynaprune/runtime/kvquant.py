@@ -19,7 +19,10 @@ Speed: every read dequantizes the whole prefix on the CPU; nothing is cached, so
 the only copy held between forwards. Not optimised: one SmolLM2 layer of 1536 tokens (3 KV heads x 64)
 takes 15 ms at 4 bits, 13 ms at 8, 68 ms at 3 bits (codes straddle bytes) on one CPU thread, i.e.
 ~0.45 s of dequantization per decode step over 30 layers at 4 bits; under ``continue`` it is paid once
-per chunk, under ``stream`` / ``generate`` once per step.
+per chunk, under ``stream`` / ``generate`` once per step. ``KEEP_READ_COPY = True`` (for accuracy runs
+of those protocols on a CPU, ``benchmarks/kv_bytes_protocols.py``) keeps a dequantized copy of each
+packed block, made once when the block is packed: the same values are read (dequantization is
+elementwise per block), the bytes axis still counts the packed form, and a step costs no dequantization.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 
 from dynaprune.errors import DynapruneError
 from dynaprune.prune.groupquant import KVQuantSpec, PackedGroups, dequantize_kv, quantize_kv
+
+KEEP_READ_COPY = False  # module docstring: a dequantized copy for CPU accuracy runs, same values read
 
 
 def _cat(a: PackedGroups | None, b: PackedGroups, dim: int) -> PackedGroups:
@@ -45,15 +50,22 @@ class PackedLayer:
         self.keys: PackedGroups | None = None
         self.values: PackedGroups | None = None
         self.tokens = 0
+        self.read_copy: tuple[torch.Tensor, torch.Tensor] | None = None  # KEEP_READ_COPY only
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack (B, H, T, D) keys and values after the tokens already packed."""
         pk, pv = quantize_kv(k, v, self.spec)
         self.keys, self.values = _cat(self.keys, pk, 2), _cat(self.values, pv, 2)
+        if KEEP_READ_COPY and (self.read_copy is not None or self.tokens == 0):
+            dk, dv = (x.to(k.dtype) for x in dequantize_kv(pk, pv, self.spec, self.head_dim))
+            old = self.read_copy
+            self.read_copy = (dk, dv) if old is None else (torch.cat([old[0], dk], 2), torch.cat([old[1], dv], 2))
         self.tokens += k.shape[2]
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, tokens, D) keys and values as the packed codes give them back."""
+        if self.read_copy is not None:
+            return self.read_copy[0].to(dtype), self.read_copy[1].to(dtype)
         k, v = dequantize_kv(self.keys, self.values, self.spec, self.head_dim)
         return k.to(dtype), v.to(dtype)
 
