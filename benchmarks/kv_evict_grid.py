@@ -62,6 +62,23 @@ def shared_prefill(model, prefilled: list[tuple], recipe: str) -> dict:
             "path": "shared prefill"}
 
 
+PEERS = Path(__file__).resolve().parent / "results" / "peers" / "kvpress.json"
+# kvpress 0.5.5 rows of issue 14's table (the same 8 TEST chunks) that peers/kvpress.json does not hold
+ISSUE_TABLE = {"KVzip 0.25": 15.363, "KVzip 0.125": 16.572, "ObservedAttention 0.5": 14.914,
+               "ObservedAttention 0.25": 15.597, "ObservedAttention 0.125": 16.538}
+
+
+def peer_rows() -> dict:
+    """kvpress's eviction-alone TEST rows beside ours: peers/kvpress.json, and issue 14's table."""
+    import json
+
+    rows = json.loads(PEERS.read_text())["rows"] if PEERS.is_file() else []
+    measured = [{k: r.get(k) for k in ("press", "tokens_kept_share", "perplexity", "note")}
+                for r in rows if r.get("peer") == "kvpress" and r.get("split") == "test"]
+    return {"source": "benchmarks/results/peers/kvpress.json (peer=kvpress, test) and issue 14's table",
+            "measured": measured, "issue_table": ISSUE_TABLE}
+
+
 def main() -> None:
     import argparse
 
@@ -106,6 +123,8 @@ def main() -> None:
                                      "load": load_average()}],
             "runs": {**previous, a.split: {**previous.get(a.split, {}), **rows}},
         }
+        if a.split == "test":
+            payload["kvpress"] = peer_rows()
         write_json_atomic(a.out, payload)
 
     for scorer in dict.fromkeys(scorer_of(r) for r in recipes):
