@@ -4,8 +4,10 @@ Per comparable group of results (same model, task, protocol, data and n; ``repor
 trade-off curves of the metric against the fraction of FLOPs kept, of attention FLOPs kept, of K/V
 bytes kept and of K/V bits fetched (``report/axes.py``, ``report/tradeoff.py``), the tokens and heads alive per layer
 (``report/layers.py``) and a table (method, recipe, metric, drop vs dense, work kept, run id). Then
-the pruning pictures when asked (``report/pictures.py``) and the provenance of every number
-(``report/provenance.py``). An empty results set makes a report that says so.
+the pruning pictures when asked (``report/pictures.py``), the KV trade-off panel when KV benchmark JSON
+files are among the inputs (perplexity vs ``cost.kv_bytes_vs_fp16``, ours and the peers:
+``report/kv_panel.py``) and the provenance of every number (``report/provenance.py``). An empty
+results set makes a report that says so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from dynaprune.report import kv_panel
 from dynaprune.report.axes import SHORT, work_axes
 from dynaprune.report.labels import merge_duplicates, short_recipe
 from dynaprune.report.layers import layers_png
@@ -112,12 +115,14 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "",
                  pictures: list[Picture] | None = None) -> Path:
     """Write report.html and report.md (and figures/*.png) into ``out_dir``; returns the HTML path."""
     paths = [Path(p) for p in paths]
+    kv_paths = [p for p in paths if kv_panel.is_kv_source(p)]
+    paths = [p for p in paths if p not in kv_paths]
     rows = load_rows(paths)
     groups = group_rows(rows)
     build = report_build(command)
     page = _Page(Path(out_dir))
     page.para(f"{len(rows)} result(s) from {len(paths)} file(s) in {len(groups)} group(s), built {build['built']}.")
-    if not rows:
+    if not rows and not kv_paths:
         page.para(EMPTY, "<b>No results:</b> the given results files hold no result lines. Run a sweep first "
                   "(<code>dynaprune sweep</code>).")
     if groups:
@@ -143,8 +148,24 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "",
         for picture in pictures:
             page.figure(picture.path.name, picture.path.read_bytes(), f"pruning picture: {picture.path.stem}",
                         picture.caption)
+    if kv_paths:
+        _kv_section(page, kv_paths)
     _provenance(page, paths, rows, build)
     return page.write()
+
+
+def _kv_section(page: _Page, kv_paths: list[Path]) -> None:
+    """The KV trade-off panel and its table, and where each of its files came from."""
+    points, dense, empty = kv_panel.read_points(kv_paths)
+    page.heading("KV cache: perplexity vs K/V bytes")
+    if points:
+        png = kv_panel.kv_panel_png(points, dense, "SmolLM2-135M, continue 1536 + 512, WikiText-2 test")
+        caption = kv_panel.kv_caption(points, empty)
+        page.figure("kv-bytes-panel.png", png, "KV trade-off: perplexity vs K/V bytes", caption)
+        page.table(*kv_panel.kv_table(points))
+    else:
+        page.para(f"No {kv_panel.SPLIT} rows in the KV files given ({', '.join(p.name for p in kv_paths)}).")
+    page.items([f"`{p}`: " + "; ".join(f"`{c}`" for c in kv_panel.commands_of(p)) for p in kv_paths])
 
 
 def _provenance(page: _Page, paths: list[Path], rows: list[dict], build: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.sweep import SCHEMA, read_results
+from dynaprune.report.kv_panel import is_kv_source
 
 HIGHER_IS_BETTER = {"spearman": True, "accuracy": True, "perplexity": False, "rouge_l_f1": True}
 SPATTEN_KEYS = ("token", "token_schedule", "head", "head_schedule", "value", "quant", "kv", "kv_tokens")
@@ -32,6 +33,8 @@ def load_rows(paths: list[Path], warn: Callable[[str], None] | None = None) -> l
             raise DynapruneError(f"{path} is a folder, expected a results file: give the files, e.g. {path}/*.jsonl")
         if not path.exists():
             raise DynapruneError(f"results file not found: {path}")
+        if is_kv_source(path):  # a KV benchmark JSON: drawn by the KV panel (report/kv_panel.py), not a row
+            continue
         if path.suffix == ".json":
             try:
                 obj = json.loads(path.read_text(encoding="utf-8"))
