@@ -33,23 +33,26 @@ from torch import nn
 from benchmarks.common import RESULTS, interleaved, parser, save, setup_threads, wikitext_ids
 from benchmarks.static_accuracy import DEFAULT_CHECKPOINT, heldout_rows
 
-DEFAULT_CONFIGS = {"heads40": (0.4, 0.0, 0, "taylor"), "ffn30": (0.0, 0.3, 0, "taylor"),
-                   "combined": (0.4, 0.6, 0, "taylor")}
+DEFAULT_CONFIGS = {"heads40": (0.4, 0.0, 0, "taylor", "cosine"), "ffn30": (0.0, 0.3, 0, "taylor", "cosine"),
+                   "combined": (0.4, 0.6, 0, "taylor", "cosine")}
 
 
 def configs_from(path: Path) -> dict[str, tuple]:
-    """(heads, ffn, layers, criterion) per target, as static-accuracy.json chose them (else the defaults)."""
+    """(heads, ffn, layers, criterion, layer criterion) per target, as static-accuracy.json chose them (else
+    the defaults)."""
     if not path.exists():
         return dict(DEFAULT_CONFIGS)
     targets = json.loads(path.read_text())["targets"]
-    return {k: (t["heads"], t["ffn"], t["layers"], t["criterion"]) for k, t in targets.items()}
+    return {k: (t["heads"], t["ffn"], t["layers"], t["criterion"], t.get("layer_criterion", "cosine"))
+            for k, t in targets.items()}
 
 
-def prune_copy(model, calib, heads: float, ffn: float, layers: int, criterion: str):
+def prune_copy(model, calib, heads: float, ffn: float, layers: int, criterion: str, layer_criterion: str):
     from dynaprune.static.prune import StaticConfig, prune_model
 
     m = copy.deepcopy(model)
-    prune_model(m, calib, StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion))
+    prune_model(m, calib, StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion,
+                                       layer_criterion=layer_criterion))
     return m.eval()
 
 

@@ -3,7 +3,8 @@ on a MiniLM classifier fine-tuned on SST-2, reported on SST-2 *dev*:
   * 40% of heads removed: <= 1 point; 30% of FFN neurons: <= 0.5 point;
   * combined (heads + FFN (+ layers)) at >= 2x fewer FLOPs than the dense parent: <= 2 points;
   * each without and with recovery fine-tuning (``static/recover.py``: a few thousand TRAIN rows, 1 epoch);
-  * the combined model with the run-time recipe ``token=0.5`` on top (static + run-time).
+  * the combined model with the run-time recipe ``token=0.5`` on top (static + run-time), also after a
+    recovery fine-tuning with ``token=0.5`` on (pruning-aware).
 Criteria and the combined ratios are chosen on held-out SST-2 TRAIN rows (rows the classifier's fine-tune
 did not use): ``--calib-rows`` feed the importance criteria, ``--select-rows`` score the choices; dev is
 only evaluated for the chosen configurations. FLOP ratios are the parent's over the pruned model's dense
@@ -29,9 +30,12 @@ from benchmarks.common import RESULTS, save, setup_threads
 
 DEFAULT_CHECKPOINT = Path.home() / ".cache" / "dynaprune" / "finetuned" / "minilm-l6-sst2-20k"
 CRITERIA = ["taylor", "entropy", "confidence", "spatten", "magnitude"]
-# (heads, ffn, layers) candidates for the combined target; those under 0.5 of the parent's FLOPs at 128
-# tokens are scored on the held-out TRAIN rows and the best is taken.
-COMBINED = [(0.5, 0.5, 0), (0.4, 0.6, 0), (0.6, 0.4, 0), (0.3, 0.3, 1), (0.2, 0.2, 2), (0.4, 0.4, 1)]
+# (heads, ffn, layers, layer criterion) candidates for the combined target, at most ~0.5 of the parent's
+# FLOPs at 128 tokens (5/6 x 0.58 ~ 4/6 x 0.74 ~ 0.5); those at <= 0.5 are scored on the held-out TRAIN rows
+# and the best is taken.
+COMBINED = [(0.5, 0.5, 0, "cosine"), (0.4, 0.6, 0, "cosine"), (0.3, 0.65, 0, "cosine"),
+            (0.42, 0.42, 1, "cosine"), (0.42, 0.42, 1, "sensitivity"), (0.3, 0.5, 1, "sensitivity"),
+            (0.27, 0.27, 2, "sensitivity"), (0.2, 0.35, 2, "sensitivity")]
 
 
 def heldout_rows(training: dict, n: int, seed: int = 1) -> tuple[list[tuple[str, object]], bool]:
@@ -74,11 +78,12 @@ def accuracy(model, rows: list[tuple[str, object]], recipe: str = "") -> float:
     return float((logits.argmax(1) == gold).float().mean())
 
 
-def pruned(model, calib, heads: float, ffn: float, layers: int, criterion: str):
+def pruned(model, calib, heads: float, ffn: float, layers: int, criterion: str, layer_criterion: str = "cosine"):
     from dynaprune.static.prune import StaticConfig, prune_model
 
     m = copy.deepcopy(model)
-    record = prune_model(m, calib, StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion))
+    record = prune_model(m, calib, StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion,
+                                                layer_criterion=layer_criterion))
     return m, record
 
 
@@ -107,15 +112,17 @@ def plot(payload: dict, path: Path) -> None:
         if t.get("recovered"):
             ax.plot(t["recovered"]["dev"]["flops_kept_vs_parent"], t["recovered"]["dev"]["accuracy"], "o",
                     mfc="none", color=color, ms=9, label=f"{name} + recovery FT")
-        for key, marker in (("token", "s"), ("recovered_token", "D")):
+        labels = {"token": "+ token=0.5", "recovered_token": "+ FT + token=0.5",
+                  "recovered_token_aware": "+ FT with token=0.5 on + token=0.5"}
+        for key, marker in (("token", "s"), ("recovered_token", "D"), ("recovered_token_aware", "P")):
             if t.get(key):
                 ax.plot(t[key]["flops_kept_vs_parent"], t[key]["accuracy"], marker, color=color,
-                        label=f"{name} {'+ FT ' if key.startswith('recovered') else ''}+ token=0.5")
+                        label=f"{name} {labels[key]}")
     ax.axhline(dense, color="grey", lw=0.8, ls="--", label=f"dense {dense:.4f}")
     ax.set_xlabel("FLOPs kept vs the dense parent (SST-2 dev sentences)")
     ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title(f"static pruning of {payload['checkpoint_name']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -172,29 +179,36 @@ def main() -> None:
             rows.append({"criterion": crit, "select_accuracy": accuracy(m, select)})
             print(name, rows[-1], file=sys.stderr, flush=True)
         best = max(rows, key=lambda r: r["select_accuracy"])
-        choice[name] = (h, f, 0, best["criterion"])
-        targets[name] = {"heads": h, "ffn": f, "layers": 0, "criterion": best["criterion"], "selection": rows}
+        choice[name] = (h, f, 0, best["criterion"], "cosine")
+        targets[name] = {"heads": h, "ffn": f, "layers": 0, "criterion": best["criterion"], "layer_criterion": "cosine",
+                         "selection": rows}
     crit = targets["heads40"]["criterion"] if targets["heads40"]["criterion"] in ("taylor", "magnitude") else "taylor"
     rows = []
-    for h, f, n_layers in COMBINED[:2] if args.quick else COMBINED:
-        m, _ = pruned(parent, calib, h, f, n_layers, crit)
+    for h, f, n_layers, lc in COMBINED[2:5] if args.quick else COMBINED:
+        m, _ = pruned(parent, calib, h, f, n_layers, crit, lc)
         kept = flops(m, [128]) / flops(parent, [128])
-        rows.append({"heads": h, "ffn": f, "layers": n_layers, "criterion": crit, "static_flops_kept_128": kept,
-                     "select_accuracy": accuracy(m, select) if kept <= 0.5 else None})
+        rows.append({"heads": h, "ffn": f, "layers": n_layers, "criterion": crit, "layer_criterion": lc,
+                     "static_flops_kept_128": kept, "select_accuracy": accuracy(m, select) if kept <= 0.5 else None})
         print("combined", rows[-1], file=sys.stderr, flush=True)
     fits = [r for r in rows if r["select_accuracy"] is not None] or rows
     best = max(fits, key=lambda r: r["select_accuracy"] or 0)
-    choice["combined"] = (best["heads"], best["ffn"], best["layers"], crit)
+    choice["combined"] = (best["heads"], best["ffn"], best["layers"], crit, best["layer_criterion"])
     targets["combined"] = {"heads": best["heads"], "ffn": best["ffn"], "layers": best["layers"], "criterion": crit,
-                           "selection": rows}
-    for name, (h, f, n_layers, c) in choice.items():
+                           "layer_criterion": best["layer_criterion"], "selection": rows}
+    for name, (h, f, n_layers, c, lc) in choice.items():
         t = targets[name]
-        m, record = pruned(parent, calib, h, f, n_layers, c)
+        m, record = pruned(parent, calib, h, f, n_layers, c, lc)
         t["dev"] = point(parent, m, record, dev, dev_lengths)
         t["dev"]["drop_points"] = 100 * (payload["dense"]["accuracy"] - t["dev"]["accuracy"])
         t["select_drop_points"] = 100 * (dense_sel - accuracy(m, select))
         if name == "combined":
             t["token"] = point(parent, m, record, dev, dev_lengths, "token=0.5")
+            aware = copy.deepcopy(m)  # recovery with token=0.5 on (pruning-aware), from the same pruned model
+            acfg = RecoveryConfig(Path(args.train), max_train=rec_rows, lr=args.recovery_lr, seed=100,
+                                  recipe="token=0.5")
+            t["recovery_token_aware"] = recover(aware, acfg)
+            t["recovered_token_aware"] = point(parent, aware, record, dev, dev_lengths, "token=0.5")
+            del aware
         rcfg = RecoveryConfig(Path(args.train), max_train=rec_rows, lr=args.recovery_lr, seed=100)
         t["recovery"] = recover(m, rcfg)
         t["recovered"] = {"dev": point(parent, m, record, dev, dev_lengths)}

@@ -22,6 +22,7 @@ class RecoveryConfig:
     lr: float = 1e-4
     batch_size: int = 32
     seed: int = 0
+    recipe: str = ""  # a run-time recipe on during recovery (the pruned model will run under it)
 
     def check(self) -> None:
         if self.max_train is not None and self.max_train < 1:
@@ -71,7 +72,7 @@ def recover(model, cfg: RecoveryConfig, train=None, on_step=None) -> dict:
         train, _ = read_recovery_data(model, cfg)
     labels = LabelMap(tuple(model.head.labels), model.head.label_type)
     ft = FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                        pooling=model.head.pooling)
+                        pooling=model.head.pooling, recipe=cfg.recipe)
     report = finetune(model, train, labels, None, ft, on_step)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     record.update(rows=len(train.texts), steps=report.steps, seconds=round(report.seconds, 1))
