@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-log", type=Path, required=True)
     ap.add_argument("--start", type=float, required=True, help="unix time the fine-tune command started")
     ap.add_argument("--command", default=None, help="the fine-tune command line, as run")
+    ap.add_argument("--previous-log", type=Path, default=None,
+                    help="the log of an earlier, abandoned attempt of the same command (its rates count too)")
+    ap.add_argument("--note", default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     config = json.loads((args.checkpoint / "config.json").read_text())
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["load1_mean"] = loads_between(samples, t_train0 + prev, t_train0 + r["seconds"] + 30)
         prev = r["seconds"]
     evals = [h for h in training.get("history", [])]
-    fastest = max(rows, key=lambda r: r["interval_steps_per_second"]) if rows else None
+    previous = intervals(args.previous_log.read_text()) if args.previous_log else []
+    fastest = max(rows + previous, key=lambda r: r["interval_steps_per_second"]) if rows + previous else None
     quiet = None
     if fastest:
         quiet = round(training["steps"] / fastest["interval_steps_per_second"] + 15 * len(evals), 1)
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load1_mean_during_run": loads_between(samples, args.start, end),
         "load1_max_during_run": max((lo for t, lo in samples if args.start <= t <= end), default=None),
         "intervals": rows,
+        "previous_attempt_intervals": previous,
+        "note": args.note,
         "quiet_estimate_seconds": quiet,
         "quiet_estimate_basis": ("steps / the fastest progress interval's rate (lowest load) + ~15 s per dev "
                                  "evaluation; an estimate, not a measurement on a quiet machine"),

@@ -14,6 +14,7 @@ Tune on TRAIN (``--data ../shared/data/stsb/train.tsv``, a seeded sample of ``--
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"command": command,
                      "data": str(args.data), "pairs": len(load_sts(data)), "sample_seed": args.seed,
                      "model": "minilm-l6", "pooling": model.pooling, "date": time.strftime("%Y-%m-%d %H:%M"),
-                     "torch": torch.__version__, "threads": args.threads, "runs": []}
+                     "torch": torch.__version__, "threads": args.threads, "runs": [],
+                     "load_at_start": os.getloadavg()}
     dense = run_task("minilm-l6", "sts", data=data, model=model)
     results["dense"] = {"spearman": 100 * dense.metric["value"], "seconds": dense.seconds}
     print(f"dense  spearman {results['dense']['spearman']:.2f}", flush=True)
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"FLOPs removed {row['flops_removed']:.3f} merge {row['token_merge_share']:.4f} {r.seconds:.0f}s",
               flush=True)
         write_json_atomic(args.out, results)  # a partial sweep still leaves its rows
+    results["load_at_end"] = os.getloadavg()
     write_json_atomic(args.out, results)
     if args.plot:
         plot(results, args.plot)
