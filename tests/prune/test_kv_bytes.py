@@ -88,6 +88,7 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
     model = tiny_llama(layers=2)
     monkeypatch.setattr(search_mod, "GROUPS", (8,))
     monkeypatch.setattr(search_mod, "RECENT", 2)
+    monkeypatch.setattr(search_mod, "ALTERNATIVES", (("h2o", "head"),))
     monkeypatch.setattr(lm, "read_tokens", lambda m, p, n: torch.randint(1, 60, (120,), generator=torch.Generator()
                                                                             .manual_seed(4)).tolist())
     found = search_mod.search(model, tmp_path / "t.txt", [0.25, 0.5], chunks=2, context=48, continuation=12)

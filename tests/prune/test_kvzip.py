@@ -123,3 +123,24 @@ def test_decode_tokens_after_the_prompt_get_the_head_mean_and_the_budget_holds()
         assert int(cache.head_valid_mask(layer).sum(-1).max()) <= cache.lengths[layer]
     assert sum(int(cache.head_valid_mask(layer).sum()) for layer in range(LAYERS)) <= total + 3 * LAYERS * KV_HEADS
     assert int(cache.next_position[0]) == N + 3
+
+
+def test_global_layer_widths_are_the_greedy_optimum_and_heads_keep_their_top():
+    model, ids, budget = tiny_llama(), ids_of(7), 6
+    cache, _ = run(model, ids, f"kv_tokens={budget},score=kvzip,kv_alloc=global_layer,sink=1")
+    want = oracle_scores(model, ids)
+    ranked = [
+        [sorted((float(x) for x in want[layer][h][1:]), reverse=True) for h in range(KV_HEADS)]
+        for layer in range(LAYERS)
+    ]
+    widths = [1] * LAYERS  # the sink of every head
+    for _ in range(budget * LAYERS - LAYERS):  # one more slot per head where the heads gain the most
+        gain = [sum(ranked[layer][h][widths[layer] - 1] for h in range(KV_HEADS)) for layer in range(LAYERS)]
+        widths[max(range(LAYERS), key=gain.__getitem__)] += 1
+    assert cache.lengths == widths and len(set(widths)) > 1
+    for layer in range(LAYERS):
+        assert bool(cache.head_valid_mask(layer).all())  # no padding: every head keeps the layer's width
+        for h in range(KV_HEADS):
+            assert cache.head_cached_positions(layer)[0, h].tolist() == top_positions(
+                want[layer][h].tolist(), widths[layer], {0}
+            )

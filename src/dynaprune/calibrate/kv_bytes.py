@@ -33,9 +33,12 @@ from dynaprune.runtime.pruning import make_context
 BIT_PAIRS = ((2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 4), (6, 4), (8, 8))
 GROUPS = (128,)  # stage 1; 64 in stage 2
 MAX_VALUE_GROUP = 64  # values are grouped per token over channels: <= head_dim
-EVICTION = ("kvzip", "global")  # (score, kv_alloc) of stage 1: the best eviction alone on VALID (kv-evict.json)
+# (score, kv_alloc) of stage 1: KVzip with one ranking over all layers (the best eviction alone on VALID,
+# kv-evict.json), each layer's heads keeping one count: kv_alloc=global pads heads to the layer's widest
+# and a packed cache stores that padding (0.26 of the fp16 bytes for 0.25 at 4 bits, twice F at 0.0625)
+EVICTION = ("kvzip", "global_layer")
 RECENT = 32  # the recent window of stage 1's eviction (kvzip,global: 13.230 with it, 13.267 without, VALID 25%)
-ALTERNATIVES = (("kvzip", "head"), ("h2o", "head"))
+ALTERNATIVES: tuple[tuple[str, str], ...] = ()  # none on this loaded machine; e.g. (("h2o", "head"),)
 STAGE2_TOP = 2
 STAGE2 = ({"scale_bits": 8}, {"rotate": "kv"}, {"group": 64})
 REFITS = 1  # re-evaluations of a padded allocation whose measured bytes overshoot F

@@ -12,6 +12,10 @@
   (``budget x Hkv x layers``); protected tokens stay in every head; no floor. Scores must be comparable
   across layers (attention probabilities or sums of them, as every scorer here gives). Later (decode)
   evictions keep each layer's width from then on, per head. Needs ``kv_depth=flat``.
+- ``kv_alloc=global_layer``: the same single ranking, but each layer's KV heads keep one count (their
+  own top tokens): the layers' widths maximise the summed scores kept (``layer_widths``, exact: each
+  layer's gain of one more slot per head falls with the slot). No padding, so a packed cache stores no
+  slot it does not use (``global`` pads heads to the layer's widest, and packed padding is stored).
 - ``kv_depth=flat`` (default): every layer the same budget; ``pyramid``: PyramidKV (Cai et al. 2024)
   budgets shrinking linearly with depth (1.5x the mean at layer 0 to 0.5x at the last, the same total);
   or one relative weight per layer ``w0/w1/...`` (normalised to mean 1).
@@ -24,7 +28,7 @@ import torch
 from dynaprune.prune import keys as K
 from dynaprune.prune.tokens import select_tokens_to_keep
 
-ALLOCATIONS = ("layer", "head", "ada", "global")
+ALLOCATIONS = ("layer", "head", "ada", "global", "global_layer")
 DEPTHS = ("flat", "pyramid")
 ADA_FLOOR = 0.2  # share of a head's uniform budget it keeps whatever the other heads score
 PYRAMID_SPAN = 0.5  # pyramid weights run from 1 + span (first layer) to 1 - span (last layer)
@@ -109,4 +113,27 @@ def global_select(scores: list[torch.Tensor], total: int, protected: list[torch.
         n = s[0].numel()
         out.append(padded_selection(chosen[:, start:start + n].view(s.shape)))
         start += n
+    return out
+
+
+def layer_widths(scores: list[torch.Tensor], total: int, protected: list[torch.Tensor],
+                 valid: list[torch.Tensor]) -> list[int]:
+    """Tokens per KV head of each layer, ``total`` over the layers (per head), maximising the summed
+    scores kept when every head of a layer keeps its top ``width`` (protected first): layer l's r-th slot
+    gains the sum over heads and batch rows of their r-th highest score; those gains fall with r, so the
+    ``total`` highest gains over all layers are a prefix of each layer's (the greedy optimum). A layer keeps
+    at least its protected tokens."""
+    big = torch.finfo(torch.float32).max / 1e6  # protected first, padding last, sums stay finite
+    gains, floors = [], []
+    for s, p, v in zip(scores, protected, valid, strict=True):
+        ranked = s.float().masked_fill(~v, -big).masked_fill(p & v, big)
+        gains.append(ranked.sort(-1, descending=True).values.sum((0, 1)))  # (L,) falling
+        floors.append(int((p & v).sum(-1).max()))
+    flat = torch.cat(gains)
+    chosen = torch.zeros(flat.shape[0], dtype=torch.bool)
+    chosen[flat.topk(min(total, flat.shape[0])).indices] = True
+    out, start = [], 0
+    for g, floor in zip(gains, floors, strict=True):
+        out.append(max(floor, 1, int(chosen[start:start + g.shape[0]].sum())))
+        start += g.shape[0]
     return out

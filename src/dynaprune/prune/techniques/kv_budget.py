@@ -29,7 +29,15 @@ import torch
 
 from dynaprune.errors import DynapruneError
 from dynaprune.prune import keys as K
-from dynaprune.prune.kv_alloc import ALLOCATIONS, ada_select, check_depth, depth_weights, global_select, layer_budgets
+from dynaprune.prune.kv_alloc import (
+    ALLOCATIONS,
+    ada_select,
+    check_depth,
+    depth_weights,
+    global_select,
+    layer_budgets,
+    layer_widths,
+)
 from dynaprune.prune.technique import Stage, Technique
 from dynaprune.prune.tokens import edge_token_mask, select_tokens_to_keep
 
@@ -86,8 +94,8 @@ class KVBudget(Technique):
         for name, default in (("kv_alloc", "layer"), ("kv_depth", "flat")):
             if getattr(self, name) != default and not self.has_kv_budget:
                 raise K.err(name, f"{name} spreads the decode-time KV budget; it needs kv or kv_tokens")
-        if self.kv_alloc == "global" and self.kv_depth != "flat":
-            raise K.err("kv_depth", "kv_alloc=global sets every layer's budget itself; it needs kv_depth=flat")
+        if self.kv_alloc.startswith("global") and self.kv_depth != "flat":
+            raise K.err("kv_depth", f"kv_alloc={self.kv_alloc} sets every layer's budget; it needs kv_depth=flat")
         if self.kv_tokens is not None:
             self._check_protected_fit(self.kv_tokens)
 
@@ -207,7 +215,7 @@ class KVBudgetStage(Stage):
         evicted = False
         target = self.kv_budget
         decoding = self.run.iteration > 1  # end_forward of the prompt's forward runs with iteration == 1
-        if self.technique.kv_alloc == "global" and not decoding:
+        if self.technique.kv_alloc.startswith("global") and not decoding:
             evicted = self.evict_global(cache)
         for layer in range(cache.n_layers):
             budget = self._layer_budgets[layer]
@@ -248,6 +256,16 @@ class KVBudgetStage(Stage):
             valids.append(valid)
             protected.append(edge_token_mask(valid, first=sink, last=recent))
             scores.append(s[:, None].expand(valid.shape) if s.dim() == 2 else s)
+        if self.technique.kv_alloc == "global_layer":  # one count per layer, every head its own top tokens
+            widths = layer_widths(scores, sum(self._layer_budgets), protected, valids)
+            for layer, width in zip(layers, widths, strict=True):
+                counts = self.run.counts(layer, self.name)
+                counts["evicted"] = counts.get("evicted", 0) + max(0, int(cache.lengths[layer]) - width)
+                counts["evictions"] = counts.get("evictions", 0) + 1
+                self._layer_budgets[layer] = width
+                if cache.lengths[layer] > width:
+                    self.evict(cache, layer, width)
+            return True
         total = sum(self._layer_budgets) * cache.k[0].shape[1]
         for layer, (index, mask) in zip(layers, global_select(scores, total, protected, valids), strict=True):
             counts = self.run.counts(layer, self.name)
@@ -273,7 +291,7 @@ class KVBudgetStage(Stage):
             valid = cache.head_valid_mask(layer)
             scores = scores[:, None].expand(valid.shape) if scores.dim() == 2 else scores
             protected = edge_token_mask(valid, first=sink, last=recent)
-            if alloc in ("head", "global"):
+            if alloc in ("head", "global", "global_layer"):
                 keep = select_tokens_to_keep(scores, budget, protected, valid)
                 index, keep_mask = keep.index, keep.mask
             else:
