@@ -181,6 +181,21 @@ def time_decode(parent, variants: dict, context: int, steps: int, ids: torch.Ten
     return finish(medians, kept, {"decode_at": context, "steps": steps})
 
 
+def targets(payload: dict) -> dict:
+    """Issue 18's speed targets read off the measured cases."""
+    mini = payload["minilm"]
+    long = max((c for k, c in mini.items() if "sparse" not in k), key=lambda c: c["tokens"])
+    structured = [(f"{m} {k} {name}", v["speedup_vs_flop_ratio"]) for m in ("minilm", "smollm2")
+                  for k, c in payload[m].items() if "sparse" not in k
+                  for name, v in c["variants"].items() if name in ("heads40", "ffn30", "combined")]
+    return {
+        "combined_speedup_ge_2": {k: c["variants"]["combined"]["speedup"] for k, c in mini.items()
+                                  if "combined" in c["variants"]},
+        "static_plus_token_speedup_ge_3_at_longest": long["variants"]["combined + token=0.5"]["speedup"],
+        "structured_speedup_vs_flop_ratio_ge_0.85": dict(structured),
+    }
+
+
 def plot(payload: dict, path: Path) -> None:
     import matplotlib
 
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the MiniLM SST-2 classifier")
     p.add_argument("--configs", type=Path, default=RESULTS / "static-accuracy.json")
-    p.add_argument("--decode-steps", type=int, default=48)
+    p.add_argument("--decode-steps", type=int, default=32)
     args = p.parse_args(argv)
     threads = setup_threads(args.threads)
     import dynaprune
@@ -240,13 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
     del bert, pruned, variants
     lm = dynaprune.load("smollm2-135m").eval()
     length = 64 if q else 1024
-    lm_calib = load_calibration(lm, shared_data_dir() / "wikitext2" / "valid.txt", max_examples=1 if q else 8,
+    lm_calib = load_calibration(lm, shared_data_dir() / "wikitext2" / "valid.txt", max_examples=1 if q else 4,
                                 seq_len=64 if q else 256)
     lm_variants = {name: prune_copy(lm, lm_calib, *cfg) for name, cfg in configs.items()}
     ids = torch.tensor([wikitext_ids(lm.tokenizer, length)])
     payload["smollm2"] = {f"prefill {length}": time_prefill(lm, lm_variants, length, repeats, ids),
                           f"decode at {length}": time_decode(lm, lm_variants, length, 2 if q else args.decode_steps,
                                                              ids)}
+    payload["targets"] = targets(payload)
     payload["seconds"] = round(time.perf_counter() - t_start, 1)
     out = args.out or RESULTS / "static.json"
     save("static", payload, path=out)
