@@ -10,7 +10,7 @@ import torch
 from kv_oracle import QKOracle, causal_probs, tiny_llama, top_positions
 
 from dynaprune.errors import DynapruneError
-from dynaprune.prune.kv_alloc import global_select
+from dynaprune.prune.kv_alloc import global_select, layer_widths
 from dynaprune.runtime.pruning import make_context
 
 N, LAYERS, KV_HEADS, GROUP = 20, 3, 2, 3
@@ -144,3 +144,14 @@ def test_global_layer_widths_are_the_greedy_optimum_and_heads_keep_their_top():
             assert cache.head_cached_positions(layer)[0, h].tolist() == top_positions(
                 want[layer][h].tolist(), widths[layer], {0}
             )
+
+
+def test_global_layer_widths_in_whole_blocks_by_hand():
+    # one head per layer: layer 0 gains 9, 8 | 1, 1; layer 1 gains 5, 5 | 4, 4 -> blocks 17, 2 | 10, 8
+    scores = [torch.tensor([[[9.0, 8.0, 1.0, 1.0]]]), torch.tensor([[[5.0, 4.0, 5.0, 4.0]]])]
+    none = [torch.zeros(1, 1, 4, dtype=torch.bool)] * 2
+    every = [torch.ones(1, 1, 4, dtype=torch.bool)] * 2
+    assert layer_widths(scores, 4, none, every, align=2) == [2, 2]
+    assert layer_widths(scores, 5, none, every, align=2) == [2, 2]  # 5 // 2 blocks
+    assert layer_widths(scores, 6, none, every, align=2) == [2, 4]
+    assert layer_widths(scores, 3, none, every) == [2, 1]

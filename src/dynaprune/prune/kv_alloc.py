@@ -15,7 +15,8 @@
 - ``kv_alloc=global_layer``: the same single ranking, but each layer's KV heads keep one count (their
   own top tokens): the layers' widths maximise the summed scores kept (``layer_widths``, exact: each
   layer's gain of one more slot per head falls with the slot). No padding, so a packed cache stores no
-  slot it does not use (``global`` pads heads to the layer's widest, and packed padding is stored).
+  slot it does not use (``global`` pads heads to the layer's widest, and packed padding is stored); with
+  ``kv_bits`` the widths are whole key groups, so no layer keeps an fp16 tail.
 - ``kv_depth=flat`` (default): every layer the same budget; ``pyramid``: PyramidKV (Cai et al. 2024)
   budgets shrinking linearly with depth (1.5x the mean at layer 0 to 0.5x at the last, the same total);
   or one relative weight per layer ``w0/w1/...`` (normalised to mean 1).
@@ -117,23 +118,28 @@ def global_select(scores: list[torch.Tensor], total: int, protected: list[torch.
 
 
 def layer_widths(scores: list[torch.Tensor], total: int, protected: list[torch.Tensor],
-                 valid: list[torch.Tensor]) -> list[int]:
+                 valid: list[torch.Tensor], align: int = 1) -> list[int]:
     """Tokens per KV head of each layer, ``total`` over the layers (per head), maximising the summed
     scores kept when every head of a layer keeps its top ``width`` (protected first): layer l's r-th slot
     gains the sum over heads and batch rows of their r-th highest score; those gains fall with r, so the
-    ``total`` highest gains over all layers are a prefix of each layer's (the greedy optimum). A layer keeps
-    at least its protected tokens."""
+    ``total`` highest gains over all layers are a prefix of each layer's (the greedy optimum). ``align``:
+    widths in whole blocks of that many slots (a packed cache's key group: no fp16 tail), the blocks
+    ranked by their summed gains, ``total // align`` of them. A layer keeps at least its protected tokens."""
     big = torch.finfo(torch.float32).max / 1e6  # protected first, padding last, sums stay finite
     gains, floors = [], []
     for s, p, v in zip(scores, protected, valid, strict=True):
         ranked = s.float().masked_fill(~v, -big).masked_fill(p & v, big)
-        gains.append(ranked.sort(-1, descending=True).values.sum((0, 1)))  # (L,) falling
+        gain = ranked.sort(-1, descending=True).values.sum((0, 1))  # (L,) falling
+        blocks = -(-gain.shape[0] // align)
+        gain = torch.nn.functional.pad(gain, (0, blocks * align - gain.shape[0]), value=-big)
+        gains.append(gain.view(blocks, align).sum(-1))  # falling too
         floors.append(int((p & v).sum(-1).max()))
     flat = torch.cat(gains)
     chosen = torch.zeros(flat.shape[0], dtype=torch.bool)
-    chosen[flat.topk(min(total, flat.shape[0])).indices] = True
+    chosen[flat.topk(min(total // align, flat.shape[0])).indices] = True
     out, start = [], 0
-    for g, floor in zip(gains, floors, strict=True):
-        out.append(max(floor, 1, int(chosen[start:start + g.shape[0]].sum())))
+    for g, s, floor in zip(gains, scores, floors, strict=True):
+        width = min(s.shape[-1], align * int(chosen[start:start + g.shape[0]].sum()))
+        out.append(max(floor, 1, width))
         start += g.shape[0]
     return out

@@ -257,7 +257,10 @@ class KVBudgetStage(Stage):
             protected.append(edge_token_mask(valid, first=sink, last=recent))
             scores.append(s[:, None].expand(valid.shape) if s.dim() == 2 else s)
         if self.technique.kv_alloc == "global_layer":  # one count per layer, every head its own top tokens
-            widths = layer_widths(scores, sum(self._layer_budgets), protected, valids)
+            # a packed cache (kv_bits) stores whole key groups: widths in whole groups leave no fp16 tail
+            store = next((st for st in run.stages if st.name == "kvstore"), None)
+            align = store.spec.key_group if store is not None else 1
+            widths = layer_widths(scores, sum(self._layer_budgets), protected, valids, align)
             for layer, width in zip(layers, widths, strict=True):
                 counts = self.run.counts(layer, self.name)
                 counts["evicted"] = counts.get("evicted", 0) + max(0, int(cache.lengths[layer]) - width)
