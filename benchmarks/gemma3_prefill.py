@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=2048, help="prompt tokens (after <bos>)")
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--examples", type=int, default=3, help="chunks per split")
+    p.add_argument("--splits", default="valid,test")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
@@ -54,10 +55,10 @@ def main() -> None:
             v = {} if name == "dense" else {"recipe": name}
             t0 = time.perf_counter()
             row = {split: perplexity(model, split, args.length, args.continuation, args.examples, v)
-                   for split in ("valid", "test")}
+                   for split in args.splits.split(",")}
             if name != "dense":
                 row.update(prefill_cost(model, ids, v))
-                for split in ("valid", "test"):
+                for split in args.splits.split(","):
                     row[f"{split}_cost"] = row[split] / out["rows"]["dense"][split] - 1
             row["seconds"] = round(time.perf_counter() - t0, 1)
             out["rows"][name] = row
