@@ -98,7 +98,8 @@ def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, 
         assert [r["fits"] for r in tried] == [r in fitting for r in tried]
         assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
         assert c["valid_perplexity"] == round(min(r["perplexity"] for r in fitting), 4)
-        assert {(r["score"], r["alloc"]) for r in tried} == {search_mod.EVICTION, *search_mod.ALTERNATIVES}
+        tried_evictions = {(r["score"], r["alloc"]) for r in tried}
+        assert search_mod.EVICTION in tried_evictions <= {search_mod.EVICTION, *search_mod.ALTERNATIVES}
         assert {r.get("scale_bits") for r in tried} == {16, 8} and {r.get("rotate") for r in tried} == {"", "kv"}
 
 
@@ -132,3 +133,12 @@ def test_padded_ada_cache_bytes_count_the_packed_padding_by_hand():
     assert any(not bool(cache.head_valid_mask(layer)[:, :, :kvquant.packed_tokens(cache, layer)].all())
                for layer in range(2))  # the case: padding inside the packed prefix
     assert cache.bytes_held(fp_bytes=2) == expected
+
+
+@pytest.mark.parametrize(("fraction", "kb", "vb"), [(0.25, 4, 4), (0.125, 3, 3), (0.3, 5, 4)])
+def test_aligned_share_fits_a_global_layer_cache_in_whole_groups(fraction, kb, vb):
+    model, n, group = tiny_llama(layers=2), 96, 8
+    kv = search_mod.eviction_share(fraction, KVQuantSpec(kb, vb, group, group), n, 8, aligned=True)
+    bits = f"kv_key_bits={kb},kv_value_bits={vb},kv_group={group}"
+    held = _held_share(model, f"kv={kv},score=h2o,kv_alloc=global_layer,sink=1,recent=1,{bits}", n)
+    assert fraction - 2 * group / n * 0.5 < held <= fraction + 1e-12  # within F, short by < one group per layer

@@ -63,10 +63,17 @@ def packed_bytes(spec: KVQuantSpec, n: int, head_dim: int) -> int:
     return cache.bytes_held(fp_bytes=2)
 
 
-def eviction_share(fraction: float, spec: KVQuantSpec, context: int, head_dim: int) -> float | None:
+def eviction_share(fraction: float, spec: KVQuantSpec, context: int, head_dim: int,
+                   aligned: bool = False) -> float | None:
     """The largest share of ``context`` whose cache fits ``fraction`` of the fp16 bytes; written with 4
-    decimals, rounded down, so ``keep_count`` gives back the token count. None: not even 1 token."""
+    decimals, rounded down, so ``keep_count`` gives back the token count. None: not even 1 token.
+    ``aligned``: every kept token is packed (``kv_alloc=global_layer`` keeps whole key groups per layer,
+    its total rounded down to them): the bytes of a whole-group cache per token."""
     dense = 2 * context * head_dim * 2
+    if aligned:
+        whole = max(1, context // spec.key_group) * spec.key_group
+        n = min(context, int(fraction * dense * whole / packed_bytes(spec, whole, head_dim)))
+        return _share(n, context)
     low, high = 0, context  # bytes grow with n: the largest n that fits, by bisection
     while low < high:
         mid = (low + high + 1) // 2
@@ -74,9 +81,14 @@ def eviction_share(fraction: float, spec: KVQuantSpec, context: int, head_dim: i
             low = mid
         else:
             high = mid - 1
-    for n in range(low, 0, -1):
-        kv = math.floor(n / context * 1e4) / 1e4
-        if kv > 0 and keep_count(kv, context) == n:
+    return _share(low, context)
+
+
+def _share(n: int, context: int) -> float | None:
+    """The 4-decimal share of ``context`` that ``keep_count`` turns back into ``n`` tokens (or fewer)."""
+    for m in range(n, 0, -1):
+        kv = math.floor(m / context * 1e4) / 1e4
+        if kv > 0 and keep_count(kv, context) == m:
             return kv
     return None
 
@@ -100,7 +112,7 @@ def composition(fraction: float, context: int, head_dim: int, base: dict, **chan
     """``base`` with ``change`` and the largest eviction share that fits (None: nothing fits)."""
     c = {**base, **change}
     c["value_group"] = min(c["group"], MAX_VALUE_GROUP, head_dim)
-    kv = eviction_share(fraction, spec_of(c), context, head_dim)
+    kv = eviction_share(fraction, spec_of(c), context, head_dim, aligned=c["alloc"] == "global_layer")
     return None if kv is None or kv < 0.02 else {**c, "kv": min(kv, 1.0)}
 
 
