@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--continuation", type=int, default=512)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--per-chunk", action="store_true", help="low memory: one chunk's prefill at a time, every "
+                   "recipe on it, then the next (the same numbers; JSON after each chunk)")
     args = p.parse_args()
     threads = setup_threads(args.threads)
     from dynaprune.eval.lm import read_tokens
@@ -102,6 +104,8 @@ def main() -> None:
            "command": "python -m benchmarks.gemma3_kv " + " ".join(a if a else "''" for a in sys.argv[1:]),
            "kv_bytes_choices": "shipped kv_bytes_choices.json (derived on SmolLM2-135M VALID, not on Gemma)",
            "rows": {}}
+    if args.per_chunk:
+        return per_chunk(model, ids, args, out)
     prefilled: dict[str, list] = {}
     t_all = time.perf_counter()
     for recipe in args.recipes:
@@ -122,6 +126,42 @@ def main() -> None:
         write_json_atomic(args.out, out)
         print(f"{recipe or 'dense'}: {row['perplexity']:.4f} at {row['kv_bytes_vs_fp16']:.4f} held {row['held']} "
               f"({row['seconds']}s)", flush=True)
+
+
+def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
+    """Every recipe on one chunk's prefill, chunk after chunk: perplexity from the summed NLL (each chunk's
+    ``evaluate`` perplexity over its ``continuation`` tokens), bytes as the mean of equal-sized chunks."""
+    import math
+
+    size = args.context + args.continuation
+    runs = {r: expanded(r) for r in args.recipes}
+    sums = {r: {"nll": 0.0, "tokens": 0, "bytes": 0.0} for r in runs}
+    t_all = time.perf_counter()
+    for n, start in enumerate(range(0, min(len(ids) - size + 1, args.chunks * size), size), 1):
+        piece = ids[start:start + size]
+        for score in sorted({scorer_of(run) for run in runs.values()}):
+            pre = prefill_chunks(model, piece, args.context, args.continuation, 1, score)
+            for recipe, run in runs.items():
+                if scorer_of(run) != score:
+                    continue
+                row = kv_bytes.evaluate(model, pre, run)
+                acc = sums[recipe]
+                acc["nll"] += math.log(row["perplexity"]) * args.continuation
+                acc["tokens"] += args.continuation
+                acc["bytes"] += row["kv_bytes_vs_fp16"]
+                if n == 1:
+                    acc["held"] = held_tokens(model, pre, run)
+            del pre
+        for recipe, run in runs.items():
+            acc = sums[recipe]
+            out["rows"][recipe or "dense"] = {
+                "perplexity": math.exp(acc["nll"] / acc["tokens"]), "kv_bytes_vs_fp16": acc["bytes"] / n,
+                "held": acc["held"], "chunks": n, **({"expanded": run} if run != recipe else {}),
+                "path": "per chunk: calibrate/kv_bytes.evaluate on each chunk's shared prefill per score"}
+        out.update(chunks_done=n, seconds=round(time.perf_counter() - t_all, 1), load=load_average())
+        write_json_atomic(args.out, out)
+        done = ", ".join(f"{r or 'dense'} {math.exp(a['nll'] / a['tokens']):.4f}" for r, a in sums.items())
+        print(f"chunk {n}: {done}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@
 folder and its <bos> chunks; rows to ``benchmarks/results/gemma3-peers.json`` (atomic, after each row).
 
 kvpress 0.5.5 and Gemma 3: its ``BasePress`` compresses only the global layers of a Gemma 3 model, but
-recognises Gemma 3 by ``Gemma3ForConditionalGeneration`` alone; on our ``Gemma3ForCausalLM`` it would hook the
-sliding layers too, whose cache (transformers' sliding layer: the last 511 tokens) no longer matches the
-prefill's attention (ObservedAttention then fails on shapes). We apply kvpress's own Gemma 3 policy to
-``Gemma3ForCausalLM`` (global layers only). KVzip refuses ``Gemma3ForCausalLM`` outright (not run).
+recognises Gemma 3 by ``Gemma3ForConditionalGeneration`` alone, so on ``Gemma3ForCausalLM`` it hooks every
+layer (the default here; ``run_row``'s ``DynamicCache()`` keeps every token in every layer, so the sliding
+layers are compressed like the others). ``--global-only`` applies its Gemma 3 rule instead: the continuation
+then fails (the masks are sized from layer 0's uncompressed length: 2048 vs 895 keys). KVzip refuses
+``Gemma3ForCausalLM`` outright (not run).
 Bytes: ``kv_bytes_vs_fp16`` is run_kvpress's (over a fp16 cache of every context token in EVERY layer);
 ``kv_bytes_vs_windowed_fp16`` rescales it to our dense reference (sliding layers hold 511 tokens).
 """
@@ -37,6 +38,9 @@ def main() -> int:
     p.add_argument("--rows", default="observed25,quanto4,dense")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--threads", type=int)
+    p.add_argument("--global-only", action="store_true",
+                   help="kvpress's Gemma 3 rule (compress global layers only): its continuation then fails on our "
+                        "cache (the masks are sized from layer 0)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     import kvpress.presses.base_press as base_press
@@ -48,7 +52,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
-    base_press.Gemma3ForConditionalGeneration = (base_press.Gemma3ForConditionalGeneration, Gemma3ForCausalLM)
+    if args.global_only:
+        base_press.Gemma3ForConditionalGeneration = (base_press.Gemma3ForConditionalGeneration, Gemma3ForCausalLM)
     data = json.loads((CACHE / "gemma3-chunks" / "chunks-test.json").read_text())
     chunks, context = data["chunks"][: args.chunks], data["context"]
     cfg = json.loads((CACHE / "gemma3-270m" / "config.json").read_text())
@@ -59,8 +64,11 @@ def main() -> int:
     out.update(model="gemma3-270m (dynaprune's dequantized Q4_K_M GGUF, exported fp32: benchmarks/gemma3_peers.py)",
                protocol=f"continue: {len(chunks)} chunks of <bos> + 1536 context + 512 continuation, WikiText-2 "
                         "TEST, original positions",
-               gemma3_policy="kvpress compresses the global layers only (its Gemma 3 rule, applied to "
-                             "Gemma3ForCausalLM); KVzip: not supported by kvpress 0.5.5 on Gemma3ForCausalLM",
+               gemma3_policy=("global layers only (--global-only)" if args.global_only else "every layer (kvpress's "
+                              "default on Gemma3ForCausalLM; run_row's DynamicCache() holds every token in every "
+                              "layer, sliding ones included)")
+               + "; KVzip: refused by kvpress 0.5.5 on Gemma3ForCausalLM",
+
                windowed_dense_share=windowed,
                command="nice -n 5 .venv-peers/bin/python benchmarks/gemma3_peers_run.py " + " ".join(sys.argv[1:]),
                versions={"transformers": transformers.__version__, "torch": torch.__version__})
