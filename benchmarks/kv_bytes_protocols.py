@@ -98,44 +98,57 @@ def main(argv: list[str] | None = None) -> None:
             },
         )
 
+    from dynaprune.errors import DynapruneError
+
     for recipe in todo:
         t0 = time.perf_counter()
-        if a.protocol == "stream" and recipe == "dense":  # dense stream == window over the same tokens
-            result = run_task(
-                "smollm2-135m",
-                "lm",
-                data=DATA,
-                protocol="window",
-                window=a.stream_tokens,
-                max_examples=a.streams,
-                model=model,
-            )
-        elif a.protocol == "stream":
-            result = run_task(
-                "smollm2-135m",
-                "lm",
-                data=DATA,
-                protocol="stream",
-                stream_tokens=a.stream_tokens,
-                max_examples=a.streams,
-                recipe=recipe,
-                model=model,
-                **({"batch_size": a.batch_size} if a.batch_size else {}),
-            )
-        else:
-            result = run_task(
-                "smollm2-135m",
-                "generate",
-                max_new_tokens=a.max_new_tokens,
-                max_examples=a.prompts,
-                recipe=recipe,
-                model=model,
-                **({"batch_size": a.batch_size} if a.batch_size else {}),
-            )
         key = f"{recipe} | " + ",".join(f"{k}={v}" for k, v in setting.items() if k not in ("data", "split"))
+        try:
+            result = _run_one(a, recipe, run_task, model)
+        except DynapruneError as e:  # e.g. a budget a short prompt cannot hold: recorded, the next recipe runs
+            runs[key] = {"recipe": recipe, "error": str(e), "load": load_average(), **setting}
+            print(f"{key}: refused: {e}", flush=True)
+            save()
+            continue
         runs[key] = {**_row(result, recipe, time.perf_counter() - t0), **setting}
         print(f"{key}: {json.dumps(runs[key]['metric'])[:200]} bytes {runs[key].get('kv_bytes_vs_fp16')}", flush=True)
         save()
+
+
+def _run_one(a, recipe: str, run_task, model):
+    """One recipe under the protocol of ``a`` (the dense stream: the window protocol over the same tokens)."""
+    if a.protocol == "stream" and recipe == "dense":  # dense stream == window over the same tokens
+        return run_task(
+            "smollm2-135m",
+            "lm",
+            data=DATA,
+            protocol="window",
+            window=a.stream_tokens,
+            max_examples=a.streams,
+            model=model,
+        )
+    elif a.protocol == "stream":
+        return run_task(
+            "smollm2-135m",
+            "lm",
+            data=DATA,
+            protocol="stream",
+            stream_tokens=a.stream_tokens,
+            max_examples=a.streams,
+            recipe=recipe,
+            model=model,
+            **({"batch_size": a.batch_size} if a.batch_size else {}),
+        )
+    else:
+        return run_task(
+            "smollm2-135m",
+            "generate",
+            max_new_tokens=a.max_new_tokens,
+            max_examples=a.prompts,
+            recipe=recipe,
+            model=model,
+            **({"batch_size": a.batch_size} if a.batch_size else {}),
+        )
 
 
 if __name__ == "__main__":
