@@ -71,7 +71,10 @@ def _our_row(recipe: str, row: dict, source: str) -> KVPoint | None:
     x = row.get("kv_bytes_vs_fp16", row.get("kv_bytes_kept_vs_fp16"))
     if not isinstance(x, int | float) or recipe == "dense":
         return None
-    return KVPoint(series_of(recipe), recipe, float(x), float(row["perplexity"]), source)
+    series = series_of(recipe)
+    if series == "dense":  # not a recipe of ours (e.g. a note such as "previous: ..."): not drawn
+        return None
+    return KVPoint(series, recipe, float(x), float(row["perplexity"]), source)
 
 
 def _peer_row(row: dict, source: str) -> KVPoint | None:
