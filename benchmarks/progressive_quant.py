@@ -2,9 +2,11 @@
 row rates, then perplexity and LSB row share on VALID and TEST (``continue`` protocol), dense beside it.
 
     python -m benchmarks.progressive_quant --examples 8 --context 1536 --continuation 512 [--ship]
-    python -m benchmarks.progressive_quant --msb 4,3,2 --rates 0.05 --static 4,3,2 --ship   # issue 14
+    python -m benchmarks.progressive_quant --msb 4,3,2 --rates 0.05 --static 4,3,2 --splits test --ship \
+        --dense test=14.563 --dense-source "kv-quant.json runs.test.dense (same 8 chunks)"   # issue 14
 
-The thresholds are calibrated on VALID only; TEST rows reuse them as numbers. ``--static B,...`` adds
+The thresholds are calibrated on VALID only (``--splits`` are the splits evaluated); TEST rows reuse
+them as numbers. ``--static B,...`` adds
 static ``quant=B`` rows (MSBs alone, no LSB) on every split. Every row records its split, the measured
 share of rows that fetched LSBs and the load average.
 
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--static", default="", help="static quant=B rows, e.g. 4,3,2")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--dense", default="", help="dense perplexities already measured, e.g. valid=13.0088")
+    parser.add_argument("--dense-source", default="", help="where --dense was measured (recorded)")
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/progressive-quant.json")
     args = parser.parse_args()
@@ -91,12 +95,12 @@ def main() -> None:
         return row
 
     splits = args.splits.split(",")
-    dense = {split: run(split, None)["perplexity"] for split in splits}
-    for bits in (int(b) for b in args.static.split(",") if b):
-        for split in splits:
-            row = run(split, f"quant={bits}")
-            row.update(vs_dense=row["perplexity"] / dense[split] - 1)
-            write_json_atomic(args.out, out)
+    known = dict(item.split("=") for item in args.dense.split(",") if item)
+    dense = {split: float(known[split]) if split in known else run(split, None)["perplexity"] for split in splits}
+    out["dense"] = {
+        split: {"perplexity": dense[split], "measured": "here" if split not in known else args.dense_source}
+        for split in splits
+    }
     for msb in (int(m) for m in args.msb.split(",")):
         table = calibrate_lsb(
             model,
@@ -117,6 +121,11 @@ def main() -> None:
                 row = run(split, f"quant={msb}+{args.lsb}@{threshold:.6g}")
                 row.update(target_rate=rate, vs_dense=row["perplexity"] / dense[split] - 1)
                 write_json_atomic(args.out, out)
+    for bits in (int(b) for b in args.static.split(",") if b):  # the MSBs alone, after the progressive rows
+        for split in splits:
+            row = run(split, f"quant={bits}")
+            row.update(vs_dense=row["perplexity"] / dense[split] - 1)
+            write_json_atomic(args.out, out)
 
 
 if __name__ == "__main__":
