@@ -40,6 +40,7 @@ from dynaprune import load
 from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.techniques.kv_budget import CHUNKED_EVICTION_MIN_BUDGET
 from dynaprune.runtime.pruning import make_context
+from dynaprune.runtime.reconstruction import Reconstruction
 
 BUDGETS = [0.5, 0.25, 0.125]
 
@@ -102,7 +103,7 @@ def run_case(model, batch: int, context: int, new_tokens: int, budgets: list[flo
             synchronize(device)
             t0 = time.perf_counter()
             if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
-                ctx.reconstruction = (model, ids)
+                ctx.reconstruction = Reconstruction(model, ids)
             logits = model(ids, cache=cache, ctx=ctx, last_only=True)
             synchronize(device)
             prefill_s = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from dynaprune.prune.groupquant import KVQuantSpec
 from dynaprune.prune.keys import keep_count
 from dynaprune.runtime.pruning import make_context
+from dynaprune.runtime.reconstruction import Reconstruction
 
 # (key, value) bits: 2..8, keys the more sensitive so K >= V; groups of tokens per key channel
 BIT_PAIRS = ((2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 4), (6, 4), (8, 8))
@@ -158,7 +159,7 @@ def _prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, c
             piece = ids[i:i + size]
             cache = model.new_cache(1, size)
             ctx = make_context(f"kv_tokens={context},score={scorer},kv_alloc=head", model)
-            ctx.reconstruction = (model, piece[None, :context])  # read only by a scorer that reconstructs
+            ctx.reconstruction = Reconstruction(model, piece[None, :context])  # read only by a scorer that reconstructs
             last = model(piece[None, :context], cache=cache, ctx=ctx, last_only=True)[0]
             out.append((cache, _kv_stage(ctx).scores, last, piece[context:]))
     return out

@@ -38,6 +38,7 @@ from dynaprune.errors import DynapruneError
 from dynaprune.eval.result import TaskResult
 from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.generate import cache_capacity, kv_budget
+from dynaprune.runtime.reconstruction import Reconstruction
 
 PROTOCOLS = ("window", "continue", "stream")
 
@@ -107,7 +108,7 @@ def _stream_nll(
     capacity = cache_capacity(n, prefill, 1, budget)
     cache = model.new_cache(b, capacity)
     if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
-        ctx.reconstruction = (model, streams[:, :prefill])
+        ctx.reconstruction = Reconstruction(model, streams[:, :prefill])
     logits = model(streams[:, :prefill], cache=cache, ctx=ctx)  # (B, prefill, V)
     total = _nll(logits[:, :-1].reshape(-1, logits.shape[-1]), streams[:, 1:prefill].reshape(-1))
     last = logits[:, -1]
@@ -214,7 +215,7 @@ def evaluate_lm(
                     prompt, cont = piece[:context + bos], piece[context + bos:]
                     cache = model.new_cache(1, len(piece))
                     if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
-                        ctx.reconstruction = (model, prompt[None])
+                        ctx.reconstruction = Reconstruction(model, prompt[None])
                     last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
                     if stepwise:
                         rest = [model(cont[None, i:i + 1], cache=cache, ctx=ctx)[0] for i in range(len(cont) - 1)]

@@ -15,6 +15,7 @@ import torch
 
 from dynaprune.errors import DynapruneError
 from dynaprune.runtime.attention import RunContext
+from dynaprune.runtime.reconstruction import Reconstruction
 
 # chat "end of turn" tokens of common templates, stop tokens by default when the vocabulary has them
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -173,7 +174,7 @@ def generate(
         capacity = cache_capacity(longest + max_new_tokens, longest, 1, kv_budget(ctx, longest))
         cache = model.new_cache(b, capacity)
         if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
-            ctx.reconstruction = (model, ids)
+            ctx.reconstruction = Reconstruction(model, ids)
         logits = model(ids, cache=cache, ctx=ctx, attention_mask=mask, last_only=True)
         t1 = time.perf_counter()
         for i in range(max_new_tokens):

@@ -17,7 +17,8 @@ heads) and ``kv_depth=flat|pyramid|w0/w1/...``
 (budgets per layer, the same total). The defaults are today's behaviour (SpAtten and H2O rows).
 
 A scorer that ``reconstructs`` (``score=kvzip``) scores the prompt with one extra forward at the end of
-the prompt's forward; the caller hands the prompt ids over first: ``ctx.reconstruction = (model, ids)``.
+the prompt's forward; the caller hands the pass over first:
+``ctx.reconstruction = Reconstruction(model, ids)`` (``runtime/reconstruction.py``).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class KVBudgetStage(Stage):
         self.received_per_kv_head = technique.kv_alloc != "layer"
         self._layer_budgets: list[int] | None = None
         self._held: list[int] = []  # cache slots per layer after the last forward
-        self.reconstruction: tuple | None = None  # (model, prompt ids) for a scorer that reconstructs
+        self.reconstruction = None  # runtime.reconstruction.Reconstruction, for a scorer that reconstructs
         self.reconstruction_tokens = 0  # tokens of the scorer's extra forward (per sequence)
         self.reconstruction_flops = 0
 
@@ -236,9 +237,9 @@ class KVBudgetStage(Stage):
         scorer = self.run.scorer
         if self.reconstruction is None:
             raise DynapruneError(f"score={scorer.name} scores the prompt by reconstructing it: this run did not "
-                                 "hand over the prompt ids (ctx.reconstruction = (model, ids))")
-        model, ids = self.reconstruction
-        self.reconstruction_tokens = scorer.reconstruct(self.scores, model, ids, cache)
+                                 "hand over the pass (ctx.reconstruction = Reconstruction(model, ids))")
+        by_layer, self.reconstruction_tokens = self.reconstruction(cache)
+        self.scores.by_layer.update(by_layer)
         self.reconstruction_flops = scorer.reconstruction_flops(self.run.shape, cache.lengths[0],
                                                                 self.reconstruction_tokens)
 

@@ -1,0 +1,96 @@
+"""KVzip's context-reconstruction pass (Kim et al. 2025, Sec. 3.2), the model-running half of
+``score=kvzip`` (``prune/scorers/kvzip.py`` holds the score and its FLOPs): after the prompt's prefill the
+model runs once more on ``PROMPT`` + ``SUFFIX`` + the context, attending to a scratch copy of the cached
+context K/V, and each layer records the reconstruction queries' max attention to the context keys.
+
+A caller that runs a prompt under a reconstructing scorer hands the pass over before the forward:
+``ctx.reconstruction = Reconstruction(model, prompt_ids)``; the KV stage calls it on the prompt's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dynaprune.errors import DynapruneError
+from dynaprune.prune.scorers.kvzip import max_attention
+from dynaprune.runtime.attention import RunContext
+
+PROMPT = "\n\nRepeat the previous context exactly."  # KVzip's (kvpress's) first-chunk instruction
+SUFFIX = "\n"  # kvpress's suffix for a model run without a chat template
+
+
+class ReconstructionContext(RunContext):
+    """Dense attention (the model's own output is unchanged) that records, per layer, the reconstruction
+    queries' max attention to the ``n_context`` cached context keys."""
+
+    def __init__(self, n_context: int) -> None:
+        super().__init__()
+        self.n_context = n_context
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
+        if key_padding_mask is not None or window is not None:
+            raise DynapruneError("score=kvzip reconstructs unpadded, full-attention contexts only")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        self.scores[layer] = max_attention(q, k, scale, self.n_context)
+        return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window)
+
+
+def repeat_ids(model, context_ids: torch.Tensor) -> torch.Tensor:
+    """(B, Lr): ``PROMPT`` + ``SUFFIX`` + the context (the prompt alone when the model has no tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return context_ids
+    extra = tokenizer(PROMPT + SUFFIX, add_special_tokens=False).input_ids
+    head = torch.tensor(extra, dtype=context_ids.dtype, device=context_ids.device)
+    return torch.cat([head[None].expand(context_ids.shape[0], -1), context_ids], dim=1)
+
+
+def scratch_cache(model, cache, extra: int):
+    """A copy of the (unevicted, unpacked) prompt cache with room for ``extra`` more tokens."""
+    n = cache.lengths[0]
+    if (
+        any(length != n for length in cache.lengths)
+        or any(p is not None for p in cache.packed)
+        or any(h is not None for h in cache.head_positions)
+    ):
+        raise DynapruneError("score=kvzip reconstructs the prompt's full cache (before eviction or packing)")
+    out = model.new_cache(cache.batch, n + extra)
+    for layer in range(cache.n_layers):
+        out.k[layer][:, :, :n] = cache.k[layer][:, :, :n]
+        out.v[layer][:, :, :n] = cache.v[layer][:, :, :n]
+        out.positions[layer][:, :n] = cache.positions[layer][:, :n]
+        out.valid[layer][:, :n] = cache.valid[layer][:, :n]
+        out.lengths[layer] = n
+        out.appended[layer] = n
+    out.next_position.copy_(cache.next_position)
+    return out
+
+
+def reconstruct(model, context_ids: torch.Tensor, cache) -> dict[int, torch.Tensor]:
+    """KVzip's scores (B, Hkv, Lc) per layer of the cached context (``cache`` is left as it was)."""
+    if any(cache.has_padding):
+        raise DynapruneError("score=kvzip reconstructs unpadded contexts only (batch rows of one length)")
+    n = cache.lengths[0]
+    if context_ids.shape[-1] != n:
+        raise DynapruneError(f"score=kvzip: {context_ids.shape[-1]} prompt ids for a cache of {n} tokens")
+    ids = repeat_ids(model, context_ids)
+    ctx = ReconstructionContext(n)
+    with torch.inference_mode():
+        model(ids, cache=scratch_cache(model, cache, ids.shape[1]), ctx=ctx, last_only=True)
+    return ctx.scores
+
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The pass for one prompt: ``(cache) -> (scores (B, Hkv, Lc) per layer, the pass's token count)``."""
+
+    model: object
+    context_ids: torch.Tensor
+
+    def __call__(self, cache) -> tuple[dict[int, torch.Tensor], int]:
+        scores = reconstruct(self.model, self.context_ids, cache)
+        return scores, repeat_ids(self.model, self.context_ids[:, :1]).shape[1] - 1 + self.context_ids.shape[1]
