@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import RESULTS, save, setup_threads
+from benchmarks.finetuned import heldout_rows  # the same held-out TRAIN rows as the encoder benchmark
 
 DEFAULT_CHECKPOINT = Path.home() / ".cache" / "dynaprune" / "finetuned" / "minilm-l6-sst2-20k"
 CRITERIA = ["taylor", "entropy", "confidence", "spatten", "magnitude"]
@@ -36,23 +35,6 @@ CRITERIA = ["taylor", "entropy", "confidence", "spatten", "magnitude"]
 COMBINED = [(0.5, 0.5, 0, "cosine"), (0.4, 0.6, 0, "cosine"), (0.3, 0.65, 0, "cosine"),
             (0.42, 0.42, 1, "cosine"), (0.42, 0.42, 1, "sensitivity"), (0.3, 0.5, 1, "sensitivity"),
             (0.27, 0.27, 2, "sensitivity"), (0.2, 0.35, 2, "sensitivity")]
-
-
-def heldout_rows(training: dict, n: int, seed: int = 1) -> tuple[list[tuple[str, object]], bool]:
-    """``n`` seeded rows of the training file the classifier's fine-tune did not use (its seeded subset is
-    redrawn as ``read_training_data`` drew it), and whether they were seen (a fine-tune on the whole file
-    leaves none unseen: then seen TRAIN rows stand in, still not dev)."""
-    from dynaprune.eval.data import load_labeled_text
-
-    rows = load_labeled_text(training["data"])
-    used: set[int] = set(range(len(rows)))
-    if training.get("rows") and training["rows"] < len(rows):
-        used = set(np.random.default_rng(training["seed"]).choice(len(rows), training["rows"], replace=False).tolist())
-    free = [i for i in range(len(rows)) if i not in used]
-    seen = len(free) < n
-    pool = free if not seen else list(range(len(rows)))
-    pick = np.random.default_rng(seed).permutation(len(pool))[:n]
-    return [(rows[pool[i]].text, rows[pool[i]].label) for i in sorted(pick)], seen
 
 
 def evaluate(model, data: Path, recipe: str) -> dict:
