@@ -9,6 +9,7 @@ from dynaprune.models import load  # noqa: E402
 from dynaprune.prune.recipe import Recipe  # noqa: E402
 from dynaprune.prune.scorers.h2o import H2OScore  # noqa: E402
 from dynaprune.prune.scorers.instant import InstantScore  # noqa: E402
+from dynaprune.prune.scorers.kvzip import KVzipScore  # noqa: E402
 from dynaprune.prune.scorers.observed import ObservedScore  # noqa: E402
 from dynaprune.prune.scorers.random import RandomScore  # noqa: E402
 from dynaprune.prune.scorers.snapkv import SnapKVScore  # noqa: E402
@@ -31,5 +32,5 @@ __all__ = [
     "HybridDynamicPruning", "KVQuantization", "PrefillSelection",
     # token scorers (score=...)
     "SpAttenScore", "H2OScore", "StreamingScore", "RandomScore", "InstantScore", "TOVAScore",
-    "ObservedScore", "SnapKVScore",
+    "ObservedScore", "SnapKVScore", "KVzipScore",
 ]
