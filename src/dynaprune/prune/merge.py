@@ -62,21 +62,31 @@ def merge_into_kept(hidden: torch.Tensor, sizes: torch.Tensor, metric: torch.Ten
     slots = torch.arange(keep_index.shape[1], device=hidden.device).expand_as(keep_index)
     kept = torch.zeros_like(valid).scatter(1, keep_index, keep_mask)
     pruned = valid & ~kept
+    # Only the pruned rows are compared and scattered (the kept ones stay in their own slot): each row's
+    # pruned tokens first, in order, padded to the widest row; ``pruned_real`` marks the real entries.
+    n_pruned = int(pruned.sum(-1).max())
+    pruned_index = torch.argsort((~pruned).to(torch.uint8), dim=1, stable=True)[:, :n_pruned]
+    pruned_real = torch.gather(pruned, 1, pruned_index)
     # own slot of each kept token (the inverse of keep_index on its kept entries)
     own = torch.zeros(B, L, dtype=torch.long, device=hidden.device).scatter(1, keep_index, slots)
     kept_metric = torch.gather(metric, 1, keep_index[..., None].expand(-1, -1, metric.shape[-1]))
-    similarity = metric @ kept_metric.transpose(1, 2)  # (B, L, Lkeep)
-    similarity = similarity.masked_fill(~keep_mask[:, None, :], float("-inf"))
+    pruned_metric = torch.gather(metric, 1, pruned_index[..., None].expand(-1, -1, metric.shape[-1]))
+    similarity = pruned_metric @ kept_metric.transpose(1, 2)  # (B, P, Lkeep)
+    if not bool(keep_mask.all()):
+        similarity = similarity.masked_fill(~keep_mask[:, None, :], float("-inf"))
     nearest = similarity.argmax(dim=-1)  # the first of equal maxima: ties to the earlier kept token
-    dest = torch.where(kept, own, nearest)
+    nearest = torch.where(pruned_real, nearest, torch.gather(own, 1, pruned_index))  # padding entries: as is
+    dest = own.scatter(1, pruned_index, nearest)
     weight = sizes.to(hidden.dtype) * valid.to(hidden.dtype)
-    total = torch.zeros(B, keep_index.shape[1], d, dtype=hidden.dtype, device=hidden.device)
-    total.scatter_add_(1, dest[..., None].expand(-1, -1, d), hidden * weight[..., None])
-    new_sizes = torch.zeros(B, keep_index.shape[1], dtype=weight.dtype, device=hidden.device)
-    new_sizes.scatter_add_(1, dest, weight)
-    grew = torch.zeros(B, keep_index.shape[1], dtype=torch.long, device=hidden.device)
-    grew.scatter_add_(1, dest, pruned.long())
     gathered = torch.gather(hidden, 1, keep_index[..., None].expand(-1, -1, d))
+    new_sizes = torch.gather(weight, 1, keep_index) * keep_mask.to(weight.dtype)
+    pruned_weight = torch.gather(weight, 1, pruned_index) * pruned_real.to(weight.dtype)
+    total = gathered * new_sizes[..., None]
+    pruned_states = torch.gather(hidden, 1, pruned_index[..., None].expand(-1, -1, d))
+    total.scatter_add_(1, nearest[..., None].expand(-1, -1, d), pruned_states * pruned_weight[..., None])
+    new_sizes = new_sizes.scatter_add(1, nearest, pruned_weight)
+    grew = torch.zeros(B, keep_index.shape[1], dtype=torch.long, device=hidden.device)
+    grew.scatter_add_(1, nearest, pruned_real.long())
     # untouched kept tokens stay bit-identical (s h / s need not round back to h)
     merged = torch.where((grew > 0)[..., None], total / new_sizes.clamp_min(1e-12)[..., None], gathered)
     return Merged(merged, new_sizes * keep_mask, dest, pruned)
