@@ -31,3 +31,19 @@ def test_trace_of_a_pruned_encoder_run(tmp_path):
         assert {r.if_requant for r in trace_rows(every)} == {expected}
     trace = read_trace(write_run_trace(tmp_path / "t.csv", ctx))
     assert len(trace) == len(rows)
+
+
+def test_trace_of_a_packed_kv_cache_records_its_key_and_value_bits():
+    from test_pruning import tiny_llama
+
+    model = tiny_llama()
+    prompt = list(range(1, 40))
+    rows = {}
+    for recipe in ("kv_key_bits=6,kv_value_bits=4,kv_group=16", "kv_bits=3,kv_group=16", "kv=0.5"):
+        ctx = make_context(recipe, model, trace=True)
+        model.generate(prompt, max_new_tokens=4, stop_tokens=[], ctx=ctx)
+        rows[recipe] = trace_rows(ctx)
+    split = rows["kv_key_bits=6,kv_value_bits=4,kv_group=16"]
+    assert {(r.quant_key_bit, r.quant_value_bit, r.quant_query_bit) for r in split} == {(6, 4, -1)}
+    assert {(r.quant_key_bit, r.quant_value_bit) for r in rows["kv_bits=3,kv_group=16"]} == {(3, 3)}
+    assert {(r.quant_key_bit, r.quant_value_bit) for r in rows["kv=0.5"]} == {(-1, -1)}  # not quantized

@@ -8,6 +8,9 @@ or a prefill (SpAtten's summarization stage) one row per query, consecutive, so 
 the fetched K/V across them. HDP runs: heads pruned early have no rows, block pruning shows as the kept
 share of each head's keys, and the fixed-point word I.F is written as I key bits plus F "LSB" bits.
 Rows are keyed by query head, so with GQA a K/V group is counted once per query head it serves.
+A packed K/V cache (``kv_bits`` / ``kv_key_bits`` / ``kv_value_bits``) is written as its key and value
+bits (the group scales and zero-points, about 1/8 bit an element at groups of 64-128 with 8-bit scales,
+are not in the schema); the query stays unquantized (-1), as it is computed on chip.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from dynaprune.hw.trace import TraceRow, write_trace
 from dynaprune.prune.keys import keep_count
+from dynaprune.prune.techniques.kv_quant import KVQuantization
 from dynaprune.runtime.pruning import PruningContext
 
 
@@ -28,8 +32,13 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
     total_bits = quant.total_bits if quant is not None else -1
     progressive = quant is not None and quant.progressive
     accumulate = recipe.prunes_tokens or recipe.has_kv_budget
+    value_bits = total_bits
     if getattr(ctx, "hdp", None) is not None:  # HDP's fixed-point word: integer bits as "MSBs", fraction bits as "LSBs"
         key_bits, total_bits = ctx.hdp.int_bits, ctx.hdp.int_bits + ctx.hdp.frac_bits
+        value_bits = total_bits
+    kv_store = recipe.technique(KVQuantization)
+    if kv_store is not None and quant is None:  # a packed K/V cache: K and V fetched at their stored bits
+        key_bits, value_bits = kv_store.key_bits, kv_store.value_bits
     rows: list[TraceRow] = []
     for call in ctx.trace_calls:
         last_head = len(call["heads"]) - 1
@@ -50,7 +59,7 @@ def trace_rows(ctx: PruningContext) -> list[TraceRow]:
                     quant_key_bit=key_bits, quant_query_bit=total_bits,
                     auto_requant_thres=ctx.lsb_threshold if progressive else -1.0,  # a rate resolved
                     if_requant=requant, auto_requant_incre=quant.lsb_bits if progressive else -1,
-                    value_fetch_num=values, quant_value_bit=total_bits,
+                    value_fetch_num=values, quant_value_bit=value_bits,
                     if_accumulate_importance=accumulate, if_topk=topk_row,
                     topk=call["topk"] if topk_row else -1,
                 ))
