@@ -10,8 +10,10 @@ Real models, real inputs, traced by ``make_context(recipe, model, trace=True)`` 
   ``token=0.5,head=0.8,value=0.5,quant=4+4@0.1`` and HDP's ``block=0.2``.
 * SmolLM2-135M (decoder): the longest MT-Bench first turn (question 133, 402 tokens with the chat
   template), greedy, exactly 64 new tokens (no stop token, so every recipe has the same 63 decode
-  iterations after the prefill), under the baseline, ``kv=0.25``, ``kv=0.25,quant=4+4@0.1`` and
-  ``token=0.5,kv=0.25,quant=4+4@0.1``.
+  iterations after the prefill), under the baseline, ``kv=0.25``, ``kv=0.25,quant=4+4@0.1``,
+  ``token=0.5,kv=0.25,quant=4+4@0.1``, ``kv_bytes=0.25`` and ``kv_bytes=0.125`` (a packed K/V cache: K and V
+  fetched at their stored bits; KVzip's reconstruction pass, an extra prefill-sized forward, is not in the
+  trace).
 
 Baseline: ``token=1,token_adapt=0``, a traced context that prunes nothing (``token=1`` alone is not a
 no-op: the length-adaptive rule keeps (128 / L)^(1/3) of an L > 128 token input). Its trace says
@@ -61,7 +63,7 @@ from dynaprune.hw.report import SimResult
 from dynaprune.hw.spatten import SpAttenConfig, simulate_spatten
 from dynaprune.hw.trace import Trace, TraceRow, write_trace
 from dynaprune.paths import shared_data_dir
-from dynaprune.runtime import pruning
+from dynaprune.prune.techniques import hdp as hdp_technique
 from dynaprune.runtime.pruning import make_context
 from dynaprune.runtime.trace import trace_rows
 
@@ -70,7 +72,8 @@ MAX_CSV_BYTES = 2_000_000
 BASELINE = "token=1,token_adapt=0"
 ENCODER_RECIPES = [BASELINE, "token=0.5", "token=0.5,quant=4+4@0.1", "token=0.5,head=0.8,value=0.5,quant=4+4@0.1",
                    "block=0.2"]
-DECODER_RECIPES = [BASELINE, "kv=0.25", "kv=0.25,quant=4+4@0.1", "token=0.5,kv=0.25,quant=4+4@0.1"]
+DECODER_RECIPES = [BASELINE, "kv=0.25", "kv=0.25,quant=4+4@0.1", "token=0.5,kv=0.25,quant=4+4@0.1", "kv_bytes=0.25",
+                   "kv_bytes=0.125"]
 MTBENCH_QUESTION = 133
 NEW_TOKENS = 64
 ARCHS = ("spatten", "hdp")
@@ -113,7 +116,7 @@ def mtbench_prompt() -> str:
 def hdp_decisions():
     """Record, per HDP attention call, the first input's per-head decisions (kept, kept pairs, valid pairs)."""
     calls: list[dict] = []
-    original = pruning.hdp_attention
+    original = hdp_technique.hdp_attention
 
     def recording(*args, **kwargs):
         out, stats = original(*args, **kwargs)
@@ -121,11 +124,11 @@ def hdp_decisions():
                       "pairs_valid": stats.pairs_valid[0].tolist()})
         return out, stats
 
-    pruning.hdp_attention = recording
+    hdp_technique.hdp_attention = recording
     try:
         yield calls
     finally:
-        pruning.hdp_attention = original
+        hdp_technique.hdp_attention = original
 
 
 def with_hdp_decisions(rows: list[TraceRow], ctx, decisions: list[dict]) -> list[TraceRow]:
@@ -197,7 +200,7 @@ def decoder_runs(model, prompt: str) -> tuple[list[dict], object]:
                      "trace": trace, "ctx": ctx, "run_seconds": seconds,
                      "output": {"prompt_tokens": len(res.prompt_ids), "new_tokens": len(res.new_ids),
                                 "tokens_equal_to_dense_greedy": same, "text": res.text,
-                                "kv_budget_tokens": ctx.kv_budget}})
+                                "kv_budget_tokens": getattr(ctx, "kv_budget", None)}})
     return runs, dense
 
 
@@ -231,13 +234,14 @@ def subset(trace: Trace, keep: np.ndarray) -> Trace:
 
 def with_eviction_topk(trace: Trace, ctx) -> Trace:
     """Mark the KV eviction of each decode iteration as SpAtten's after-the-last-layer token top-k."""
-    if ctx.kv_budget is None:
+    budget = getattr(ctx, "kv_budget", None)  # a stage's state: absent without a KV budget
+    if budget is None:
         return trace
     it, layer = trace["iteration_id"], trace["layer_id"]
     last = np.ones(len(trace), dtype=bool)
     last[:-1] = it[1:] != it[:-1]  # the last row of each iteration (its last layer's last head)
-    last &= (layer == layer.max()) & (trace["key_fetch_num"] > ctx.kv_budget)
-    topk = np.where(last, ctx.kv_budget, trace["topk"])
+    last &= (layer == layer.max()) & (trace["key_fetch_num"] > budget)
+    topk = np.where(last, budget, trace["topk"])
     return trace.replace(if_topk=trace["if_topk"] | last, topk=topk)
 
 
