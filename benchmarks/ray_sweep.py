@@ -1,7 +1,7 @@
 """Wall-clock of a 4-point sweep (MiniLM, STS-B dev, 4 recipes) as Ray tasks on a local Ray of 1 and of 2
 CPUs, and sequentially in this process; the metrics of the three must be equal.
 
-    nice -n 5 .venv/bin/python benchmarks/ray_sweep.py --max-examples 300
+    nice -n 5 .venv/bin/python -m benchmarks.ray_sweep --max-examples 300
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_average, machine, parser
-
+from benchmarks.common import load_average, machine, parser
 from dynaprune.eval.sweep import RunSpec, read_results, run_sweep
 from dynaprune.eval.sweep_ray import run_point, run_sweep_ray
+from dynaprune.paths import shared_data_dir
 
 RECIPES = ["dense", "token=0.5", "token=0.3", "head=0.8"]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "dev.tsv"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--max-examples", type=int, default=300)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.out = args.out or Path(__file__).parent / "results" / "ray-sweep.json"
     import ray
 
-    grid = [RunSpec("minilm-l6", "sts", str(DATA), r, {"max_examples": args.max_examples}, line=i + 1)
+    data = shared_data_dir() / "stsb" / "dev.tsv"
+    grid = [RunSpec("minilm-l6", "sts", str(data), r, {"max_examples": args.max_examples}, line=i + 1)
             for i, r in enumerate(RECIPES)]
     runs, metrics = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
