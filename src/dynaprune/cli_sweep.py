@@ -57,7 +57,9 @@ def demo(
                         "-" if kept is None else f"{kept:.3f}", f"{r['seconds']:.1f}")
     console.print(summary)
     drawn = _draw_pictures(out) if pictures else None
-    html = build_report(files, out, command=command, pictures=drawn)
+    committed = Path("benchmarks/results")  # in a checkout: the benchmarks' own results, drawn as committed
+    html = build_report(files, out, command=command, pictures=drawn,
+                        benchmarks_dir=committed if committed.is_dir() else None)
     console.print(f"results: {', '.join(map(str, files))}\nreport: {html.resolve()}  "
                   f"({time.perf_counter() - t0:.0f}s in all)")
 
@@ -153,6 +155,9 @@ def report(
     results: list[Path] = typer.Argument(..., help="results files (.jsonl from sweep, .json from eval --json)"),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="output folder"),
     pictures: bool = typer.Option(False, help="also draw the pruning pictures (loads MiniLM and SmolLM2)"),
+    benchmarks: Path | None = typer.Option(None, help=(
+        "a folder of benchmark results (e.g. benchmarks/results): KV panels of both decoders, the prefill "
+        "curve and static pruning's speed, as committed")),
 ) -> None:
     """Build report.html (self-contained, figures embedded) and report.md from results files."""
     from dynaprune.report.build import build_report, load_rows
@@ -161,7 +166,11 @@ def report(
     check_output_folder(out, "--out")
     # a foreign or broken results file is refused before any picture is drawn
     load_rows(results, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
-    command = "dynaprune report " + " ".join(map(str, results)) + (" --pictures" if pictures else "")
-    path = build_report(results, out, command=command, pictures=_draw_pictures(out) if pictures else None)
+    if benchmarks is not None and not benchmarks.is_dir():
+        raise DynapruneError(f"--benchmarks: {benchmarks} is not a folder")
+    command = ("dynaprune report " + " ".join(map(str, results)) + (" --pictures" if pictures else "")
+               + (f" --benchmarks {benchmarks}" if benchmarks is not None else ""))
+    path = build_report(results, out, command=command, pictures=_draw_pictures(out) if pictures else None,
+                        benchmarks_dir=benchmarks)
     console.print(f"report: {path.resolve()}")
 

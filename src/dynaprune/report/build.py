@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from dynaprune.report import kv_panel
+from dynaprune.report import benchmarks, kv_panel
 from dynaprune.report.axes import SHORT, work_axes
 from dynaprune.report.labels import merge_duplicates, short_recipe
 from dynaprune.report.layers import layers_png
@@ -112,8 +112,10 @@ class _Page:
 
 
 def build_report(paths: list[Path], out_dir: Path, command: str = "",
-                 pictures: list[Picture] | None = None) -> Path:
-    """Write report.html and report.md (and figures/*.png) into ``out_dir``; returns the HTML path."""
+                 pictures: list[Picture] | None = None, benchmarks_dir: Path | None = None) -> Path:
+    """Write report.html and report.md (and figures/*.png) into ``out_dir``; returns the HTML path.
+    ``benchmarks_dir``: the committed benchmark results (``benchmarks/results``) drawn in their own
+    section (``report/benchmarks.py``)."""
     paths = [Path(p) for p in paths]
     kv_paths = [p for p in paths if kv_panel.is_kv_source(p)]
     paths = [p for p in paths if p not in kv_paths]
@@ -150,6 +152,8 @@ def build_report(paths: list[Path], out_dir: Path, command: str = "",
                         picture.caption)
     if kv_paths:
         _kv_section(page, kv_paths)
+    if benchmarks_dir is not None and Path(benchmarks_dir).is_dir():
+        _benchmarks_section(page, Path(benchmarks_dir))
     _provenance(page, paths, rows, build)
     return page.write()
 
@@ -166,6 +170,35 @@ def _kv_section(page: _Page, kv_paths: list[Path]) -> None:
     else:
         page.para(f"No {kv_panel.SPLIT} rows in the KV files given ({', '.join(p.name for p in kv_paths)}).")
     page.items([f"`{p}`: " + "; ".join(f"`{c}`" for c in kv_panel.commands_of(p)) for p in kv_paths])
+
+
+def _benchmarks_section(page: _Page, results_dir: Path) -> None:
+    """KV of both decoders side by side, the prefill curve and static pruning's speed, from the JSON the
+    benchmarks wrote (not re-run here)."""
+    page.heading("Benchmark results (committed, not re-run by this report)")
+    page.para(f"Read from `{results_dir}`: each figure names the files and the commands that produced them; "
+              "speed figures are wall-clock ratios against the dense model in the same process.")
+    for model, files in benchmarks.kv_files(results_dir).items():
+        points, dense, empty = kv_panel.read_points(files)
+        if not points:
+            continue
+        slug = "".join(c if c.isalnum() else "-" for c in model.lower())
+        png = kv_panel.kv_panel_png(points, dense, f"{model}, continue 1536 + 512, WikiText-2 test")
+        page.figure(f"bench-kv-{slug}.png", png, f"{model}: perplexity vs K/V bytes",
+                    kv_panel.kv_caption(points, empty) + " Sources: "
+                    + "; ".join(benchmarks.provenance(p) for p in files))
+    prefill = benchmarks.prefill_points(results_dir)
+    if prefill:
+        files = [results_dir / n for n in ("prefill-search.json", "gemma3-prefill.json", "prefill.json")]
+        page.figure("bench-prefill.png", benchmarks.prefill_png(prefill), "prefill pruning: cost vs work and speed",
+                    "Perplexity cost of the continuation after a pruned prefill (dotted: 2%), against the prefill "
+                    "FLOPs kept (left) and the measured time-to-first-token speed-up (right). Sources: "
+                    + "; ".join(benchmarks.provenance(p) for p in files if p.is_file()))
+    header, body = benchmarks.static_rows(results_dir)
+    if body:
+        page.para("Static structured pruning: physically smaller checkpoints (fewer heads, narrower FFN), "
+                  "timed against the dense parent. Source: " + benchmarks.provenance(results_dir / "static.json"))
+        page.table(header, body)
 
 
 def _provenance(page: _Page, paths: list[Path], rows: list[dict], build: dict[str, str]) -> None:

@@ -85,10 +85,17 @@ def _peer_row(row: dict, source: str) -> KVPoint | None:
         return None
     bits = f", {opts['nbits']} bits" if "nbits" in opts else ""
     keep = f" {opts['keep']:g}" if "keep" in opts else ""
-    series = f"{row['peer']}: {row.get('press')}"
-    return KVPoint(
-        series, f"{row.get('press')}{keep}{bits}", float(row["kv_bytes_vs_fp16"]), float(row["perplexity"]), source
-    )
+    press = row.get("press") or "no press"
+    series = f"{row['peer']}: {press}"
+    return KVPoint(series, f"{press}{keep}{bits}", float(row["kv_bytes_vs_fp16"]), float(row["perplexity"]), source)
+
+
+def _spec_row(row: dict) -> dict:
+    """A peer row keyed by name with a ``spec`` ({peer, press, keep, bits, split}) in the list rows' shape."""
+    spec = row["spec"]
+    options = {k: v for k, v in (("keep", spec.get("keep")), ("nbits", spec.get("bits"))) if v is not None}
+    return {**row, "peer": spec.get("peer"), "press": spec.get("press"), "split": spec.get("split"),
+            "options": options}
 
 
 def read_points(paths: list[Path]) -> tuple[list[KVPoint], float | None, list[str]]:
@@ -105,8 +112,14 @@ def read_points(paths: list[Path]) -> tuple[list[KVPoint], float | None, list[st
                     dense = float(row["perplexity"])
                 found.append(_peer_row(row, str(path)))
         else:
+            specs = {k: r for k, r in obj["rows"].items() if isinstance(r, dict) and isinstance(r.get("spec"), dict)
+                     } if isinstance(obj.get("rows"), dict) else {}
+            for row in specs.values():  # peers keyed by name, each with its spec (benchmarks/gemma3_peers.py)
+                found.append(_peer_row(_spec_row(row), str(path)))
+                if row["spec"].get("peer") == "dense" and row["spec"].get("split") == SPLIT:
+                    dense = float(row["perplexity"])
             tables = obj["runs"].get(SPLIT, {}) if "runs" in obj else obj["rows"] if obj.get("split") == SPLIT else {}
-            for recipe, row in tables.items() if isinstance(tables, dict) else ():
+            for recipe, row in tables.items() if isinstance(tables, dict) and not specs else ():
                 if recipe == "dense" and isinstance(row, dict) and "perplexity" in row:
                     dense = float(row["perplexity"])
                 found.append(_our_row(recipe, row, str(path)))
