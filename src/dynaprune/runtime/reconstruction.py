@@ -5,6 +5,11 @@ context K/V, and each layer records the reconstruction queries' max attention to
 
 A caller that runs a prompt under a reconstructing scorer hands the pass over before the forward:
 ``ctx.reconstruction = Reconstruction(model, prompt_ids)``; the KV stage calls it on the prompt's cache.
+
+Sliding-window layers (Gemma 3, ``cache.windows``): such a layer's cache holds only the context's last
+``window - 1`` tokens after the prompt (the model evicted the rest); the pass copies each layer as it is
+and its queries attend within the window by position (the repeat follows the context's positions, so the
+slots are consecutive positions), so a layer's scores cover the tokens that layer holds.
 """
 
 from __future__ import annotations
@@ -23,18 +28,17 @@ SUFFIX = "\n"  # kvpress's suffix for a model run without a chat template
 
 class ReconstructionContext(RunContext):
     """Dense attention (the model's own output is unchanged) that records, per layer, the reconstruction
-    queries' max attention to the ``n_context`` cached context keys."""
+    queries' max attention to the layer's cached context keys (the keys before the repeat's own)."""
 
-    def __init__(self, n_context: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.n_context = n_context
         self.scores: dict[int, torch.Tensor] = {}
 
     def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
-        if key_padding_mask is not None or window is not None:
-            raise DynapruneError("score=kvzip reconstructs unpadded, full-attention contexts only")
+        if key_padding_mask is not None:
+            raise DynapruneError("score=kvzip reconstructs unpadded contexts only")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        self.scores[layer] = max_attention(q, k, scale, self.n_context)
+        self.scores[layer] = max_attention(q, k, scale, k.shape[2] - q.shape[2], window)
         return super().attend(layer, q, k, v, key_padding_mask, causal, scale, window)
 
 
@@ -48,40 +52,53 @@ def repeat_ids(model, context_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([head[None].expand(context_ids.shape[0], -1), context_ids], dim=1)
 
 
+def check_prompt_cache(cache, n_context: int) -> None:
+    """The prompt's whole cache, before eviction or packing: every full-attention layer holds the
+    ``n_context`` tokens, a sliding-window layer the last ``min(n_context, window - 1)`` of them, in
+    position order (what the reconstruction's positions and window mask assume)."""
+    if any(p is not None for p in cache.packed) or any(h is not None for h in cache.head_positions):
+        raise DynapruneError("score=kvzip reconstructs the prompt's full cache (before eviction or packing)")
+    windows = getattr(cache, "windows", {})
+    end = cache.next_position[:, None]
+    for layer in range(cache.n_layers):
+        n = cache.lengths[layer]
+        want = n_context if layer not in windows else min(n_context, windows[layer] - 1)
+        positions = cache.cached_positions(layer).to(end.device, torch.long)
+        consecutive = torch.arange(n, device=end.device)[None] + end - n
+        if n != want or not torch.equal(positions, consecutive):
+            raise DynapruneError(f"score=kvzip: layer {layer} holds {n} cached tokens, not the prompt's last {want} "
+                                 f"of {n_context} in order (the prompt's full cache, before eviction or packing)")
+
+
 def scratch_cache(model, cache, extra: int):
     """A copy of the (unevicted, unpacked) prompt cache with room for ``extra`` more tokens."""
-    n = cache.lengths[0]
-    if (
-        any(length != n for length in cache.lengths)
-        or any(p is not None for p in cache.packed)
-        or any(h is not None for h in cache.head_positions)
-    ):
-        raise DynapruneError("score=kvzip reconstructs the prompt's full cache (before eviction or packing)")
-    out = model.new_cache(cache.batch, n + extra)
+    out = model.new_cache(cache.batch, max(cache.lengths) + extra)
     for layer in range(cache.n_layers):
+        n = cache.lengths[layer]
         out.k[layer][:, :, :n] = cache.k[layer][:, :, :n]
         out.v[layer][:, :, :n] = cache.v[layer][:, :, :n]
         out.positions[layer][:, :n] = cache.positions[layer][:, :n]
         out.valid[layer][:, :n] = cache.valid[layer][:, :n]
         out.lengths[layer] = n
-        out.appended[layer] = n
+        out.appended[layer] = cache.appended[layer]
     out.next_position.copy_(cache.next_position)
     return out
 
 
 def reconstruct(model, context_ids: torch.Tensor, cache) -> dict[int, torch.Tensor]:
-    """KVzip's scores (B, Hkv, Lc) per layer of the cached context (``cache`` is left as it was)."""
+    """KVzip's scores (B, Hkv, L_l) per layer of the cached context (``cache`` is left as it was); L_l:
+    the tokens layer l holds (the whole context, or a sliding layer's window of it)."""
     if any(cache.has_padding):
         raise DynapruneError("score=kvzip reconstructs unpadded contexts only (batch rows of one length)")
-    n = cache.lengths[0]
+    n = max(cache.lengths)
     if context_ids.shape[-1] != n:
         raise DynapruneError(f"score=kvzip: {context_ids.shape[-1]} prompt ids for a cache of {n} tokens")
+    check_prompt_cache(cache, n)
     ids = repeat_ids(model, context_ids)
-    ctx = ReconstructionContext(n)
+    ctx = ReconstructionContext()
     with torch.inference_mode():
         model(ids, cache=scratch_cache(model, cache, ids.shape[1]), ctx=ctx, last_only=True)
     return ctx.scores
-
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ class KVBudgetStage(Stage):
                                  "hand over the pass (ctx.reconstruction = Reconstruction(model, ids))")
         by_layer, self.reconstruction_tokens = self.reconstruction(cache)
         self.scores.by_layer.update(by_layer)
-        self.reconstruction_flops = scorer.reconstruction_flops(self.run.shape, cache.lengths[0],
+        self.reconstruction_flops = scorer.reconstruction_flops(self.run.shape, max(cache.lengths),
                                                                 self.reconstruction_tokens)
 
     def evict_global(self, cache) -> bool:
