@@ -156,3 +156,25 @@ def test_global_layer_widths_in_whole_blocks_by_hand():
     assert layer_widths(scores, 5, none, every, align=2) == [2, 2]  # 5 // 2 blocks
     assert layer_widths(scores, 6, none, every, align=2) == [2, 4]
     assert layer_widths(scores, 3, none, every) == [2, 1]
+
+
+def test_a_context_too_long_to_repeat_is_reconstructed_in_chunks():
+    """max_positions 32 < 2N: the context repeats in two chunks of 10 (each after the context, alone);
+    a key's score is its max over both chunks' queries, each chunk by hand on context + chunk."""
+    model, ids = tiny_llama(), ids_of()
+    model.config.max_positions = N + N // 2  # room for half the context after it
+    cache, ctx = run(model, ids, f"kv_tokens={N},score=kvzip,kv_alloc=head")
+    want = []
+    for a, b in ((0, N // 2), (N // 2, N)):
+        oracle = QKOracle()
+        with torch.inference_mode():
+            model(torch.cat([ids, ids[:, a:b]], 1), ctx=oracle)
+        want.append([causal_probs(*oracle.qk[layer])[0][:, N:, :N].amax(1).view(KV_HEADS, GROUP, N).amax(1)
+                     for layer in range(LAYERS)])
+    for layer in range(LAYERS):
+        got = ctx.scores.by_layer[layer][0].double()
+        torch.testing.assert_close(got, torch.maximum(want[0][layer], want[1][layer]), atol=1e-5, rtol=1e-4)
+    assert ctx.summary()["kv_reconstruction_tokens"] == N  # no instruction without a tokenizer
+    model.config.max_positions = N  # no room at all: one clear error
+    with pytest.raises(DynapruneError, match="no room to repeat"):
+        run(model, ids, f"kv_tokens={N},score=kvzip,kv_alloc=head")

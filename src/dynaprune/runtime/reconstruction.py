@@ -3,7 +3,9 @@
 model runs once more on ``PROMPT`` + ``SUFFIX`` + the context, attending to a scratch copy of the cached
 context K/V, and each layer records the reconstruction queries' max attention to the context keys.
 
-A caller that runs a prompt under a reconstructing scorer hands the pass over before the forward:
+A context whose repeat would run past the model's last position is reconstructed in chunks
+(:func:`reconstruction_chunks`). A caller that runs a prompt under a reconstructing scorer hands the pass
+over before the forward:
 ``ctx.reconstruction = Reconstruction(model, prompt_ids)``; the KV stage calls it on the prompt's cache.
 
 Sliding-window layers (Gemma 3, ``cache.windows``): such a layer's cache holds only the context's last
@@ -94,11 +96,33 @@ def reconstruct(model, context_ids: torch.Tensor, cache) -> dict[int, torch.Tens
     if context_ids.shape[-1] != n:
         raise DynapruneError(f"score=kvzip: {context_ids.shape[-1]} prompt ids for a cache of {n} tokens")
     check_prompt_cache(cache, n)
-    ids = repeat_ids(model, context_ids)
-    ctx = ReconstructionContext()
-    with torch.inference_mode():
-        model(ids, cache=scratch_cache(model, cache, ids.shape[1]), ctx=ctx, last_only=True)
-    return ctx.scores
+    scores: dict[int, torch.Tensor] = {}
+    for chunk in reconstruction_chunks(model, n):
+        ids = repeat_ids(model, context_ids[:, chunk])
+        ctx = ReconstructionContext()
+        with torch.inference_mode():
+            model(ids, cache=scratch_cache(model, cache, ids.shape[1]), ctx=ctx, last_only=True)
+        for layer, s in ctx.scores.items():  # max over every chunk's queries
+            scores[layer] = s if layer not in scores else torch.maximum(scores[layer], s)
+    return scores
+
+
+def reconstruction_chunks(model, n_context: int) -> list[slice]:
+    """The context in one piece, or, when the repeat would run past the model's last position (a 4k context
+    repeated after itself on an 8k model), in equal chunks that fit (KVzip, Sec. 3.3: chunked scoring): each
+    chunk is repeated alone after the context, on a fresh copy of the prompt's cache, and a key's score is
+    its max over all chunks' queries."""
+    limit = getattr(getattr(model, "config", None), "max_positions", None)
+    head = repeat_ids(model, torch.zeros(1, 0, dtype=torch.long)).shape[1]
+    room = n_context + head + n_context if limit is None else limit - n_context - head
+    if room >= n_context:
+        return [slice(0, n_context)]
+    if room < 1:
+        raise DynapruneError(f"score=kvzip: a context of {n_context} tokens leaves no room to repeat any of it "
+                             f"within the model's {limit} positions")
+    pieces = -(-n_context // room)
+    size = -(-n_context // pieces)
+    return [slice(a, min(n_context, a + size)) for a in range(0, n_context, size)]
 
 
 @dataclass(frozen=True)
@@ -110,4 +134,8 @@ class Reconstruction:
 
     def __call__(self, cache) -> tuple[dict[int, torch.Tensor], int]:
         scores = reconstruct(self.model, self.context_ids, cache)
-        return scores, repeat_ids(self.model, self.context_ids[:, :1]).shape[1] - 1 + self.context_ids.shape[1]
+        head = repeat_ids(self.model, self.context_ids[:, :0]).shape[1]
+        chunks = reconstruction_chunks(self.model, self.context_ids.shape[1])
+        # the tokens the pass ran (a chunked pass repeats the instruction per chunk; its FLOPs are counted as
+        # one pass of them all, an upper bound: each chunk attends only to its own repeat)
+        return scores, len(chunks) * head + self.context_ids.shape[1]
