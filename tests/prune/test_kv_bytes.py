@@ -79,7 +79,8 @@ def test_shipped_choices_were_chosen_on_valid_and_fit():
     for c in model["choices"]:
         assert c["measured_kv_bytes_vs_fp16"] <= c["kv_bytes"] + 1e-9
         assert resolve_kv_bytes(c["kv_bytes"])["recipe"] == c["recipe"]
-        assert str(Recipe.parse(f"kv_bytes={c['kv_bytes']}")) == str(Recipe.parse(c["recipe"]))
+        adapted = c["recipe"].replace("recent=", "recent_max=")  # the window shrinks on short prompts
+        assert str(Recipe.parse(f"kv_bytes={c['kv_bytes']}")) == str(Recipe.parse(adapted))
 
 
 def test_search_on_a_tiny_model_picks_the_lowest_perplexity_that_fits(tmp_path, monkeypatch):
@@ -142,3 +143,53 @@ def test_aligned_share_fits_a_global_layer_cache_in_whole_groups(fraction, kb, v
     bits = f"kv_key_bits={kb},kv_value_bits={vb},kv_group={group}"
     held = _held_share(model, f"kv={kv},score=h2o,kv_alloc=global_layer,sink=1,recent=1,{bits}", n)
     assert fraction - 2 * group / n * 0.5 < held <= fraction + 1e-12  # within F, short by < one group per layer
+
+
+def _short_prompt_run(model, recipe: str, n: int) -> tuple[dict, int]:
+    """Prefill ``n`` tokens under ``recipe``; the summary and the tokens every layer holds after it."""
+    ids = torch.randint(1, 60, (1, n), generator=torch.Generator().manual_seed(5))
+    cache, ctx = model.new_cache(1, n + 1), make_context(recipe, model)
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=ctx)
+    return ctx.summary(), int(cache.lengths[0])
+
+
+def test_kv_bytes_shrinks_its_recent_window_on_a_short_prompt(tmp_path, monkeypatch):
+    """A choice's recent=32 becomes recent_max=32: a prompt whose budget cannot hold the sinks and 32
+    recent tokens runs with the window that fits (recorded), the newest tokens kept; an explicit recent=32
+    is still refused on the same prompt; a long prompt keeps the whole window."""
+    data = {"default": "tiny", "models": {"tiny": {"choices": [
+        {"kv_bytes": 0.5, "recipe": "kv=0.5,score=h2o,sink=4,recent=32"}]}}}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv(ENV_FILE, str(path))
+    assert str(Recipe.parse("kv_bytes=0.5")) == str(Recipe.parse("kv=0.5,score=h2o,sink=4,recent_max=32"))
+    model = tiny_llama(layers=2)
+    summary, held = _short_prompt_run(model, "kv_bytes=0.5", 40)  # budget 20: 4 sinks + 16 recent
+    assert held == 20 and summary["kv_recent"] == [16, 16]
+    with pytest.raises(DynapruneError, match="'sink \\+ recent'.*36 protected tokens exceed the kv budget of 20"):
+        _short_prompt_run(model, "kv=0.5,score=h2o,sink=4,recent=32", 40)
+    summary, held = _short_prompt_run(model, "kv_bytes=0.5", 100)  # budget 50: the whole window
+    assert held == 50 and summary["kv_recent"] == [32, 32]
+
+
+def test_recent_max_keeps_exactly_the_sinks_and_the_newest_tokens_when_they_fill_the_budget():
+    """Brute force: with the budget all protected (sinks + shrunk window), the cache holds the first
+    ``sink`` and the last budget - sink tokens of the prompt, whatever the scores."""
+    model = tiny_llama(layers=2)
+    n, sink = 30, 3
+    ids = torch.randint(1, 60, (1, n), generator=torch.Generator().manual_seed(6))
+    cache, ctx = model.new_cache(1, n + 1), make_context(f"kv_tokens=10,score=h2o,sink={sink},recent_max=32", model)
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=ctx)
+    assert ctx.summary()["kv_recent"] == [7, 7]
+    for layer in range(2):
+        kept = cache.positions[layer][0, : cache.lengths[layer]].tolist()
+        assert sorted(kept) == [0, 1, 2, *range(n - 7, n)]
+
+
+@pytest.mark.parametrize(("recipe", "key"), [("kv=0.5,recent=4,recent_max=8", "recent_max"),
+                                             ("recent_max=8", "recent_max")])
+def test_recent_max_bad_input_names_the_key(recipe, key):
+    with pytest.raises(DynapruneError, match=f"recipe key '{key}'"):
+        Recipe.parse(recipe)

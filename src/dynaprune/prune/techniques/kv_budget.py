@@ -2,7 +2,9 @@
 applied to the KV cache of generation, as the official SpAtten-LLM code does; StreamingLLM / H2O style).
 
 After every decoder forward each layer's cache is compacted to the budget: the first ``sink`` and the
-last ``recent`` cached tokens are protected, the rest ranked by the token scorer (``score=``). ``kv`` is
+last ``recent`` cached tokens are protected, the rest ranked by the token scorer (``score=``);
+``recent_max=N`` protects the last N tokens where the budget has room for them and fewer where it has
+not (``kv_bytes=F`` on short prompts; the window used is in the summary, ``kv_recent``). ``kv`` is
 the share of the prompt kept, in (0, 1] (``kv=1`` keeps every token), ``kv_tokens`` a count of tokens;
 one or the other. The budget acts between forwards of a KV cache, so it changes nothing on an encoder
 or a single prefill (``prune/recipe_scope.py`` refuses it there). The prompt's forward evicts to exactly
@@ -67,6 +69,7 @@ class KVBudget(Technique):
     kv_tokens: int | None = None
     sink: int | None = None
     recent: int | None = None
+    recent_max: int | None = None
     kv_alloc: str = "layer"
     kv_depth: str = "flat"
 
@@ -76,6 +79,7 @@ class KVBudget(Technique):
         K.Key("kv_tokens", K.parse_int, K.at_least(1, integer=True)),
         K.Key("sink", K.parse_int, K.at_least(0, integer=True)),
         K.Key("recent", K.parse_int, K.at_least(0, integer=True)),
+        K.Key("recent_max", K.parse_int, K.at_least(0, integer=True)),
         K.Key("kv_alloc", K.parse_word, K.choice(*ALLOCATIONS), default="layer"),
         K.Key("kv_depth", K.parse_word, check_depth, default="flat", json="text"),
     )
@@ -87,9 +91,12 @@ class KVBudget(Technique):
         return self.kv is not None or self.kv_tokens is not None
 
     def check(self) -> None:
-        for name in ("sink", "recent"):
+        for name in ("sink", "recent", "recent_max"):
             if getattr(self, name) is not None and not self.has_kv_budget:
                 raise K.err(name, f"{name} protects tokens inside the decode-time KV budget; it needs kv or kv_tokens")
+        if self.recent is not None and self.recent_max is not None:
+            raise K.err("recent_max", "set either recent (a window the budget must hold) or recent_max (a window "
+                                      "shrunk to what the budget holds), not both")
         if self.kv is not None and self.kv_tokens is not None:
             raise K.err("kv_tokens", "set either kv (a share of the prompt) or kv_tokens (a count), not both")
         for name, default in (("kv_alloc", "layer"), ("kv_depth", "flat")):
@@ -139,9 +146,11 @@ class KVBudget(Technique):
         return budget
 
     def protected(self, budget: int, scorer: Any) -> tuple[int, int]:
-        """(sink, recent) tokens protected inside a budget: as set, else the scorer's defaults."""
+        """(sink, recent) tokens protected inside a budget: as set (``recent_max``: at most what is left
+        beside the sinks), else the scorer's defaults."""
         sink = self.sink if self.sink is not None else scorer.default_sink(budget)
-        recent = self.recent if self.recent is not None else scorer.default_recent(budget, sink)
+        recent = next((r for r in (self.recent, self.recent_max) if r is not None), None)
+        recent = scorer.default_recent(budget, sink) if recent is None else recent
         return sink, min(recent, budget - sink)
 
     @staticmethod
@@ -149,6 +158,9 @@ class KVBudget(Technique):
         if any("kv_evicted_tokens" in s for s in summaries):
             merged["kv_evicted_tokens"] = sum(s.get("kv_evicted_tokens", 0) for s in summaries)
             merged["kv_evictions"] = sum(s.get("kv_evictions", 0) for s in summaries)
+        recents = [s["kv_recent"] for s in summaries if s.get("kv_recent") is not None]
+        if recents:  # recent_max: the windows used, smallest and largest over the run's sequences
+            merged["kv_recent"] = [min(r[0] for r in recents), max(r[1] for r in recents)]
 
     def stage(self, run) -> Stage | None:
         return KVBudgetStage(self, run) if self.has_kv_budget else None
@@ -176,6 +188,9 @@ class KVBudgetStage(Stage):
         out["kv_held_per_layer"] = list(self._held)
         out["kv_evicted_tokens"] = int(self.total(layers, "evicted"))
         out["kv_evictions"] = int(self.total(layers, "evictions"))
+        if self.technique.recent_max is not None and self._layer_budgets:  # the windows recent_max left
+            used = [self.technique.protected(b, self.run.scorer)[1] for b in self._layer_budgets]
+            out["kv_recent"] = [min(used), max(used)]
         if self.reconstruction_tokens:  # the scorer's extra forward: its FLOPs beside the run's (per sequence)
             out["kv_reconstruction_tokens"] = self.reconstruction_tokens
             out["kv_reconstruction_flops"] = self.reconstruction_flops

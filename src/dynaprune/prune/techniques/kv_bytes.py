@@ -10,6 +10,12 @@ shape; a recipe is parsed before the model is known, so it expands with the shap
 (SmolLM2-135M) unless ``DYNAPRUNE_KV_BYTES`` names a choices file written by ``dynaprune tune``. The
 eviction share is sized for a 1536-token context (whole key groups packed, the tail in fp16): on other
 contexts the bytes can differ by the fp16 tail (< one key group).
+
+Short prompts (MT-Bench's are tens of tokens): a choice's protected recent window (``recent=32``) expands
+to ``recent_max=32`` (``prune/techniques/kv_budget.py``): where a prompt's budget cannot hold the sinks
+and 32 recent tokens, the window shrinks to what is left beside the sinks instead of the run being
+refused; the windows used are in the run's summary (``kv_recent``: [smallest, largest]). An explicit
+``recent=N`` (without kv_bytes) keeps its rule: a budget with no room for it is refused.
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ def expand_kv_bytes(values: dict[str, Any], parse: Any) -> dict[str, Any]:
         return values
     fraction = check_kv_bytes("kv_bytes", values["kv_bytes"])
     choice = resolve_kv_bytes(fraction)
-    expanded = {k: parse(k, v) for k, _, v in (item.partition("=") for item in choice["recipe"].split(","))}
+    pairs = (item.partition("=") for item in choice["recipe"].split(","))
+    expanded = {ADAPTED.get(k, k): parse(ADAPTED.get(k, k), v) for k, _, v in pairs}
     clash = next((k for k in values if k in expanded or k in COMPOSED_KEYS), None)
     if clash is not None:
         raise K.err(clash, f"kv_bytes={K.fmt_float(fraction)} picks {clash} itself ({choice['recipe']}); "
@@ -82,7 +89,9 @@ def expand_kv_bytes(values: dict[str, Any], parse: Any) -> dict[str, Any]:
 
 
 COMPOSED_KEYS = ("kv", "kv_tokens", "score", "kv_alloc", "kv_depth", "kv_bits", "kv_key_bits", "kv_value_bits",
-                 "kv_group", "kv_value_group", "kv_residual", "kv_scale_bits", "kv_rotate", "sink", "recent")
+                 "kv_group", "kv_value_group", "kv_residual", "kv_scale_bits", "kv_rotate", "sink", "recent",
+                 "recent_max")
+ADAPTED = {"recent": "recent_max"}  # a choice's recent window shrinks to fit a short prompt's budget
 
 
 def write_choices(path: Path, shape: str, found: dict, *, source: str, command: str, default: bool) -> None:
