@@ -122,6 +122,11 @@ def evaluate_task(
     if parsed.has_kv_budget and not (result.extra or {}).get("kv_budget_tokens"):
         # the budget in tokens, whichever way the recipe gave it (kv share or kv_tokens)
         result.extra = {**(result.extra or {}), "kv_budget_tokens": kv_budget_tokens(contexts)}
+    from dynaprune.static.record import eval_record
+
+    static = eval_record(model, contexts)  # a statically pruned checkpoint: the pruning beside the recipe
+    if static is not None:
+        result.extra = {**(result.extra or {}), "static_pruning": static}
     result.recipe = str(parsed)
     result.model = model_name
     result.seconds = round(time.perf_counter() - t0, 3)

@@ -57,6 +57,8 @@ def test_prune_with_recovery_writes_a_trained_pruned_checkpoint(dynaprune_cli, c
     rec = cfg["dynaprune_static"]["recovery"]
     assert rec["rows"] == 48 and rec["steps"] == 2  # 48 rows, batch 32
     assert cfg["dynaprune_static"]["removed_heads"] == plain["dynaprune_static"]["removed_heads"]
+    # prune --finetune keeps the whole record: the same as without recovery, plus the recovery
+    assert {k: v for k, v in cfg["dynaprune_static"].items() if k != "recovery"} == plain["dynaprune_static"]
     a, b = load_file(tmp_path / "rec" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # recovery trained the pruned weights
@@ -74,8 +76,9 @@ def test_finetune_of_a_pruned_checkpoint_keeps_its_shapes(dynaprune_cli, classif
     assert code == 0, out
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     pruned = json.loads((tmp_path / "p" / "config.json").read_text())
-    for key in ("dynaprune_layer_heads", "dynaprune_layer_intermediate"):
+    for key in ("dynaprune_layer_heads", "dynaprune_layer_intermediate", "dynaprune_static"):
         assert cfg[key] == pruned[key]
+    assert cfg["dynaprune"]["training"]["rows"] == 32  # the fine-tune's own record beside it
     model = dynaprune.load(str(tmp_path / "ft"))
     assert model.config.layer_heads == pruned["dynaprune_layer_heads"]
 

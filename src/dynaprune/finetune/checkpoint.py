@@ -69,6 +69,10 @@ def hf_config(model, training: dict | None = None) -> dict:
 
         config[HEADS_KEY] = [cfg.heads_of(i) for i in range(cfg.num_layers)]
         config[FFN_KEY] = [cfg.ffn_of(i) for i in range(cfg.num_layers)]
+    if cfg.static_record is not None:  # what dynaprune prune removed: a fine-tune keeps the record
+        from dynaprune.static.shapes import RECORD_KEY
+
+        config[RECORD_KEY] = cfg.static_record
     return config
 
 

@@ -47,6 +47,7 @@ class BertConfig:
     # a statically pruned checkpoint (dynaprune prune): heads / FFN width of each layer; None = uniform
     layer_heads: list[int] | None = None
     layer_intermediate: list[int] | None = None
+    static_record: dict | None = None  # config.json's dynaprune_static: what dynaprune prune removed
 
     @property
     def head_dim(self) -> int:
@@ -82,9 +83,10 @@ class BertConfig:
                 hidden_act=act,
                 pad_token_id=int(d.get("pad_token_id") or 0),
             )
-            from dynaprune.static.shapes import per_layer_shapes  # pruned checkpoints' per-layer widths
+            from dynaprune.static.shapes import per_layer_shapes, read_static_record  # pruned checkpoints
 
             cfg.layer_heads, cfg.layer_intermediate = per_layer_shapes(d, cfg.num_layers, cfg.num_heads)
+            cfg.static_record = read_static_record(d)
         except KeyError as e:
             raise DynapruneError(f"config.json lacks {e.args[0]!r}, needed for a BERT model") from None
         except (TypeError, ValueError) as e:

@@ -33,6 +33,7 @@ class LlamaConfig:
     # a statically pruned checkpoint (dynaprune prune): query heads / FFN width per layer; None = uniform
     layer_heads: list[int] | None = None
     layer_intermediate: list[int] | None = None
+    static_record: dict | None = None  # config.json's dynaprune_static: what dynaprune prune removed
 
     def heads_of(self, layer: int) -> int:
         return self.heads if self.layer_heads is None else self.layer_heads[layer]
@@ -66,10 +67,11 @@ class LlamaConfig:
             window = d.get("sliding_window")
         heads = d["num_attention_heads"]
         attn_bias = bool(d.get("attention_bias", False))
-        from dynaprune.static.shapes import per_layer_shapes  # pruned checkpoints' per-layer widths
+        from dynaprune.static.shapes import per_layer_shapes, read_static_record  # pruned checkpoints
 
         layer_heads, layer_ffn = per_layer_shapes(d, d["num_hidden_layers"], heads, d.get("num_key_value_heads"))
         return cls(
+            static_record=read_static_record(d),
             layer_heads=layer_heads,
             layer_intermediate=layer_ffn,
             vocab=d["vocab_size"],
@@ -108,4 +110,6 @@ class LlamaConfig:
             d["dynaprune_layer_heads"] = self.layer_heads
         if self.layer_intermediate is not None:
             d["dynaprune_layer_intermediate"] = self.layer_intermediate
+        if self.static_record is not None:
+            d["dynaprune_static"] = self.static_record
         return d

@@ -53,9 +53,15 @@ def prune_model(model, calib, cfg: StaticConfig, say=lambda _m: None) -> dict:
         bad = sorted(w for w in widths if w % m)
         if bad:
             raise DynapruneError(f"--nm {cfg.nm}: M={m} does not divide the input width {bad[0]}")
+    from dynaprune.runtime.cost import cost_shape, dense_cost
+
     params_before = sum(p.numel() for p in model.parameters())
+    parent_shape = cost_shape(model)
     original = list(range(arch.n_layers))
-    record: dict = {"parent": model.name, "config": asdict(cfg)}
+    record: dict = {"parent": model.name, "config": asdict(cfg), "parent_layers": arch.n_layers}
+    previous = getattr(model.config, "static_record", None)
+    if previous:  # pruning a pruned checkpoint again: its own record is kept inside the new one
+        record["previous"] = previous
     if cfg.layers:
         say("layer importance")
         drop = plan.layers_to_remove(LAYER_CRITERIA[cfg.layer_criterion](model, calib), cfg.layers)
@@ -82,4 +88,8 @@ def prune_model(model, calib, cfg: StaticConfig, say=lambda _m: None) -> dict:
         record["note"] = "unstructured zeros keep the tensor shapes: no speed-up without sparse kernels"
     record["params_parent"] = params_before
     record["params"] = sum(p.numel() for p in model.parameters())
+    shape = cost_shape(model)  # dense FLOPs of one sequence, pruned over parent (runtime/cost.py)
+    record["static_flops_kept_at"] = {str(n): dense_cost(shape, [n])["dense_flops"]["total"]
+                                      / dense_cost(parent_shape, [n])["dense_flops"]["total"] for n in (128, 512)}
+    model.config.static_record = record  # the in-memory model carries it as a loaded one does
     return record

@@ -1,7 +1,9 @@
 """Per-layer head counts and FFN widths of a statically pruned checkpoint, read from its config.json.
 
 ``dynaprune prune`` writes ``dynaprune_layer_heads`` / ``dynaprune_layer_intermediate`` (one integer per
-remaining layer) beside the usual HF keys; a plain checkpoint has neither and stays uniform."""
+remaining layer) beside the usual HF keys; a plain checkpoint has neither and stays uniform. The record of
+what was removed (``dynaprune_static``) travels on the model's config (``static_record``) so that a
+fine-tune writes it again and an evaluation reports it (``static/record.py``)."""
 
 from __future__ import annotations
 
@@ -37,3 +39,11 @@ def per_layer_shapes(d: dict[str, Any], n_layers: int, n_heads: int,
                 raise DynapruneError(f"config.json: {HEADS_KEY}[{i}] = {h} is not a multiple of the "
                                      f"{kv_heads} KV heads")
     return heads, ffn
+
+
+def read_static_record(d: dict[str, Any]) -> dict | None:
+    """The ``dynaprune_static`` record of a pruned checkpoint's config.json (None when it has none)."""
+    value = d.get(RECORD_KEY)
+    if value is not None and not isinstance(value, dict):
+        raise DynapruneError(f"config.json: {RECORD_KEY} must be an object, got {type(value).__name__}")
+    return value
