@@ -28,8 +28,9 @@ def prune_cmd(
     calib: Path = typer.Option(..., help="calibration data: STS pairs / text<TAB>label (BERT), text (Llama)"),
     max_calib: int = typer.Option(128, help="calibration examples (Llama: chunks of 256 tokens)"),
     finetune: Path | None = typer.Option(None, help="recovery fine-tuning after pruning: text<TAB>label rows "
-                                         "(BERT classifiers; e.g. SST-2 train)"),
-    max_train: int = typer.Option(4000, help="--finetune: train on N random rows"),
+                                         "(BERT classifiers; e.g. SST-2 train) or a text file (Llama: causal-LM "
+                                         "loss on 512-token chunks, e.g. WikiText-2 valid; test splits refused)"),
+    max_train: int = typer.Option(4000, help="--finetune: train on N random rows (Llama: 512-token chunks)"),
     finetune_epochs: int = typer.Option(1, help="--finetune: passes over those rows"),
     finetune_lr: float = typer.Option(1e-4, help="--finetune: peak AdamW learning rate"),
     out: Path | None = typer.Option(None, "--out", "-o", help="output folder (refused if it exists)"),

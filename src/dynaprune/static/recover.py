@@ -1,10 +1,11 @@
 """Recovery fine-tuning of a statically pruned model (pruning guide section 4: "fine-tune after pruning to
 recover accuracy"; section 5's iterative schedule ends with it too).
 
-Only a BERT classifier (a fine-tuned head travels with the pruned encoder) is supported: it is trained
-again on ``text<TAB>label`` rows with ``dynaprune.finetune`` (same labels and pooling: the head is
-continued, not re-initialised). A sentence encoder (STS loss) and a Llama-family model (language-model
-loss on WikiText-2 *valid*) have no recovery loop here and are refused before any pruning is done."""
+A BERT classifier (a fine-tuned head travels with the pruned encoder) is trained again on
+``text<TAB>label`` rows with ``dynaprune.finetune`` (same labels and pooling: the head is continued, not
+re-initialised). A Llama-family model is trained with the causal-LM loss on chunks of a text file
+(WikiText-2 *valid*, never test; ``static/recover_lm.py``). A sentence encoder (STS loss) has no
+recovery loop here and is refused before any pruning is done."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class RecoveryConfig:
     batch_size: int = 32
     seed: int = 0
     recipe: str = ""  # a run-time recipe on during recovery (the pruned model will run under it)
+    chunk: int = 512  # Llama: tokens per training chunk (max_train counts chunks)
+    lm_batch: int = 1  # Llama: chunks per step
 
     def check(self) -> None:
         if self.max_train is not None and self.max_train < 1:
@@ -31,6 +34,15 @@ class RecoveryConfig:
             raise DynapruneError(f"--finetune-epochs must be a positive integer, got {self.epochs}")
         if not self.lr > 0:
             raise DynapruneError(f"--finetune-lr must be a positive number, got {self.lr}")
+        if self.chunk < 2 or self.lm_batch < 1:
+            raise DynapruneError(f"recovery chunks need >= 2 tokens and >= 1 per step, got {self.chunk}, "
+                                 f"{self.lm_batch}")
+
+
+def is_llama(model) -> bool:
+    from dynaprune.static.structured import adapter
+
+    return adapter(model).kind == "llama"
 
 
 def check_recoverable(model) -> None:
@@ -39,8 +51,9 @@ def check_recoverable(model) -> None:
 
     arch = adapter(model)
     if arch.kind == "llama":
-        raise DynapruneError(f"{model.name}: --finetune supports BERT classifiers only; recovery of a "
-                             "Llama-family model (language-model training on WikiText-2 valid) is not implemented")
+        if model.tokenizer is None:
+            raise DynapruneError(f"{model.name}: --finetune needs the model's tokenizer to read the text")
+        return
     if getattr(model, "head", None) is None:
         raise DynapruneError(f"{model.name}: --finetune needs a fine-tuned classifier (a checkpoint from "
                              "`dynaprune finetune`); a sentence encoder has no recovery loop here")
@@ -53,6 +66,12 @@ def read_recovery_data(model, cfg: RecoveryConfig):
     from dynaprune.user_paths import check_input_file
 
     cfg.check()
+    if is_llama(model):
+        from dynaprune.static.recover_lm import read_lm_chunks
+
+        if cfg.recipe not in ("", "dense"):
+            raise DynapruneError("a run-time recipe during recovery is supported for BERT classifiers only")
+        return read_lm_chunks(model, cfg.data, cfg.chunk, cfg.max_train, cfg.seed), None
     path = check_input_file(resolve_data_path(cfg.data), "recovery fine-tuning data file")
     head = model.head
     labels = LabelMap(tuple(head.labels), head.label_type)
@@ -70,10 +89,17 @@ def recover(model, cfg: RecoveryConfig, train=None, on_step=None) -> dict:
     check_recoverable(model)
     if train is None:
         train, _ = read_recovery_data(model, cfg)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    if is_llama(model):
+        from dynaprune.static.recover_lm import train_lm
+
+        record.update(loss="causal LM (next-token cross-entropy)",
+                      **train_lm(model, train, lr=cfg.lr, epochs=cfg.epochs, batch=cfg.lm_batch, seed=cfg.seed,
+                                 on_step=on_step))
+        return record
     labels = LabelMap(tuple(model.head.labels), model.head.label_type)
     ft = FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                         pooling=model.head.pooling, recipe=cfg.recipe)
     report = finetune(model, train, labels, None, ft, on_step)
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     record.update(rows=len(train.texts), steps=report.steps, seconds=round(report.seconds, 1))
     return record
