@@ -38,9 +38,12 @@ def _row(result, recipe: str, seconds: float) -> dict:
         "seconds": round(seconds, 1),
         "load": load_average(),
     }
-    for key in ("kv_bytes_vs_fp16", "kv_bytes_held_vs_fp16", "kv_bytes_kept"):
+    for key in ("kv_bytes_vs_fp16", "kv_bytes_held_vs_fp16", "kv_bytes_kept", "kv_budget_tokens"):
         if key in cost:
             row[key] = cost[key]
+    recent = (cost.get("pruning") or {}).get("kv_recent")
+    if recent is not None:  # recent_max (kv_bytes): the protected windows short prompts' budgets left
+        row["kv_recent_window"] = recent
     return row
 
 

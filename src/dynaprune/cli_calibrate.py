@@ -28,13 +28,17 @@ def calibrate(
                                           "share of rows fetching LSBs (WikiText-2 valid, continue protocol)"),
     quant: str = typer.Option("4+4", help="with --lsb-rate: the M+L setting"),
     quant_group: int | None = typer.Option(None, help="with --lsb-rate: quant_group"),
+    quant_rotate: str = typer.Option("", help="with --lsb-rate: quant_rotate (k, v or kv)"),
+    quant_value_residual: bool = typer.Option(False, help="with --lsb-rate: quant_value_residual=on"),
     table: Path | None = typer.Option(None, help="with --lsb-rate: merge the rate table into this JSON "
                                       "(src/dynaprune/prune/techniques/lsb_thresholds.json re-ships it)"),
 ) -> None:
     """Calibrate HDP's rho_B (and tau_H) to a target sparsity on a few train examples, or progressive
     quantization's LSB threshold for a target LSB row rate (--lsb-rate); save a recipe file."""
     if lsb_rate is not None:
-        return _calibrate_lsb(model, lsb_rate, quant, quant_group, out, table, data, examples)
+        extra = (f",quant_rotate={quant_rotate}" if quant_rotate else "") + \
+            (",quant_value_residual=on" if quant_value_residual else "")
+        return _calibrate_lsb(model, lsb_rate, quant, quant_group, out, table, data, examples, extra)
     if target_sparsity is None:
         from dynaprune.errors import DynapruneError
 
@@ -78,7 +82,7 @@ def calibrate(
 
 
 def _calibrate_lsb(model: str, rate: float, quant: str, group: int | None, out: Path, table: Path | None,
-                   data: Path | None, examples: int | None) -> None:
+                   data: Path | None, examples: int | None, extra: str = "") -> None:
     """``--lsb-rate``: the threshold of ``quant=M+L`` for that LSB row rate, as a recipe file."""
     from dynaprune.calibrate.hdp import _check_data_file, write_recipe_file
     from dynaprune.calibrate.lsb import calibrate_lsb, merge_table
@@ -87,7 +91,8 @@ def _calibrate_lsb(model: str, rate: float, quant: str, group: int | None, out: 
     from dynaprune.prune.techniques.progressive_quant import threshold_for_rate
     from dynaprune.user_paths import check_output_file
 
-    setting = Recipe.parse(f"quant={quant}@rate{rate}" + (f",quant_group={group}" if group else "")).quant
+    parsed = Recipe.parse(f"quant={quant}@rate{rate}" + (f",quant_group={group}" if group else "") + extra)
+    setting = parsed.quant
     if data is not None:
         _check_data_file(data)
     check_output_file(out, "--out")
@@ -98,9 +103,11 @@ def _calibrate_lsb(model: str, rate: float, quant: str, group: int | None, out: 
     data = data or shared_data_dir() / "wikitext2" / "valid.txt"
     with progress_bar(f"calibrating on {data.name}") as progress:
         found = calibrate_lsb(m, data, setting.bits, setting.lsb_bits, group, examples=examples or 8,
+                              rotate=parsed.quant_rotate or "", value_residual=bool(parsed.quant_value_residual),
                               progress=progress)
     threshold = threshold_for_rate(found, rate)
-    recipe = f"quant={setting.bits}+{setting.lsb_bits}@{threshold:.6g}" + (f",quant_group={group}" if group else "")
+    recipe = f"quant={setting.bits}+{setting.lsb_bits}@{threshold:.6g}" + (f",quant_group={group}" if group else "") \
+        + extra
     summary = f"threshold {threshold:.6g} for {rate:g} of {found['rows']} rows fetching LSBs"
     path = write_recipe_file(out, Recipe.parse(recipe), [
         f"dynaprune calibrate {model} --lsb-rate {rate:g} --quant {quant}", f"calibrated on {data}", summary])

@@ -15,6 +15,7 @@ from dynaprune.models.llama import Llama, LlamaConfig
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.techniques.progressive_quant import (
     HISTOGRAM_BINS,
+    QUANTIZER,
     QuantSetting,
     resolve_threshold,
     threshold_for_rate,
@@ -46,6 +47,10 @@ def test_keys_round_trip() -> None:
     ("quant=4+4@ratex", "quant", ""),
     ("quant_group=0,quant=8", "quant_group", ""),
     ("quant_group=32", "quant_group", "needs quant"),
+    ("quant_rotate=kv", "quant_rotate", "needs quant"),
+    ("quant=4,quant_rotate=q", "quant_rotate", ""),
+    ("quant_value_residual=on", "quant_value_residual", "needs quant"),
+    ("quant=4,quant_value_residual=maybe", "quant_value_residual", ""),
 ])
 def test_bad_recipes_name_the_key(recipe: str, key: str, words: str) -> None:
     with pytest.raises(DynapruneError, match=f"recipe key '{key}'.*{re.escape(words)}"):
@@ -62,7 +67,8 @@ def test_group_not_dividing_head_dim_and_uncalibrated_rate_are_refused(model) ->
 def test_rate_table_interpolates_and_refuses_outside() -> None:
     shape = SimpleNamespace(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=16)
     table = {"shape": {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "head_dim": 16}, "msb_bits": 4,
-             "lsb_bits": 4, "group": 64, "rates": [0.01, 0.05, 0.1], "thresholds": [0.02, 0.06, 0.16]}
+             "lsb_bits": 4, "group": 64, "rates": [0.01, 0.05, 0.1], "thresholds": [0.02, 0.06, 0.16],
+             "quantizer": QUANTIZER}
     assert threshold_for_rate(table, 0.05) == 0.06
     assert threshold_for_rate(table, 0.075) == pytest.approx(0.11)
     assert resolve_threshold(QuantSetting(4, 4, None, 0.02), 64, shape, (table,)) == pytest.approx(0.03)
@@ -70,6 +76,13 @@ def test_rate_table_interpolates_and_refuses_outside() -> None:
         threshold_for_rate(table, 0.2)
     with pytest.raises(DynapruneError, match="no calibrated threshold for 3\\+4"):
         resolve_threshold(QuantSetting(3, 4, None, 0.02), 64, shape, (table,))
+    # a table of another rotation, value residual or of the earlier quantizer is not used
+    for other in ({"rotate": "kv"}, {"value_residual": True}, {"quantizer": None}):
+        with pytest.raises(DynapruneError, match="no calibrated threshold"):
+            resolve_threshold(QuantSetting(4, 4, None, 0.02), 64, shape, ({**table, **other},))
+    rotated = {**table, "rotate": "kv", "value_residual": True}
+    assert resolve_threshold(QuantSetting(4, 4, None, 0.02), 64, shape, (rotated,), rotate="kv",
+                             value_residual=True) == pytest.approx(0.03)
 
 
 def test_thresholds_from_histogram_against_sorted_rows() -> None:
@@ -94,3 +107,16 @@ def test_a_run_fetches_lsbs_where_the_threshold_says_and_counts_them(model) -> N
         assert s["query_bits_fetched_vs_fp16"] == 1.0  # Q is not quantized
         assert ctx.work.storage == "simulated"
     assert fractions[0] == 0.0 and 0.0 < fractions[1] < 1.0 and fractions[2] == 1.0
+
+
+def test_value_residual_reads_a_sequence_shorter_than_a_group_in_full_precision(model) -> None:
+    """10 tokens, groups of 16: no key group is complete, so with quant_value_residual=on every K and V
+    a query reads is full precision (the dense logits); without it the values are 2-bit (other logits)."""
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        dense = model(ids)
+        fp = model(ids, ctx=make_context("quant=2,quant_group=16,quant_value_residual=on,quant_rotate=kv", model))
+        quantized = model(ids, ctx=make_context("quant=2,quant_group=16,quant_rotate=kv", model))
+    dense, fp, quantized = (getattr(x, "logits", x) for x in (dense, fp, quantized))
+    torch.testing.assert_close(fp, dense, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(quantized, dense, rtol=1e-3, atol=1e-3)

@@ -19,8 +19,11 @@ import torch
 
 from dynaprune.errors import DynapruneError
 from dynaprune.io import write_text_atomic
-from dynaprune.prune.techniques.progressive_quant import HISTOGRAM_BINS, shape_signature
+from dynaprune.prune.techniques.progressive_quant import HISTOGRAM_BINS, QUANTIZER, shape_signature
 
+# what identifies a table (with the default of a key older tables lack)
+TABLE_KEY = (("shape", None), ("msb_bits", None), ("lsb_bits", None), ("group", None), ("rotate", ""),
+             ("value_residual", False))
 TABLE_RATES = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
@@ -35,13 +38,15 @@ def thresholds_from_histogram(histogram: torch.Tensor, rates: tuple[float, ...] 
 
 
 def calibrate_lsb(model: Any, data: str | Path, msb_bits: int, lsb_bits: int, group: int | None = None, *,
-                  examples: int = 8, context: int = 1536, continuation: int = 512,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """The rate -> threshold table of ``quant=M+L`` (groups of ``group``) on ``model`` over ``data``."""
+                  examples: int = 8, context: int = 1536, continuation: int = 512, rotate: str = "",
+                  value_residual: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+    """The rate -> threshold table of ``quant=M+L`` (groups of ``group``; ``quant_rotate=rotate``,
+    ``quant_value_residual``) on ``model`` over ``data``."""
     from dynaprune.eval.lm import evaluate_lm
     from dynaprune.runtime.pruning import make_context
 
-    recipe = f"quant={msb_bits}+{lsb_bits}@1" + (f",quant_group={group}" if group is not None else "")
+    recipe = (f"quant={msb_bits}+{lsb_bits}@1" + (f",quant_group={group}" if group is not None else "")
+              + (f",quant_rotate={rotate}" if rotate else "") + (",quant_value_residual=on" if value_residual else ""))
     contexts: list = []
 
     def new_context():
@@ -57,7 +62,8 @@ def calibrate_lsb(model: Any, data: str | Path, msb_bits: int, lsb_bits: int, gr
     return {
         "model": getattr(model, "name", type(model).__name__),
         "shape": shape_signature(contexts[0].shape),
-        "msb_bits": msb_bits, "lsb_bits": lsb_bits, "group": stage_group,
+        "msb_bits": msb_bits, "lsb_bits": lsb_bits, "group": stage_group, "rotate": rotate,
+        "value_residual": value_residual, "quantizer": QUANTIZER,
         "data": str(data), "protocol": {"continue": True, "context": context, "continuation": continuation,
                                         "examples": result.n},
         "rows": int(histogram.sum()), "perplexity_all_lsb": result.metric["value"],
@@ -68,8 +74,7 @@ def calibrate_lsb(model: Any, data: str | Path, msb_bits: int, lsb_bits: int, gr
 def merge_table(path: Path, table: dict) -> Path:
     """Add ``table`` to the thresholds file at ``path`` (replacing one of the same shape and setting)."""
     data = json.loads(path.read_text()) if path.exists() else {"tables": []}
-    key = ("shape", "msb_bits", "lsb_bits", "group")
-    kept = [t for t in data.get("tables", []) if any(t.get(k) != table[k] for k in key)]
+    kept = [t for t in data.get("tables", []) if any(t.get(k, d) != table.get(k, d) for k, d in TABLE_KEY)]
     data["tables"] = [*kept, table]
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     return path

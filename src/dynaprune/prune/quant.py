@@ -7,11 +7,19 @@ Llama keys on their outlier channels (KIVI, Liu et al. 2024, Sec. 3), so here K 
 KIVI way with ``prune/groupquant.py`` (asymmetric, fp16 scale and zero-point per group): keys PER
 CHANNEL over groups of G consecutive tokens, values PER TOKEN over groups of G channels.
 
-Bit layout: a value is quantized once at M + L bits to an unsigned code c in [0, 2^(M+L) - 1]; the MSBs
-are ``c >> L`` (M bits), the LSBs ``c & (2^L - 1)``, so MSB + LSB rebuild c exactly (the full-width
-group quantization, bit for bit). With the MSBs alone the missing LSBs are filled with ``10..0`` (half
-an MSB step): the M-bit mid-rise value ``((c >> L) << L + 2^(L-1)) * scale + zero``, unbiased, and
-inside the group's range (zero-filling would shift every value down by half a step).
+Bit layout (MSB first, then a refinement): the MSBs are a round-to-nearest M-bit group quantization of
+its own (``groupquant.quantize_groups`` at M bits: code m in [0, 2^M - 1], fp16 scale s and zero-point z,
+read back as ``m s + z``, error at most s / 2). The L LSBs refine the residual ``x - (m s + z)``, which
+lies in [-s/2, s/2], on a mid-rise grid of 2^L cells of width s / 2^L: code l = floor((r + s/2) 2^L / s)
+read back as ``(l + 1/2) s / 2^L - s/2``; MSB + LSB is within s / 2^(L+1) of x, i.e. within
+(2^(M+L) - 1) / ((2^M - 1) 2^L) (1.06 at 4+4) of a direct (M+L)-bit quantizer's bound. The LSB step is
+derived from the MSB scale: the LSBs need no scale of their own. (Before, the MSBs were the top bits of
+one (M+L)-bit code, a truncation.) ``rotate`` (QuaRot-style, ``prune/hadamard.py``): K and/or V are
+Hadamard-rotated along the head dimension before they are quantized and rotated back when read.
+
+Residual (KIVI Sec. 3.3 keeps its newest tokens in full precision, keys AND values): with
+``value_residual`` a causal query also reads the values of its incomplete key group in full precision
+(the same slots as its keys; ``residual_output``).
 
 Q is not quantized: in decode it is computed on chip and never fetched (the published SpAtten GPT-2
 traces also leave Q at 16 bits); it is counted at 16 bits.
@@ -30,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from dynaprune.prune.groupquant import dequantize_groups, quantize_groups
+from dynaprune.prune.hadamard import rotate as hadamard_rotate
 
 DEFAULT_GROUP = 64  # tokens per key group and channels per value group (KIVI's / transformers' default)
 SCALE_ZERO_BITS = 32  # an fp16 scale and an fp16 zero-point per group
@@ -38,8 +47,8 @@ SCALE_ZERO_BITS = 32  # an fp16 scale and an fp16 zero-point per group
 class MsbLsb(NamedTuple):
     """A tensor quantized at M + L bits, read back with all its bits and with the MSBs alone."""
 
-    full: torch.Tensor  # MSB + LSB: the (M + L)-bit group quantization
-    msb_only: torch.Tensor  # the MSBs, missing LSBs filled with half their range
+    full: torch.Tensor  # MSB + LSB: the M-bit quantization refined by the L-bit residual code
+    msb_only: torch.Tensor  # the MSBs alone: the M-bit round-to-nearest group quantization
 
 
 class ProgressiveProbs(NamedTuple):
@@ -57,21 +66,34 @@ def group_sizes(head_dim: int, group: int | None) -> tuple[int, int]:
     return group, group
 
 
-def _read_back(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lsb_bits: int) -> MsbLsb:
-    full = dequantize_groups(codes, scale, zero)
+def msb_lsb_groups(x: torch.Tensor, msb_bits: int, lsb_bits: int, group: int) -> MsbLsb:
+    """``x`` (..., N) in groups of ``group`` consecutive elements: the M-bit round-to-nearest group
+    quantization (MSBs) and its L-bit residual refinement (module docstring), both read back in fp32."""
+    codes, scale, zero = quantize_groups(x, msb_bits, group)
+    msb = dequantize_groups(codes, scale, zero)
     if lsb_bits == 0:
-        return MsbLsb(full, full)
-    msb_codes = ((codes >> lsb_bits) << lsb_bits) + (1 << (lsb_bits - 1))
-    return MsbLsb(full, dequantize_groups(msb_codes, scale, zero))
+        return MsbLsb(msb, msb)
+    step = scale.float()[..., None]  # (..., N / group, 1): one MSB step
+    cells = 1 << lsb_bits
+    residual = (x.float() - msb).unflatten(-1, (-1, group))
+    safe = torch.where(step == 0, torch.ones_like(step), step)  # a constant group: residual 0, read back 0
+    lsb = torch.floor((residual / safe + 0.5) * cells).clamp_(0, cells - 1)
+    refined = (lsb + 0.5) * (step / cells) - step / 2
+    return MsbLsb(msb + refined.flatten(-2), msb)
+
+
+def _rotated(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+    return hadamard_rotate(x) if rotate else x.float()
 
 
 def quantize_key_channels(k: torch.Tensor, msb_bits: int, lsb_bits: int, group: int,
-                          key_valid: torch.Tensor | None = None) -> MsbLsb:
+                          key_valid: torch.Tensor | None = None, rotate: bool = False) -> MsbLsb:
     """Keys (B, H, Lk, D) per channel over groups of ``group`` consecutive tokens (the last group may be
     partial), at ``msb_bits + lsb_bits``. key_valid: bool broadcastable to (B, H, Lk), False for padding
-    keys, which take no part in a group's range (they read back as anything in it)."""
+    keys, which take no part in a group's range (they read back as anything in it). ``rotate``: quantize
+    ``k H`` (Hadamard along the head dim) and read back ``(.) H``."""
     b, h, lk, d = k.shape
-    x = k.float().transpose(-1, -2)  # (B, H, D, Lk): a channel's groups run along the tokens
+    x = _rotated(k, rotate).transpose(-1, -2)  # (B, H, D, Lk): a channel's groups run along the tokens
     pad = (-lk) % group
     valid = torch.ones(1, 1, lk, dtype=torch.bool, device=k.device) if key_valid is None else key_valid.bool()
     valid = torch.nn.functional.pad(valid.expand(b, h, lk), (0, pad), value=False)[:, :, None, :]  # (B,H,1,Lk')
@@ -81,15 +103,16 @@ def quantize_key_channels(k: torch.Tensor, msb_bits: int, lsb_bits: int, group: 
     fill = grouped.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
     fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
     x = torch.where(valid, grouped, fill).flatten(-2)
-    codes, scale, zero = quantize_groups(x, msb_bits + lsb_bits, group)
-    full, msb = _read_back(codes, scale, zero, lsb_bits)
-    return MsbLsb(*(t[..., :lk].transpose(-1, -2).to(k.dtype) for t in (full, msb)))
+    parts = (t[..., :lk].transpose(-1, -2) for t in msb_lsb_groups(x, msb_bits, lsb_bits, group))
+    return MsbLsb(*(_rotated(t, rotate).to(k.dtype) if rotate else t.to(k.dtype) for t in parts))
 
 
-def quantize_value_tokens(v: torch.Tensor, msb_bits: int, lsb_bits: int, group: int) -> MsbLsb:
-    """Values (B, H, L, D) per token over groups of ``group`` channels (``group`` divides D)."""
-    codes, scale, zero = quantize_groups(v.float(), msb_bits + lsb_bits, group)
-    return MsbLsb(*(t.to(v.dtype) for t in _read_back(codes, scale, zero, lsb_bits)))
+def quantize_value_tokens(v: torch.Tensor, msb_bits: int, lsb_bits: int, group: int,
+                          rotate: bool = False) -> MsbLsb:
+    """Values (B, H, L, D) per token over groups of ``group`` channels (``group`` divides D); ``rotate``
+    as for the keys."""
+    parts = msb_lsb_groups(_rotated(v, rotate), msb_bits, lsb_bits, group)
+    return MsbLsb(*(_rotated(t, rotate).to(v.dtype) if rotate else t.to(v.dtype) for t in parts))
 
 
 def quantized_key_slots(lq: int, lk: int, group: int, causal: bool, device=None) -> torch.Tensor | None:
@@ -164,6 +187,16 @@ def progressive_output(probs: torch.Tensor, values: MsbLsb, needs_lsb: torch.Ten
     return torch.where(needs_lsb.unsqueeze(-1), probs @ values.full, probs @ values.msb_only)
 
 
+def residual_output(out: torch.Tensor, probs: torch.Tensor, v_read: torch.Tensor, v_fp: torch.Tensor,
+                    slots: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (= probs @ v_read) with the values outside ``slots`` (Lq, Lk) read in full precision
+    instead: each query's incomplete key group (KIVI's full-precision residual, values too)."""
+    if slots is None or bool(slots.all()):
+        return out
+    fp_part = probs.masked_fill(slots, 0.0)
+    return out + fp_part @ (v_fp.to(v_read.dtype) - v_read)
+
+
 def bits_fetched(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -176,6 +209,7 @@ def bits_fetched(
     key_overhead: float = 0.0,
     value_overhead: float = 0.0,
     key_residual: int = 0,
+    value_residual: int = 0,
     mask: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
     needs_lsb: torch.Tensor | None = None,
@@ -191,7 +225,8 @@ def bits_fetched(
     all K rows of a head where any real row needed them (K is fetched once per head and call); the last
     ``key_residual`` key slots (not yet in a complete group) at 16 bits. V at ``value_bits`` +
     ``value_overhead`` (+ ``value_lsb_bits`` in the heads that fetched LSBs) over the rows
-    ``fetched_values`` (B, H, Lk) marks (local value pruning), else every visible row. Returns the
+    ``fetched_values`` (B, H, Lk) marks (local value pruning), else every visible row; the last
+    ``value_residual`` of them at 16 bits. Returns the
     ``runtime.summary.LayerStats`` field names.
     """
     batch, heads, n_queries, head_dim = q.shape
@@ -208,16 +243,19 @@ def bits_fetched(
     n_quant_slots = k.shape[2] - key_residual
     quant_rows, residual_rows = key_rows[..., :n_quant_slots], key_rows[..., n_quant_slots:]
     n_real, n_lsb, n_keys = int(real.sum()), int(needs.sum()), int(key_rows.sum())
-    n_quant, n_values = int(quant_rows.sum()), int(values.sum())
+    n_quant = int(quant_rows.sum())
     keys_with_lsb = int(quant_rows.sum(-1)[head_lsb].sum())
-    values_with_lsb = int(values.sum(-1)[head_lsb].sum())
     if query_bits is None:
         query_fetched = (n_real * key_bits + n_lsb * lsb_bits) * head_dim
     else:
         query_fetched = n_real * query_bits * head_dim
     key_fetched = (n_quant * (key_bits + key_overhead) + keys_with_lsb * lsb_bits
                    + int(residual_rows.sum()) * 16) * head_dim
-    value_fetched = (n_values * (value_bits + value_overhead) + values_with_lsb * value_lsb_bits) * head_dim
+    n_vq = k.shape[2] - value_residual
+    vq, v_res = values[..., :n_vq], values[..., n_vq:]
+    values_with_lsb = int(vq.sum(-1)[head_lsb].sum())
+    value_fetched = (int(vq.sum()) * (value_bits + value_overhead) + values_with_lsb * value_lsb_bits
+                     + int(v_res.sum()) * 16) * head_dim
     return {
         "rows": n_real,
         "rows_needing_lsb": n_lsb,

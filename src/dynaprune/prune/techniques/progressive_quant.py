@@ -2,14 +2,18 @@
 ``quant=M+L@rateR`` or ``quant=B``, with ``quant_group=G``.
 
 K is quantized per channel over groups of G tokens and V per token over groups of G channels (KIVI's
-layout, asymmetric, fp16 scales and zero-points; ``prune/quant.py``), once at M + L bits. The
+layout, asymmetric, fp16 scales and zero-points; ``prune/quant.py``): the MSBs a round-to-nearest M-bit
+group quantization, the LSBs an L-bit refinement of its residual within one MSB step. The
 probabilities are computed from the key MSBs; a row (batch, head, query) whose max probability is below
 T (a flat distribution, where quantization error matters) is recomputed with MSB + LSB, and its output
 uses the V MSB + LSB (the other rows the V MSBs). Q stays in full precision (computed on chip). ``quant=B``:
 static B-bit K and V. ``quant=M+L@rateR``: T is the threshold calibrated on WikiText-2 valid so that a
 share R of the rows fetch LSBs (``lsb_thresholds.json``, re-derived by ``dynaprune calibrate --lsb-rate``),
 for the model shapes and settings shipped there. ``quant_group`` (default 64, or head_dim if smaller)
-must divide head_dim. The paper's settings are 4+4 ... 12+4; any M, L >= 1 with M + L <= 16 is accepted.
+must divide head_dim. ``quant_rotate=k|v|kv``: K and/or V Hadamard-rotated before they are quantized
+(``prune/hadamard.py``). ``quant_value_residual=on``: a causal query reads the values of its incomplete
+key group in full precision too (KIVI's residual, keys and values). The paper's settings are 4+4 ...
+12+4; any M, L >= 1 with M + L <= 16 is accepted.
 Cost: the Q/K/V bits fetched (scales and zero-points included; keys of a not yet complete group in full
 precision) and the rows needing LSBs (``lsb_row_fraction``, ``bits_fetched_vs_fp16``, ...); a QK^T pass
 more when a row needed its LSBs. ``storage: simulated``: the cache keeps fp tensors.
@@ -37,11 +41,14 @@ from dynaprune.prune.quant import (
     quantize_value_tokens,
     quantized_key_slots,
     residual_keys,
+    residual_output,
 )
 from dynaprune.prune.technique import Stage, Technique
 
 PAPER_QUANT_SETTINGS = ((4, 4), (6, 4), (8, 4), (10, 4), (12, 4))
 THRESHOLDS_FILE = "lsb_thresholds.json"
+# the quantizer a calibrated table was measured with (tables of an earlier one are not used)
+QUANTIZER = "msb: round-to-nearest M-bit group quantization; lsb: L-bit mid-rise refinement of its residual"
 HISTOGRAM_BINS = 20000  # max-probability histogram of a calibration run (bins of 5e-5)
 _QUANT_RE = re.compile(r"^(\d+)\+(\d+)(?:@(rate)?(.*))?$")
 
@@ -141,14 +148,19 @@ def threshold_for_rate(table: dict, rate: float) -> float:
 
 
 def resolve_threshold(setting: QuantSetting, group: int, shape: Any,
-                      tables: tuple[dict, ...] | None = None) -> float:
-    """The threshold of ``quant=M+L@rateR`` for this model shape and group (refused where none is shipped)."""
+                      tables: tuple[dict, ...] | None = None, rotate: str = "", value_residual: bool = False) -> float:
+    """The threshold of ``quant=M+L@rateR`` for this model shape, group, rotation and value residual
+    (refused where none is shipped)."""
     signature = shape_signature(shape)
     for table in shipped_thresholds() if tables is None else tables:
         if (table["shape"] == signature and table["msb_bits"] == setting.bits
-                and table["lsb_bits"] == setting.lsb_bits and table["group"] == group):
+                and table["lsb_bits"] == setting.lsb_bits and table["group"] == group
+                and table.get("rotate", "") == rotate and table.get("value_residual", False) == value_residual
+                and table.get("quantizer") == QUANTIZER):
             return threshold_for_rate(table, setting.lsb_rate)
-    raise K.err("quant", f"no calibrated threshold for {setting.bits}+{setting.lsb_bits} with quant_group={group} "
+    options = (f",quant_rotate={rotate}" if rotate else "") + (",quant_value_residual=on" if value_residual else "")
+    raise K.err("quant", f"no calibrated threshold for {setting.bits}+{setting.lsb_bits}{options} "
+                         f"with quant_group={group} "
                          f"on a model of shape {signature}: run `dynaprune calibrate MODEL --lsb-rate "
                          f"{K.fmt_float(setting.lsb_rate)} --quant {setting.bits}+{setting.lsb_bits}` and use its "
                          "threshold (quant=M+L@T)")
@@ -161,21 +173,26 @@ class Quantization(Technique):
 
     quant: QuantSetting | None = None
     quant_group: int | None = None
+    quant_rotate: str | None = None
+    quant_value_residual: bool | None = None
 
     role = "probs"
     keys = (K.Key("quant", parse_quant, check_quant, json="text"),
-            K.Key("quant_group", K.parse_int, K.at_least(1, integer=True)))
+            K.Key("quant_group", K.parse_int, K.at_least(1, integer=True)),
+            K.Key("quant_rotate", K.parse_word, K.choice("k", "v", "kv")),
+            K.Key("quant_value_residual", K.parse_onoff, K.onoff))
 
     def check(self) -> None:
-        if self.quant_group is not None and self.quant is None:
-            raise K.err("quant_group", "needs quant=B or quant=M+L@T")
+        for key in ("quant_group", "quant_rotate", "quant_value_residual"):
+            if getattr(self, key) is not None and self.quant is None:
+                raise K.err(key, "needs quant=B or quant=M+L@T")
 
     def stage(self, run) -> Stage | None:
         return QuantStage(self, run) if self.quant is not None else None
 
     @staticmethod
     def merge_summary(summaries: list[dict], merged: dict) -> None:
-        for name in ("lsb_threshold", "quant_groups"):  # the same in every context of one run
+        for name in ("lsb_threshold", "quant_groups", "quant_rotate"):  # the same in every context of one run
             found = next((s[name] for s in summaries if name in s), None)
             if found is not None:
                 merged[name] = found
@@ -193,23 +210,31 @@ class QuantStage(Stage):
             raise K.err("quant_group", f"{technique.quant_group} does not divide head_dim={head_dim}: values are "
                                        "quantized per token in groups of channels")
         self.key_group, self.value_group = group_sizes(head_dim, technique.quant_group)
+        self.rotate = technique.quant_rotate or ""
+        if self.rotate and head_dim & (head_dim - 1):
+            raise K.err("quant_rotate", f"a Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
+        self.value_residual = bool(technique.quant_value_residual)
         quant = technique.quant
         self.lsb_threshold = quant.threshold
         if quant.lsb_rate is not None:
-            self.lsb_threshold = resolve_threshold(quant, self.key_group, run.shape)
+            self.lsb_threshold = resolve_threshold(quant, self.key_group, run.shape, rotate=self.rotate,
+                                                   value_residual=self.value_residual)
         # with local value pruning (its own probs x V) V is read at M + L for every row
         self.value_progressive = quant.progressive and getattr(run.recipe, "value", None) is None
         self.last_needs_lsb = None  # (B, H, Lq) of the last call, for its trace entry and the V rows
         self.last_residual = 0
         self.max_prob_histogram: torch.Tensor | None = None  # set by a calibration run to record the rows
         self._values = None
+        self._slots = None  # the last call's quantized key slots (the value residual reads the others fp)
+        self._v_fp = None
         run.work.storage = "simulated"  # fake-quantized floats: no packed codes are stored
 
     def probs(self, call):
         quant, q, k = self.technique.quant, call.q, call.k
         key_valid = call.mask.any(dim=-2) if call.mask is not None else None
-        keys = quantize_key_channels(k, quant.bits, quant.lsb_bits, self.key_group, key_valid)
+        keys = quantize_key_channels(k, quant.bits, quant.lsb_bits, self.key_group, key_valid, "k" in self.rotate)
         slots = quantized_key_slots(q.shape[2], k.shape[2], self.key_group, call.causal, q.device)
+        self._slots = slots
         self.last_residual = residual_keys(k.shape[2], self.key_group, call.causal)
         self.last_needs_lsb = None
         if not quant.progressive:
@@ -229,16 +254,27 @@ class QuantStage(Stage):
     def values(self, call, v):
         quant = self.technique.quant
         values = quantize_value_tokens(v, quant.bits, quant.lsb_bits if self.value_progressive else 0,
-                                       self.value_group)
-        if self.value_progressive:
-            self._values = values
+                                       self.value_group, "v" in self.rotate)
+        self._values = values
+        self._v_fp = v if self.value_residual else None
         return values.full
 
     def combine(self, call, probs, v):
-        if not self.value_progressive or self._values is None:
-            return None
         values, self._values = self._values, None
-        return progressive_output(probs, values, self.last_needs_lsb)
+        v_fp, self._v_fp = self._v_fp, None
+        if values is None or not (self.value_progressive or v_fp is not None):
+            return None
+        if not self.value_progressive:
+            return residual_output(probs @ values.full, probs, values.full, v_fp, self._slots)
+        out = progressive_output(probs, values, self.last_needs_lsb)
+        if v_fp is None:
+            return out
+        # a row read the MSB (+ LSB) values; in its residual slots the fp values instead
+        with_msb = residual_output(out, probs, values.msb_only, v_fp, self._slots)
+        lsb = self.last_needs_lsb
+        if lsb is None or not bool(lsb.any()):
+            return with_msb
+        return torch.where(lsb[..., None], residual_output(out, probs, values.full, v_fp, self._slots), with_msb)
 
     def bit_widths(self) -> dict[str, Any]:
         quant = self.technique.quant
@@ -246,12 +282,15 @@ class QuantStage(Stage):
         return {"key_bits": quant.bits, "lsb_bits": quant.lsb_bits, "value_bits": value_bits,
                 "value_lsb_bits": quant.lsb_bits if self.value_progressive else 0, "query_bits": 16,
                 "key_overhead": SCALE_ZERO_BITS / self.key_group, "value_overhead": SCALE_ZERO_BITS / self.value_group,
-                "key_residual": self.last_residual}
+                "key_residual": self.last_residual,
+                "value_residual": self.last_residual if self.value_residual else 0}
 
     def summary(self, out: dict, layers: list[int]) -> None:
         if self.technique.quant.progressive:
             out["lsb_threshold"] = self.lsb_threshold
         out["quant_groups"] = {"key_tokens": self.key_group, "value_channels": self.value_group}
+        if self.rotate:
+            out["quant_rotate"] = self.rotate
 
     def trace(self, entry: dict, queries: int) -> None:
         lsb, self.last_needs_lsb = self.last_needs_lsb, None
