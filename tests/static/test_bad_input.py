@@ -80,7 +80,8 @@ def test_recorded_shapes_disagreeing_with_the_tensors(dynaprune_cli, classifier,
 
 def test_every_head_of_a_layer_is_never_removed():
     m = tiny_bert()  # 3 layers of 4 heads
-    scores = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([5.0, 6.0, 7.0, 8.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])]
+    scores = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([5.0, 6.0, 7.0, 8.0]),
+              torch.tensor([0.0, 0.0, 0.0, 1.0])]
     removed = plan.heads_to_remove(m, scores, 0.9)  # round(0.9 * 12) = 11 wanted; at most 3 per layer
     assert {k: len(v) for k, v in removed.items()} == {0: 3, 1: 3, 2: 3}
     with pytest.raises(DynapruneError, match="removing every head of layer 1 is not allowed"):
