@@ -120,6 +120,9 @@ def main() -> None:
     p.add_argument("--recovery-rows", type=int, default=4000)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--combined", default=None, metavar="H,F,L,LAYER_CRITERION",
+                   help="fix the combined configuration (e.g. the one benchmarks/static.py timed: "
+                        "0.42,0.42,1,sensitivity) instead of choosing among COMBINED")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 criteria, 64 rows, 64 recovery rows")
     p.add_argument("--out", type=Path, default=RESULTS / "static-accuracy.json")
     args = p.parse_args()
@@ -166,7 +169,11 @@ def main() -> None:
                          "selection": rows}
     crit = targets["heads40"]["criterion"] if targets["heads40"]["criterion"] in ("taylor", "magnitude") else "taylor"
     rows = []
-    for h, f, n_layers, lc in COMBINED[2:5] if args.quick else COMBINED:
+    candidates = COMBINED[2:5] if args.quick else COMBINED
+    if args.combined:
+        h, f, n_layers, lc = args.combined.split(",")
+        candidates = [(float(h), float(f), int(n_layers), lc)]
+    for h, f, n_layers, lc in candidates:
         m, _ = pruned(parent, calib, h, f, n_layers, crit, lc)
         kept = flops(m, [128]) / flops(parent, [128])
         rows.append({"heads": h, "ffn": f, "layers": n_layers, "criterion": crit, "layer_criterion": lc,
