@@ -83,6 +83,15 @@ def test_pack_unpack_exact_and_byte_count(bits: int) -> None:
         assert torch.equal(unpack_bits(packed, bits, m), codes.to(torch.int32))
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7, 9, 12, 15])
+def test_pack_is_the_little_endian_bit_stream_built_by_hand(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (2, 13), generator=torch.Generator().manual_seed(bits))
+    for row, packed in zip(codes.tolist(), pack_bits(codes, bits).tolist(), strict=True):
+        stream = "".join(format(c, f"0{bits}b")[::-1] for c in row)  # each code LSB first
+        stream += "0" * (-len(stream) % 8)
+        assert packed == [int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+
+
 def test_pack_layout_by_hand() -> None:
     # 4 bits: low nibble first; 3 bits: codes 5, 3, 7 -> bits 101 110 111 (LSB first) = 0b11_011_101, then 0b1
     assert pack_bits(torch.tensor([1, 2, 15, 0]), 4).tolist() == [0x21, 0x0F]

@@ -76,6 +76,15 @@ def packed_bytes(m: int, bits: int) -> int:
     return -(-m * bits // 8)
 
 
+# bits -> (bytes, codes) of a word of lcm(bits, 8) <= 56 bits: the same little-endian bit stream, unpacked with
+# a few shifts per word instead of one per bit
+WORD_BITS = {3: (3, 8), 5: (5, 8), 6: (3, 4), 7: (7, 8)}
+
+
+def _word_dtype(n_bytes: int) -> torch.dtype:
+    return torch.int32 if n_bytes <= 3 else torch.int64  # 24-bit words fit (and shift faster) in int32
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (..., M) in [0, 2^bits) into uint8 (..., ceil(M bits / 8)), little-endian."""
     check_bits(bits)
@@ -89,7 +98,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         c = F.pad(c, (0, (-m) % per)).unflatten(-1, (-1, per))
         shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
         return (c << shifts).sum(-1).to(torch.uint8)
-    # 3, 5, 6, 7, 9..15: one bit stream across byte boundaries
+    if bits in WORD_BITS:  # 3, 5, 6, 7: whole words of lcm(bits, 8) bits (e.g. 4 codes of 6 bits in 3 bytes)
+        n_bytes, n_codes = WORD_BITS[bits]
+        words = F.pad(c, (0, (-m) % n_codes)).unflatten(-1, (-1, n_codes)).to(_word_dtype(n_bytes))
+        words = (words << (torch.arange(n_codes, dtype=words.dtype, device=c.device) * bits)).sum(-1, dtype=words.dtype)
+        out = (words[..., None] >> (torch.arange(n_bytes, dtype=words.dtype, device=c.device) * 8)) & 0xFF
+        return out.flatten(-2)[..., : packed_bytes(m, bits)].to(torch.uint8)
+    # 9..15: one bit stream across byte boundaries
     bit_index = torch.arange(bits, dtype=torch.int32, device=c.device)
     stream = ((c[..., None] >> bit_index) & 1).flatten(-2)
     stream = F.pad(stream, (0, (-stream.shape[-1]) % 8)).unflatten(-1, (-1, 8))
@@ -110,6 +125,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.int32, device=p.device) * bits
         return ((p[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :m]
+    if bits in WORD_BITS:  # the words of pack_bits, read back with shifts (no bit-by-bit stream)
+        n_bytes, n_codes = WORD_BITS[bits]
+        words = F.pad(packed, (0, (-packed.shape[-1]) % n_bytes)).unflatten(-1, (-1, n_bytes))
+        words = words.to(_word_dtype(n_bytes))
+        words = (words << (torch.arange(n_bytes, dtype=words.dtype, device=p.device) * 8)).sum(-1, dtype=words.dtype)
+        shifts = torch.arange(n_codes, dtype=words.dtype, device=p.device) * bits
+        codes = (words[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.flatten(-2)[..., :m].to(torch.int32)
     stream = ((p[..., None] >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1).flatten(-2)
     stream = stream[..., : m * bits].unflatten(-1, (m, bits))
     return (stream << torch.arange(bits, dtype=torch.int32, device=p.device)).sum(-1)
