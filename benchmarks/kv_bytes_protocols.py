@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-dense", action="store_true", help="stream: skip the dense (window) reference")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path)
+    p.add_argument("--note", default="", help="recorded with the command (e.g. why a subset was run)")
     a = p.parse_args(argv)
     threads = setup_threads(a.threads)
     from dynaprune import load
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         setting = {"data": "MT-Bench first turns", "prompts": a.prompts, "max_new_tokens": a.max_new_tokens}
         todo = a.recipes
 
-    def save() -> None:
+    def save() -> None:  # re-read first: a run of other recipes side by side may have written its rows
+        now = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        mine = {k: v for k, v in runs.items() if k not in old.get("runs", {}) or old["runs"][k] is not v}
+        merged_runs = {**now.get("runs", {}), **mine}
+        others = [c for c in now.get("commands", []) if c not in commands and c.get("command") != command]
         write_json_atomic(
             out_path,
             {
@@ -90,14 +95,16 @@ def main(argv: list[str] | None = None) -> None:
                 "read_copy": "runtime/kvquant.KEEP_READ_COPY (same values)",
                 "commands": [
                     *commands,
+                    *others,
                     {
                         "command": command,
                         "seconds": round(time.perf_counter() - t_all, 1),
                         "load": load_average(),
                         **setting,
+                        **({"note": a.note} if a.note else {}),
                     },
                 ],
-                "runs": runs,
+                "runs": merged_runs,
             },
         )
 

@@ -11,20 +11,24 @@ static ``quant=B`` rows (MSBs alone, no LSB) on every split. Every row records i
 share of rows that fetched LSBs and the load average.
 
 Loads the model once; writes benchmarks/results/progressive-quant.json (atomic) after every run, with
-the exact command. ``--ship`` merges the calibrated tables into the package's lsb_thresholds.json.
+the exact command, merged with the rows and tables already there (by split and recipe; by table key), so
+runs of several settings side by side share the file. ``--ship`` merges the calibrated tables into the
+package's lsb_thresholds.json. ``--calib-examples`` VALID chunks calibrate (default: ``--examples``);
+``--rotate`` / ``--value-residual`` add ``quant_rotate`` / ``quant_value_residual=on`` to every row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.common import load_average, setup_threads
 from dynaprune import load
-from dynaprune.calibrate.lsb import calibrate_lsb, merge_table
+from dynaprune.calibrate.lsb import TABLE_KEY, calibrate_lsb, merge_table
 from dynaprune.eval.lm import evaluate_lm
 from dynaprune.io import write_json_atomic
 from dynaprune.prune.techniques.progressive_quant import threshold_for_rate
@@ -34,10 +38,29 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 PACKAGE_TABLE = Path(__file__).resolve().parents[1] / "src/dynaprune/prune/techniques/lsb_thresholds.json"
 
 
+def _merged(path: str, mine: dict) -> dict:
+    """``mine`` merged into the file at ``path``: its runs (by split and recipe) and tables (by key)
+    replace the file's, the file's others stay; the commands accumulate."""
+    old = json.loads(Path(path).read_text()) if os.path.isfile(path) else {}
+    keys = {(r["split"], r["recipe"]) for r in mine["runs"]}
+    runs = [r for r in old.get("runs", []) if (r["split"], r["recipe"]) not in keys] + mine["runs"]
+
+    def same(a: dict, b: dict) -> bool:
+        return all(a.get(k, d) == b.get(k, d) for k, d in TABLE_KEY)
+
+    tables = [t for t in old.get("tables", []) if not any(same(t, m) for m in mine["tables"])] + mine["tables"]
+    commands = [c for c in old.get("commands", []) if c != mine["command"]] + [mine["command"]]
+    dense = {**old.get("dense", {}), **mine.get("dense", {})}
+    return {**old, **mine, "runs": runs, "tables": tables, "commands": commands, "dense": dense}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument("--calib-examples", type=int, help="VALID chunks the calibration runs (default --examples)")
+    parser.add_argument("--rotate", default="", help="quant_rotate=k|v|kv on every row")
+    parser.add_argument("--value-residual", action="store_true", help="quant_value_residual=on on every row")
     parser.add_argument("--context", type=int, default=1536)
     parser.add_argument("--continuation", type=int, default=512)
     parser.add_argument("--msb", default="4,3")
@@ -90,10 +113,15 @@ def main() -> None:
             "load": load_average(),
         }
         out["runs"].append(row)
-        write_json_atomic(args.out, out)
+        save()
         print(json.dumps(row), flush=True)
         return row
 
+    def save() -> None:
+        write_json_atomic(args.out, _merged(args.out, out))
+
+    knobs = (f",quant_rotate={args.rotate}" if args.rotate else "") + (
+        ",quant_value_residual=on" if args.value_residual else "")
     splits = args.splits.split(",")
     known = dict(item.split("=") for item in args.dense.split(",") if item)
     dense = {split: float(known[split]) if split in known else run(split, None)["perplexity"] for split in splits}
@@ -107,25 +135,27 @@ def main() -> None:
             DATA / "valid.txt",
             msb,
             args.lsb,
-            examples=args.examples,
+            examples=args.calib_examples or args.examples,
             context=args.context,
             continuation=args.continuation,
+            rotate=args.rotate,
+            value_residual=args.value_residual,
         )
         out["tables"].append(table)
-        write_json_atomic(args.out, out)
+        save()
         if args.ship:
             merge_table(PACKAGE_TABLE, table)
         for rate in (float(r) for r in args.rates.split(",")):
             threshold = threshold_for_rate(table, rate)
             for split in splits:  # the threshold as a number: the same on both splits, whatever is shipped
-                row = run(split, f"quant={msb}+{args.lsb}@{threshold:.6g}")
+                row = run(split, f"quant={msb}+{args.lsb}@{threshold:.6g}{knobs}")
                 row.update(target_rate=rate, vs_dense=row["perplexity"] / dense[split] - 1)
-                write_json_atomic(args.out, out)
+                save()
     for bits in (int(b) for b in args.static.split(",") if b):  # the MSBs alone, after the progressive rows
         for split in splits:
-            row = run(split, f"quant={bits}")
+            row = run(split, f"quant={bits}{knobs}")
             row.update(vs_dense=row["perplexity"] / dense[split] - 1)
-            write_json_atomic(args.out, out)
+            save()
 
 
 if __name__ == "__main__":
