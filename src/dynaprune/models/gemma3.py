@@ -30,7 +30,7 @@ from torch import nn
 from dynaprune.errors import DynapruneError
 from dynaprune.models.checkpoint import assign_weights
 from dynaprune.models.llama import rotate_half
-from dynaprune.runtime.attention import DENSE, RunContext, attention
+from dynaprune.runtime.attention import DENSE, RunContext, SlidingWindow, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
 
@@ -114,15 +114,28 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        key_mask = mask
+        key_mask, key_pos = mask, positions
         if cache is not None:  # keys are cached after RoPE, so pruning the cache never re-rotates
             k, v = cache.update(layer, k, v, positions=positions, mask=mask)
             key_mask = cache.key_mask(layer)
+            key_pos = cache.cached_positions(layer) if cache.head_positions[layer] is None else None
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=key_mask, causal=True,
-                      scale=c.query_scalar**-0.5, window=self.window)
+                      scale=c.query_scalar**-0.5, window=sliding_window(self.window, positions, key_pos))
         if plan is not None:
             return plan.output(y, self.wo)
         return self.wo(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def sliding_window(window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor | None) -> int | None:
+    """The window a sliding layer passes to ``attention``: a plain int (slots) while the keys sit at
+    consecutive positions, else a ``SlidingWindow`` by original position (after a prefill selection the
+    survivors' slots are not their positions: query p must see keys p - window < pos <= p, not the latest
+    ``window`` survivors). A cache compacted per KV head (``k_pos`` None) keeps the slot window."""
+    if window is None or k_pos is None or k_pos.shape[-1] < 2:
+        return window
+    if bool((k_pos[:, 1:] - k_pos[:, :-1] == 1).all()):
+        return window
+    return SlidingWindow(window, q_pos, k_pos)
 
 
 class FeedForward(nn.Module):

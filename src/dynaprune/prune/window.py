@@ -19,6 +19,8 @@ def window_attention(
     *,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    sliding: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of the last ``window`` queries, summed over those queries, per query head.
 
@@ -26,7 +28,9 @@ def window_attention(
     through a reshape, no copy); the last query is aligned with the last key (causal, as in a prefill or
     a decode step over a cache). key_padding_mask: (B, Lk) bool, True = real key. Returns (B, Hq, Lk)
     float32: entry [b, h, j] = sum over the window's queries i of softmax_j(q_i k_j * scale), causal
-    (query i sees keys up to its own position), padding keys 0.
+    (query i sees keys up to its own position), padding keys 0. ``sliding`` (a sliding-window layer,
+    Gemma 3): query i sees only the keys within ``sliding`` positions, itself included, as the layer does;
+    ``positions`` (B, Lk): the keys' original positions (after token pruning), else their slots.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -37,7 +41,10 @@ def window_attention(
     qw = q[:, :, Lq - window:].reshape(B, Hkv, G * window, D)
     scores = (qw @ k.transpose(-1, -2)).view(B, Hkv, G, window, Lk).float().mul_(scale)
     # window query i (0-based in the window) sits at key position Lk - window + i
-    visible = torch.arange(Lk, device=q.device) <= torch.arange(Lk - window, Lk, device=q.device)[:, None]
+    pos = torch.arange(Lk, device=q.device)[None] if positions is None else positions.to(q.device)
+    key, query = pos[:, None, :], pos[:, Lk - window:, None]  # (1 or B, window, Lk)
+    visible = (key <= query) & ((key > query - sliding) if sliding is not None else True)
+    visible = visible[:, None, None]  # (1 or B, 1, 1, window, Lk)
     if key_padding_mask is not None:  # (B, Lk), or (B, Hkv, Lk) for a cache compacted per KV head
         m = key_padding_mask.to(torch.bool)
         visible = visible & (m[:, :, None, None, :] if m.dim() == 3 else m[:, None, None, None, :])

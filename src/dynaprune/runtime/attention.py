@@ -19,7 +19,28 @@ import torch.nn.functional as F
 from dynaprune.runtime.head_skipping import HeadPlan
 from dynaprune.runtime.work import WorkCounter, padded_pairs
 
-__all__ = ["WorkCounter", "RunContext", "attention", "count_pairs", "padded_pairs"]
+__all__ = ["WorkCounter", "RunContext", "SlidingWindow", "attention", "count_pairs", "padded_pairs"]
+
+
+class SlidingWindow(int):
+    """A sliding window of ``int(self)`` positions measured by ORIGINAL position: the query at position p
+    sees the keys with p - window < pos <= p (Gemma 3's local layers). A plain int window counts slots,
+    which is the same thing until tokens were pruned (a prefill selection keeps survivors at their
+    positions, so the latest ``window`` survivors reach further back). An int, so every caller that only
+    sizes things by the window keeps working; the masks read the positions. q_pos (B, Lq), k_pos (B, Lk)."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+
+    def __new__(cls, size: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> SlidingWindow:
+        obj = super().__new__(cls, size)
+        obj.q_pos, obj.k_pos = q_pos, k_pos
+        return obj
+
+    def visible(self) -> torch.Tensor:
+        """(B, 1, Lq, Lk) bool: causal by position, within the window."""
+        q, k = self.q_pos[:, None, :, None], self.k_pos[:, None, None, :].to(self.q_pos.device)
+        return (k <= q) & (k > q - int(self))
 
 
 @dataclass
@@ -55,6 +76,12 @@ def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal:
             n_keys = n_keys.float().mean(1).round().long()
     n_queries = n_keys if (lq == lk and key_padding_mask is not None) else torch.full((batch,), lq)
     pairs = n_queries * n_keys
+    if causal and isinstance(window, SlidingWindow):  # by position: count what the mask lets through
+        vis = window.visible()
+        if key_padding_mask is not None and key_padding_mask.dim() == 2:
+            m = key_padding_mask.to(torch.bool).to(vis.device)
+            vis = vis & m[:, None, None, :] & (m[:, None, :, None] if lq == lk else True)
+        return int(n_queries.sum()), int(vis.sum())
     if causal:  # a query sees the cached keys and the new keys up to itself
         pairs = pairs - n_queries * (n_queries - 1) // 2
     if causal and window is not None:
@@ -72,6 +99,9 @@ def build_mask(
     if key_padding_mask is not None:
         m = key_padding_mask.to(torch.bool)
         mask = m[:, :, None, :] if m.dim() == 3 else m[:, None, None, :]
+    if causal and isinstance(window, SlidingWindow):
+        vis = window.visible().to(device)
+        return vis if mask is None else mask & vis
     if causal and (lq > 1 or (window is not None and lk > window)):
         tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
         if window is not None:  # sliding window: query i sees keys i + lk - lq - window + 1 .. i + lk - lq
@@ -195,9 +225,11 @@ def attention_with_received(
         if key_bias is not None:
             scores += key_bias[:, None, None, None, :end].to(scores.dtype)
         ok = key_ok[..., :end] if key_ok is not None else None
-        if causal and n > 1:  # within the block, query i sees keys up to i + (Lk - Lq)
+        if causal and (n > 1 or isinstance(window, SlidingWindow)):  # query i sees keys up to i + (Lk - Lq)
             tri = torch.arange(end, device=q.device) <= torch.arange(q0, q1, device=q.device)[:, None] + (Lk - Lq)
-            if window is not None:  # a sliding-window layer: no key older than window - 1 before the query
+            if isinstance(window, SlidingWindow):  # by original position (after token pruning)
+                tri = tri & window.visible()[:, :, None, q0:q1, :end].to(q.device)
+            elif window is not None:  # a sliding-window layer: no key older than window - 1 before the query
                 tri &= torch.arange(end, device=q.device) > torch.arange(q0, q1, device=q.device)[:, None] + (
                     Lk - Lq - window)
             ok = tri if ok is None else ok & tri
@@ -376,6 +408,6 @@ def attention(
     ``window`` (causal only): each query sees at most its ``window`` latest keys, itself included (Gemma 3's
     sliding-window layers); passed on only when some query has more keys than that.
     """
-    if window is not None and causal and k.shape[2] > window:
+    if window is not None and causal and (k.shape[2] > window or isinstance(window, SlidingWindow)):
         return (ctx or DENSE).attend(layer, q, k, v, key_padding_mask, causal, scale, window=window)
     return (ctx or DENSE).attend(layer, q, k, v, key_padding_mask, causal, scale)

@@ -172,6 +172,7 @@ class PrefillSelectionStage(Stage):
         self.prompt_real: torch.Tensor | None = None  # (B,) real prompt tokens, at the first selection
         self.prompt_tokens = 0
         self.tokens_kept = 0
+        self.positions: torch.Tensor | None = None  # (B, L) original positions once tokens were pruned
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         s = self.settings
@@ -180,7 +181,10 @@ class PrefillSelectionStage(Stage):
         length = q.shape[2] if key_padding_mask is None else int(key_padding_mask.sum(-1).min())
         _check_prompt(self.technique, s, length)
         mask = key_padding_mask if key_padding_mask is not None and key_padding_mask.dim() == 2 else None
-        scores = window_attention(q, k, s["window"], scale=scale, key_padding_mask=mask).sum(1)
+        # a sliding-window selection layer (Gemma 3) scores each window query over its own window only, by
+        # original position once a cascade pruned tokens (``self.positions``)
+        scores = window_attention(q, k, s["window"], scale=scale, key_padding_mask=mask,
+                                  sliding=self.run.shape.window_of(layer), positions=self.positions).sum(1)
         self.window_scores = pool_scores(scores, s["pool"])
         c = self.run.counts(layer, self.name)  # the window's extra QK^T and softmax, for the report
         c["window_pairs"] = c.get("window_pairs", 0) + q.shape[0] * q.shape[1] * s["window"] * k.shape[2]
@@ -206,6 +210,8 @@ class PrefillSelectionStage(Stage):
         hidden = gather_tokens(hidden, selection.index)
         keep = {name: gather_tokens(t, selection.index) for name, t in keep.items()}
         keep["mask"] = selection.mask & gather_tokens(valid, selection.index)
+        if "positions" in keep and keep["positions"].shape == selection.mask.shape:
+            self.positions = keep["positions"]
         return hidden, keep
 
     def summary(self, out: dict, layers: list[int]) -> None:
