@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gemma3 import TINY, tiny
 
 from dynaprune.models import gemma3 as G
 from dynaprune.prune.window import window_attention
 from dynaprune.runtime.attention import RunContext, SlidingWindow, attention_with_received, build_mask, count_pairs
 from dynaprune.runtime.pruning import make_context
-from test_gemma3 import TINY, tiny
 
 
 class BruteForce(RunContext):
