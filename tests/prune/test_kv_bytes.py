@@ -193,3 +193,21 @@ def test_recent_max_keeps_exactly_the_sinks_and_the_newest_tokens_when_they_fill
 def test_recent_max_bad_input_names_the_key(recipe, key):
     with pytest.raises(DynapruneError, match=f"recipe key '{key}'"):
         Recipe.parse(recipe)
+
+
+@pytest.mark.parametrize(("alloc", "bits"), [("global_layer", ",kv_bits=4,kv_group=16,kv_value_group=8"),
+                                             ("global_layer", ""), ("global", "")])
+def test_a_short_prompt_under_a_global_budget_generates(alloc, bits):
+    """A prompt about the size of its budget: the global allocation may give one layer every token (with a
+    packed cache, widths in whole key groups longer than the prompt: all or nothing, as kv_bytes' groups
+    of 128 on an MT-Bench prompt); that layer still leaves the next step a slot (it held the cache's
+    capacity and the step overflowed)."""
+    from dynaprune.runtime.generate import generate
+
+    model = tiny_llama(layers=3)
+    prompt = torch.randint(1, 60, (12,), generator=torch.Generator().manual_seed(7)).tolist()
+    out = generate(model, prompt, max_new_tokens=6, stop_tokens=[], recipe=f"kv=0.9,score=h2o,kv_alloc={alloc},"
+                   f"recent_max=4{bits}")
+    assert len(out.new_ids) == 6
+    budget = round(0.9 * 12)
+    assert out.cost["kv_budget_tokens"] == budget

@@ -277,6 +277,8 @@ class KVBudgetStage(Stage):
             store = next((st for st in run.stages if st.name == "kvstore"), None)
             align = store.spec.key_group if store is not None else 1
             widths = layer_widths(scores, sum(self._layer_budgets), protected, valids, align)
+            # a layer must leave the next step a slot: a short prompt's widest layer may keep every token
+            widths = [min(w, cache.capacity - 1) for w in widths]
             for layer, width in zip(layers, widths, strict=True):
                 counts = self.run.counts(layer, self.name)
                 counts["evicted"] = counts.get("evicted", 0) + max(0, int(cache.lengths[layer]) - width)
@@ -292,7 +294,7 @@ class KVBudgetStage(Stage):
             counts["evictions"] = counts.get("evictions", 0) + 1
             run.scorer.compact_state(self.scores, layer, index)
             cache.compact(layer, index, None if bool(mask.all()) else mask)
-            self._layer_budgets[layer] = max(1, cache.lengths[layer])
+            self._layer_budgets[layer] = max(1, min(cache.lengths[layer], cache.capacity - 1))
         return True
 
     def evict(self, cache, layer: int, budget: int) -> None:
