@@ -12,6 +12,9 @@ and teacher-forces the continuation on it (``calibrate/kv_bytes.evaluate``, the 
 What a budget means here (printed per row as ``held``): ``kv=F`` keeps F x the prompt's tokens in EVERY
 layer; a sliding layer's dense cache already holds only 511 of them, so a budget above 511 leaves the
 sliding layers as they are, and ``kv_bytes_vs_fp16`` (over the dense, windowed cache) is above F.
+``kv_bytes=F`` expands to Gemma's own VALID choice (``benchmarks/gemma3_kv_search.py``), sized to that
+windowed cache. The continuation's sliding windows go by original position (``PositionWindow``; the model's
+slot-based mask with ``--slot-too``, as ``perplexity_slot_mask``).
 """
 
 from __future__ import annotations
