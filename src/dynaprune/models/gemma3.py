@@ -10,7 +10,10 @@ Every layer goes through ``runtime.attention`` (so every recipe applies); a slid
 window, which masks a prompt longer than it, and after each forward the model evicts from a sliding
 layer's KV cache every token the next query can no longer see (``ctx.compact_cache``, so state a pruning
 context keeps per cached token follows), so such a layer never holds more than ``window - 1`` tokens
-between forwards and attends to at most ``window`` keys. The work counter counts what it attends.
+between forwards and attends to at most ``window`` keys. The work counter counts what it attends. The window
+is one of positions: once tokens were pruned (a prefill selection keeps survivors at their original
+positions) the query at p sees the keys with p - window < pos <= p (``sliding_window``), not the latest
+``window`` survivors.
 
 The GGUF lacks a few Gemma 3 constants (the sliding-window pattern, the local RoPE base, the query
 scale); they are read when present and default to the values of every Gemma 3 text model (6, 10,000,
