@@ -63,11 +63,12 @@ def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, ch
 
 class PositionWindow(RunContext):
     """Dense attention whose sliding-window layers see keys by ORIGINAL position: a query at p sees the
-    cached keys at positions in (p - window, p]. ``models/gemma3.py`` masks the window by cache slot (a
-    query sees its ``window`` latest slots), which is the same on a dense cache but not after a KV budget
-    evicted inside a sliding layer's window: the continuation's queries then also see survivors older than
-    the window (relative distances the sliding layers never saw in training). This context scores the
-    continuation as the model should (``evaluate``); the slot-based figure is recorded beside it."""
+    cached keys at positions in (p - window, p], per KV head. ``models/gemma3.py`` masks by position only a
+    cache compacted per layer; on one compacted per KV head (``kv_alloc=head|global_layer``) it masks by
+    cache slot (the ``window`` latest slots), so after a KV budget evicted inside a sliding window the
+    continuation's queries also see survivors older than the window (relative distances the sliding layers
+    never saw in training). This context scores the continuation as the model should (``evaluate``); the
+    slot-based figure is recorded beside it (``--slot-too``)."""
 
     def __init__(self, cache) -> None:
         super().__init__()
