@@ -202,7 +202,8 @@ def run_row(spec: dict[str, Any], model, chunks: list[list[int]], context: int) 
         for layer in model.model.layers:  # masks of a head-wise press must not leak into the next chunk
             layer.self_attn.masked_key_indices = None
     row = {k: sum(a[k] for a in acct) / len(acct) for k in acct[0]}
-    row.update(perplexity=math.exp(nll / count), seconds=time.perf_counter() - t0, scored_tokens=count)
+    row.update(perplexity=math.exp(nll / count), seconds=time.perf_counter() - t0, scored_tokens=count,
+               load="load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return row
 
 
