@@ -36,15 +36,22 @@ def main() -> None:
     p.add_argument("--splits", default="valid,test")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--slot-window", action="store_true",
+                   help="A/B only: sliding layers see the latest window survivors (the pre-fix mask), not positions")
     args = p.parse_args()
     threads = setup_threads(args.threads)
-    from dynaprune.models import load
+    from dynaprune.models import gemma3, load
+
+    if args.slot_window:
+        gemma3.sliding_window = lambda window, q_pos, k_pos: window
 
     model = load("gemma3-270m")
     out = {"what": "Gemma 3 270M prefill pruning: perplexity cost vs FLOPs kept (no timing)", "model": "gemma3-270m",
            "prompt_tokens": args.length, "machine": machine(), "threads": threads,
            "perplexity_protocol": {"protocol": "continue", "context": args.length, "continuation": args.continuation,
                                    "examples_per_split": args.examples, "bos": "each chunk read after <bos>"},
+           "sliding_mask": "slots: latest window survivors (pre-fix A/B)" if args.slot_window
+           else "original positions: p - window < pos <= p",
            "shipped_choices": [dict(c) for c in prefill_choices()],
            "choices_note": "prefill=F points were chosen on SmolLM2-135M VALID (prefill_choices.json), not on Gemma",
            "command": "python -m benchmarks.gemma3_prefill " + " ".join(sys.argv[1:]), "rows": {}}
