@@ -147,7 +147,7 @@ def search(model, args, length: int, continuation: int) -> dict:
     payload = {"mode": "search", "prompt_tokens": length, "data": "wikitext2/valid.txt",
                "perplexity_protocol": {"context": length, "continuation": continuation, "examples": examples},
                "dense_perplexity": dense, "grid": grid, "choices": choices,
-               "command": "python -m benchmarks.prefill --search " + " ".join(args.argv)}
+               "command": "python -m benchmarks.prefill " + " ".join(args.argv)}
     print("wrote", save("prefill-search", payload, path=args.out))
     if args.ship:
         write_json_atomic(CHOICES_FILE, {
@@ -183,7 +183,7 @@ def hw_replay(model, args, length: int) -> dict:
     d, p = out["dense"], out["pruned"]
     payload = {"mode": "hw", "prompt_tokens": length, "arch": "spatten", "simulated": out,
                "speedup_vs_dense": d["cycles"] / p["cycles"], "dram_bytes_vs_dense": p["dram_bytes"] / d["dram_bytes"],
-               "command": "python -m benchmarks.prefill --hw " + " ".join(args.argv)}
+               "command": "python -m benchmarks.prefill " + " ".join(args.argv)}
     print(f"SpAtten: x{payload['speedup_vs_dense']:.2f} cycles, DRAM {payload['dram_bytes_vs_dense']:.3f} of dense")
     print("wrote", save("prefill-hw", payload, path=args.out))
     return payload
