@@ -54,6 +54,21 @@ def _merged(path: str, mine: dict) -> dict:
     return {**old, **mine, "runs": runs, "tables": tables, "commands": commands, "dense": dense}
 
 
+def _calibrated(model, args, msb: int) -> dict:
+    return calibrate_lsb(model, DATA / "valid.txt", msb, args.lsb, examples=args.calib_examples or args.examples,
+                         context=args.context, continuation=args.continuation, rotate=args.rotate,
+                         value_residual=args.value_residual)
+
+
+def _shipped_table(msb: int, lsb: int, rotate: str, value_residual: bool) -> dict:
+    tables = json.loads(PACKAGE_TABLE.read_text())["tables"]
+    want = {"msb_bits": msb, "lsb_bits": lsb, "rotate": rotate, "value_residual": value_residual}
+    found = [t for t in tables if all(t.get(k) == v for k, v in want.items())]
+    if not found:
+        sys.exit(f"error: {PACKAGE_TABLE.name} ships no table for {want}")
+    return found[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -72,6 +87,9 @@ def main() -> None:
     parser.add_argument("--dense", default="", help="dense perplexities already measured, e.g. valid=13.0088")
     parser.add_argument("--dense-source", default="", help="where --dense was measured (recorded)")
     parser.add_argument("--ship", action="store_true")
+    parser.add_argument("--shipped", action="store_true",
+                        help="reuse the table lsb_thresholds.json ships for the setting (calibrated on VALID) "
+                             "instead of calibrating again")
     parser.add_argument("--out", default="benchmarks/results/progressive-quant.json")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
@@ -130,21 +148,15 @@ def main() -> None:
         for split in splits
     }
     for msb in (int(m) for m in args.msb.split(",")):
-        table = calibrate_lsb(
-            model,
-            DATA / "valid.txt",
-            msb,
-            args.lsb,
-            examples=args.calib_examples or args.examples,
-            context=args.context,
-            continuation=args.continuation,
-            rotate=args.rotate,
-            value_residual=args.value_residual,
-        )
-        out["tables"].append(table)
-        save()
-        if args.ship:
-            merge_table(PACKAGE_TABLE, table)
+        if args.shipped:
+            table = _shipped_table(msb, args.lsb, args.rotate, args.value_residual)
+            out["tables"].append(table)
+        else:
+            table = _calibrated(model, args, msb)
+            out["tables"].append(table)
+            save()
+            if args.ship:
+                merge_table(PACKAGE_TABLE, table)
         for rate in (float(r) for r in args.rates.split(",")):
             threshold = threshold_for_rate(table, rate)
             for split in splits:  # the threshold as a number: the same on both splits, whatever is shipped
