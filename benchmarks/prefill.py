@@ -47,6 +47,7 @@ from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.cost import cost_shape, work_cost
 from dynaprune.runtime.gemfilter import GemFilter, GemFilterModel, SelectionPass, gemfilter_prefill, gemfilter_select
 from dynaprune.runtime.pruning import make_context
+from dynaprune.runtime.revival import RevivalModel, pending_revival, revive
 
 SEARCH_LAYERS = [3, 6]
 SEARCH_KEEP = [0.5, 0.65, 0.8]
@@ -80,6 +81,8 @@ def perplexity(model, split: str, length: int, continuation: int, examples: int,
     recipe, g = v.get("recipe"), v.get("gemfilter")
     factory = (lambda: make_context(recipe, model)) if recipe is not None else None
     runner = GemFilterModel(model, g) if g is not None else model
+    if recipe is not None and "prefill_revive" in recipe:  # LazyLLM's aux cache, revived after token 1
+        runner = RevivalModel(model)
     result = evaluate_lm(runner, text, protocol="continue", context=length, continuation=continuation,
                          max_examples=examples, max_tokens=examples * (length + continuation), ctx_factory=factory)
     return result.metric["value"]
@@ -105,18 +108,25 @@ def prefill_cost(model, ids: torch.Tensor, v: dict) -> dict:
         ctx = make_context(v.get("recipe"), model)
         model(ids, cache=cache, ctx=ctx, last_only=True)
         kept = work_cost(shape, ctx.work, dense=dense.work)["flops_kept"]
+        revived = revive(model, cache, ctx) if pending_revival(ctx) is not None else None
+        if revived is not None:  # deferred work after the first token, not in the time to first token
+            extra["revival_flops_share"] = work_cost(shape, revived.work, dense=dense.work)["flops_kept"]
         summary = ctx.summary().get("prefill", {}) if hasattr(ctx, "summary") else {}
         window_pairs = summary.get("window_pairs", 0)
         if summary:
-            settings = {k: summary[k] for k in ("layer", "keep", "window", "sinks", "pool")}
+            settings = {k: summary[k] for k in ("layer", "keep", "window", "sinks", "pool", "revive") if k in summary}
             if len(summary["schedule"]) > 1:
                 settings["schedule"] = [list(p) for p in summary["schedule"]]
-            extra = {"settings": settings,
-                     "tokens_kept": summary["tokens_kept"]}
+            extra |= {"settings": settings, "tokens_kept": summary["tokens_kept"]}
+            if summary.get("tokens_revived"):
+                extra["tokens_revived"] = summary["tokens_revived"]
     dense_flops = work_cost(shape, dense.work)["flops_useful"]
     window_flops = 2 * window_pairs * shape.head_dim  # the window's QK^T (its softmax sums are minor)
-    return {"flops_kept": kept + window_flops / dense_flops, "window_flops_share": window_flops / dense_flops,
-            "kv_bytes_vs_dense": cache.bytes_held(fp_bytes=2) / dense_cache.bytes_held(fp_bytes=2), **extra}
+    out = {"flops_kept": kept + window_flops / dense_flops, "window_flops_share": window_flops / dense_flops,
+           "kv_bytes_vs_dense": cache.bytes_held(fp_bytes=2) / dense_cache.bytes_held(fp_bytes=2), **extra}
+    if "revival_flops_share" in out:  # prefill + revival: the work before a second token
+        out["flops_with_revival"] = out["flops_kept"] + out["revival_flops_share"]
+    return out
 
 
 def search(model, args, length: int, continuation: int) -> dict:
@@ -127,17 +137,24 @@ def search(model, args, length: int, continuation: int) -> dict:
     grid = []
     points = [f"prefill_keep={keep:g},prefill_layer={layer},prefill_window={w},prefill_pool={pool}"
               for layer in args.layers for keep in args.keep for w in args.windows for pool in args.pools]
+    points += [f"prefill_keep={keep:g},prefill_layer={layer},prefill_window={w},prefill_pool={pool},"
+               f"prefill_revive={r:g}" for layer in args.layers for keep in args.keep for w in args.windows
+               for pool in args.pools for r in args.revive if keep + r <= 1 + 1e-9]
+    if args.revive_only:
+        points = [p for p in points if "prefill_revive" in p]
     points += [f"prefill_schedule={s},prefill_window={w}" for s in args.schedules for w in args.windows]
     for recipe in points:
         v = {"recipe": recipe}
         cost = prefill_cost(model, ids, v)
         ppl = perplexity(model, "valid", length, continuation, examples, v)
         grid.append({"recipe": v["recipe"], **cost, "perplexity": ppl, "perplexity_cost": ppl / dense - 1})
-        print(f"{v['recipe']:36s} flops kept {cost['flops_kept']:.3f}: perplexity {ppl:.3f} "
+        revival = f" (+{cost['revival_flops_share']:.3f} revival)" if "revival_flops_share" in cost else ""
+        print(f"{v['recipe']:36s} flops kept {cost['flops_kept']:.3f}{revival}: perplexity {ppl:.3f} "
               f"({100 * (ppl / dense - 1):+.2f}%)", flush=True)
     choices = []
     for target in SHIP_TARGETS:
-        fitting = [r for r in grid if r["flops_kept"] <= target + 0.005]
+        fitting = [r for r in grid if r["flops_kept"] <= target + 0.005  # a revival is not what prefill=F runs
+                   and "revival_flops_share" not in r]
         if fitting:
             best = min(fitting, key=lambda r: r["perplexity_cost"])
             c = {"flops_kept": round(target, 3), "measured_flops_kept": round(best["flops_kept"], 4),
@@ -233,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--windows", default=",".join(map(str, SEARCH_WINDOWS)), help="--search: prefill_window values")
     p.add_argument("--pools", default=",".join(map(str, SEARCH_POOLS)), help="--search: prefill_pool values")
     p.add_argument("--schedules", default="", help="--search: ';'-separated prefill_schedule values too")
+    p.add_argument("--revive", default="", help="--search: prefill_revive values too (LazyLLM revival)")
+    p.add_argument("--revive-only", action="store_true", help="--search: only the points with a revival")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     args.layers = [int(x) for x in args.layers.split(",")]
@@ -240,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.windows = [int(x) for x in args.windows.split(",")]
     args.pools = [int(x) for x in args.pools.split(",")]
     args.schedules = [x for x in args.schedules.split(";") if x]
+    args.revive = [float(x) for x in args.revive.split(",") if x]
     threads = setup_threads(args.threads)
     length, continuation = (256, 16) if args.quick else (args.length, 128)  # 256: the shipped 128-query windows fit
     repeats = 1 if args.quick else args.repeats

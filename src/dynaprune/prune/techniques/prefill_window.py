@@ -16,6 +16,12 @@ A schedule repeats the selection at several layers, each from its own window att
 survivors (SpAtten's cascade, Sec. 3.1, with a window score: a token leaves every later layer), so the
 deep layers, whose K/V the continuation reads least, run on the fewest tokens.
 
+``prefill_revive=R`` (LazyLLM, Fu et al. 2024, Sec. 3.3: pruned tokens are revivable, their hidden states
+kept in an aux cache): the next R of the prompt by the same window score, pruned at the selection layer,
+keep their hidden state there; after the first token, ``runtime/revival.py`` runs them through the later
+layers (causal by original position) into the cache, so the continuation reads their K/V. The time to
+first token is the pruned prefill's; the revival is deferred work (reported apart).
+
 ``prefill=F`` means "the best prefill selection we ship at about F of the dense prefill FLOPs": the
 point of ``prefill_choices.json`` (chosen on WikiText-2 valid, ``benchmarks/prefill.py``) with the
 largest FLOPs kept not above F.
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dynaprune.errors import DynapruneError
 from dynaprune.prune import keys as K
 from dynaprune.prune.technique import Stage, Technique
 from dynaprune.prune.tokens import edge_token_mask, gather_tokens, select_tokens_to_keep
@@ -93,6 +100,7 @@ class PrefillSelection(Technique):
     prefill_sinks: int | None = None
     prefill_pool: int | None = None
     prefill_schedule: K.Schedule | None = None
+    prefill_revive: float | None = None
 
     role = "tokens"
     keys = (
@@ -103,6 +111,7 @@ class PrefillSelection(Technique):
         K.Key("prefill_sinks", K.parse_int, K.at_least(0, integer=True)),
         K.Key("prefill_pool", K.parse_int, _pool),
         K.Key("prefill_schedule", K.parse_schedule, _cascade, json="schedule"),
+        K.Key("prefill_revive", K.parse_float, K.ratio),
     )
 
     def check(self) -> None:
@@ -118,6 +127,12 @@ class PrefillSelection(Technique):
                 raise K.err("prefill_schedule", "set either prefill_schedule or prefill_keep/prefill_layer")
         elif self.prefill_keep is None and given is not None:
             raise K.err(given, "tunes the prefill selection; it needs prefill_keep (or use prefill=F)")
+        if self.prefill_revive is not None:
+            if self.prefill_keep is None:
+                raise K.err("prefill_revive", "revives tokens of one selection; it needs prefill_keep")
+            if self.prefill_keep + self.prefill_revive > 1.0 + 1e-9:
+                raise K.err("prefill_revive", f"kept + revived shares exceed the prompt "
+                                              f"({self.prefill_keep:g} + {self.prefill_revive:g} > 1)")
 
     def settings(self, n_layers: int) -> dict:
         """The knobs this run uses: schedule ((layer, share alive after it), ...), window, sinks, pool;
@@ -135,6 +150,9 @@ class PrefillSelection(Technique):
             s = {"window": self.prefill_window or DEFAULT_WINDOW,
                  "sinks": DEFAULT_SINKS if self.prefill_sinks is None else self.prefill_sinks,
                  "pool": self.prefill_pool or DEFAULT_POOL}
+        revive = (c.get("revive") if self.prefill is not None else self.prefill_revive) or 0.0
+        if revive > 0:  # LazyLLM's aux cache (runtime/revival.py)
+            s["revive"] = revive
         return {"layer": schedule[0][0], "keep": schedule[0][1], "schedule": schedule, **s}
 
     def validate_for(self, n_layers, n_heads, n_kv_heads, context_len) -> None:
@@ -173,6 +191,20 @@ class PrefillSelectionStage(Stage):
         self.prompt_tokens = 0
         self.tokens_kept = 0
         self.positions: torch.Tensor | None = None  # (B, L) original positions once tokens were pruned
+        self.revival: Revival | None = None  # pruned tokens to revive after the first token (aux cache)
+        self.tokens_revived = 0
+
+    def begin_forward(self, cache) -> None:
+        if self.revival is not None and self.run.prefilled:
+            raise DynapruneError("recipe key 'prefill_revive': the pruned tokens were not revived; run the "
+                                 "model through runtime.revival.RevivalModel (or revive() after the prefill)")
+
+    def take_revival(self) -> Revival | None:
+        """The pending aux cache (once): who revives it owns it."""
+        revival, self.revival = self.revival, None
+        if revival is not None:
+            self.tokens_revived = int(revival.positions.numel())
+        return revival
 
     def queries_keys(self, layer, q, k, key_padding_mask, scale) -> None:
         s = self.settings
@@ -207,6 +239,9 @@ class PrefillSelectionStage(Stage):
         self.prompt_tokens, self.tokens_kept = int(self.prompt_real.sum()), int(selection.mask.sum())
         if self.run.trace_calls:
             self.run.trace_calls[-1]["topk"] = int(selection.mask[0].sum())
+        if self.settings.get("revive", 0) > 0:
+            self.revival = _aux_cache(layer, hidden, keep["positions"], scores, selection, valid,
+                                      K.keep_counts(self.settings["revive"], self.prompt_real))
         hidden = gather_tokens(hidden, selection.index)
         keep = {name: gather_tokens(t, selection.index) for name, t in keep.items()}
         keep["mask"] = selection.mask & gather_tokens(valid, selection.index)
@@ -216,4 +251,26 @@ class PrefillSelectionStage(Stage):
 
     def summary(self, out: dict, layers: list[int]) -> None:
         out["prefill"] = {**self.settings, "prompt_tokens": self.prompt_tokens, "tokens_kept": self.tokens_kept,
-                          "window_pairs": self.total(layers, "window_pairs")}
+                          "tokens_revived": self.tokens_revived, "window_pairs": self.total(layers, "window_pairs")}
+
+
+@dataclass(frozen=True)
+class Revival:
+    """LazyLLM's aux cache: pruned tokens' hidden states (B, R, d) after selection layer ``layer`` and
+    their original positions (B, R), ascending; layers ``layer + 1 ..`` never saw them."""
+
+    layer: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+
+
+def _aux_cache(layer, hidden, positions, scores, selection, valid, wanted: torch.Tensor) -> Revival:
+    """The ``wanted`` (per row; the smallest row's count for all) pruned real tokens with the highest window
+    scores, in original order."""
+    kept = torch.zeros_like(valid)
+    kept.scatter_(1, selection.index, selection.mask)
+    candidates = valid & ~kept
+    n = int(torch.minimum(wanted.to(candidates.device), candidates.sum(-1)).min())
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    index = ranked.topk(n, dim=-1).indices.sort(dim=-1).values
+    return Revival(layer, gather_tokens(hidden, index), gather_tokens(positions, index))
