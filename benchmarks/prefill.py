@@ -1,6 +1,8 @@
 """SmolLM2-135M prefill of a 2048-token (or ``--length``) prompt: time to first token vs dense, with
 the perplexity cost beside it, for cascade token pruning, the prefill selection (``prefill_keep`` /
-``prefill=F``, one layer's observation window) and GemFilter (``runtime/gemfilter.py``).
+``prefill=F``, one layer's observation window), GemFilter (``runtime/gemfilter.py``) and the selection
+with LazyLLM revival (``prefill_revive``, ``runtime/revival.py``: its deferred work timed and counted
+apart, as ``prefill_and_revival_time`` and ``revival_flops_share``).
 
 Time to first token = one prefill forward into a fresh KV cache, logits of the last token only; dense
 and every variant interleaved in one process (round-robin), median, min and max of ``--repeats``.
@@ -213,7 +215,7 @@ def picture(rows: list[dict], length: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, marker in (("token", "s"), ("prefill", "o"), ("gemfilter", "^")):
+    for kind, marker in (("token", "s"), ("prefill", "o"), ("gemfilter", "^"), ("revival", "D")):
         pts = [r for r in rows if r["kind"] == kind]
         if pts:
             ax.plot([100 * r["valid_perplexity_cost"] for r in pts], [r["speedup"] for r in pts], marker,
@@ -280,14 +282,20 @@ def main(argv: list[str] | None = None) -> dict:
             found = {n: v for n, v in found.items() if not n.startswith("gemfilter")}
         ids = torch.tensor([wikitext_ids(model.tokenizer, length)])
 
-        def prefill(v: dict):
+        def prefill(v: dict, with_revival: bool = False):
             cache = model.new_cache(1, length)
             if v.get("gemfilter") is not None:
                 return gemfilter_prefill(model, ids, cache, v["gemfilter"])
             ctx = make_context(v["recipe"], model) if v.get("recipe") else None
-            return model(ids, cache=cache, ctx=ctx, last_only=True)
+            out = model(ids, cache=cache, ctx=ctx, last_only=True)
+            if with_revival:  # the deferred work: what a second token waits for
+                revive(model, cache, ctx)
+            return out
 
-        times = interleaved({n: (lambda v=v: prefill(v)) for n, v in found.items()}, repeats)
+        timed = {n: (lambda v=v: prefill(v)) for n, v in found.items()}
+        revived = [n for n, v in found.items() if "prefill_revive" in (v.get("recipe") or "")]
+        timed |= {f"{n} +revival": (lambda v=found[n]: prefill(v, True)) for n in revived}
+        times = interleaved(timed, repeats)
         ppl = {split: {n: perplexity(model, split, length, continuation, ex, v) for n, v in found.items()}
                for split, ex in (("valid", args.ppl_examples), ("test", args.test_examples))}
         rows = []
@@ -298,8 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
             cost = prefill_cost(model, ids, v)
             t = times[name]
             kind = "gemfilter" if v.get("gemfilter") else ("token" if name.startswith("token") else "prefill")
+            kind = "revival" if name in revived else kind
             row = {"name": name, "kind": kind, "recipe": v.get("recipe"), **cost, "time_to_first_token": t,
                    "speedup": dense_s / t["median_s"], "speedup_range": [dense_s / t["max_s"], dense_s / t["min_s"]],
+                   **({"prefill_and_revival_time": times[f"{name} +revival"],
+                       "prefill_and_revival_speedup": dense_s / times[f"{name} +revival"]["median_s"]}
+                      if name in revived else {}),
                    "valid_perplexity": ppl["valid"][name],
                    "valid_perplexity_cost": ppl["valid"][name] / ppl["valid"]["dense"] - 1,
                    "test_perplexity": ppl["test"][name],
