@@ -13,8 +13,8 @@ What a budget means here (printed per row as ``held``): ``kv=F`` keeps F x the p
 layer; a sliding layer's dense cache already holds only 511 of them, so a budget above 511 leaves the
 sliding layers as they are, and ``kv_bytes_vs_fp16`` (over the dense, windowed cache) is above F.
 ``kv_bytes=F`` expands to Gemma's own VALID choice (``benchmarks/gemma3_kv_search.py``), sized to that
-windowed cache. The continuation's sliding windows go by original position (``PositionWindow``; the model's
-slot-based mask with ``--slot-too``, as ``perplexity_slot_mask``).
+windowed cache. The continuation's sliding windows go by original position, per KV head (``models/gemma3.py``;
+rows recorded before that fix carry ``perplexity_slot_mask``, the model's former slot-based mask).
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import load_average, machine, setup_threads
 from dynaprune.calibrate import kv_bytes
 from dynaprune.io import write_json_atomic
 from dynaprune.prune.techniques.kv_bytes import resolve_kv_bytes, shape_key
-from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.pruning import make_context
-from dynaprune.runtime.reconstruction import Reconstruction
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 OUT = Path(__file__).resolve().parent / "results" / "gemma3-kv.json"
@@ -45,68 +42,14 @@ RECIPES = ("", *(f"kv={b},score={s},kv_alloc=head" for b in (0.5, 0.25, 0.125) f
 
 
 def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int, scorer: str) -> list:
-    """``calibrate/kv_bytes.prefill_chunks`` with <bos> before each chunk (``eval.lm``'s continue protocol
-    for a model that ``requires_bos``): prompt = <bos> + ``context`` tokens."""
-    bos = torch.tensor([model.tokenizer.bos_token_id])
-    size = context + continuation
-    out = []
-    with torch.inference_mode():
-        for i in range(0, min(len(ids) - size + 1, chunks * size), size):
-            piece = torch.cat([bos, ids[i:i + size]])
-            cache = model.new_cache(1, size + 1)
-            ctx = make_context(f"kv_tokens={context + 1},score={scorer},kv_alloc=head", model)
-            ctx.reconstruction = Reconstruction(model, piece[None, :context + 1])  # read by score=kvzip only
-            last = model(piece[None, :context + 1], cache=cache, ctx=ctx, last_only=True)[0]
-            out.append((cache, kv_bytes._kv_stage(ctx).scores, last, piece[context + 1:]))
-    return out
+    """``calibrate/kv_bytes.prefill_chunks``: <bos> + ``context`` tokens per prompt (Gemma ``requires_bos``)."""
+    return kv_bytes.prefill_chunks(model, ids, context, continuation, chunks, scorer)
 
 
-class PositionWindow(RunContext):
-    """Dense attention whose sliding-window layers see keys by ORIGINAL position: a query at p sees the
-    cached keys at positions in (p - window, p], per KV head. ``models/gemma3.py`` masks by position only a
-    cache compacted per layer; on one compacted per KV head (``kv_alloc=head|global_layer``) it masks by
-    cache slot (the ``window`` latest slots), so after a KV budget evicted inside a sliding window the
-    continuation's queries also see survivors older than the window (relative distances the sliding layers
-    never saw in training). This context scores the continuation as the model should (``evaluate``); the
-    slot-based figure is recorded beside it (``--slot-too``)."""
-
-    def __init__(self, cache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def attend(self, layer, q, k, v, key_padding_mask, causal, scale, window=None):
-        if window is None:
-            return super().attend(layer, q, k, v, key_padding_mask, causal, scale)
-        kpos = self.cache.head_cached_positions(layer).long()  # (B, Hkv, Lk): the keys are the cache's
-        if kpos.shape[-1] != k.shape[2]:
-            raise RuntimeError("PositionWindow: the keys are not the cache's cached tokens")
-        qpos = kpos[..., -q.shape[2]:]  # the new tokens are the last slots
-        seen = (kpos[..., None, :] <= qpos[..., :, None]) & (kpos[..., None, :] > qpos[..., :, None] - window)
-        if key_padding_mask is not None:
-            seen &= (key_padding_mask if key_padding_mask.dim() == 3 else key_padding_mask[:, None])[..., None, :]
-        seen = seen.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Lq, Lk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def evaluate(model, prefilled: list[tuple], recipe: str, by_position: bool = True) -> dict:
-    """``calibrate/kv_bytes.evaluate`` (eviction and packing at the prompt's end, the continuation
-    teacher-forced on that cache), the continuation's sliding windows by position (``PositionWindow``)
-    unless ``by_position`` is False (the model's slot-based mask)."""
-    nll, tokens, held, dense = 0.0, 0, 0, 0
-    with torch.inference_mode():
-        for cache, state, last, cont in prefilled:
-            ctx, c = make_context(recipe, model), copy.deepcopy(cache)
-            kv = next((s for s in getattr(ctx, "stages", ()) if s.name == "kv"), None)
-            if kv is not None:
-                kv.scores = copy.deepcopy(state)
-            ctx.begin_forward(c)
-            ctx.end_forward(c)  # the prompt's end of forward: eviction, then packing
-            held += c.bytes_held(fp_bytes=2)
-            dense += c.dense_fp16_bytes()
-            rest = model(cont[None, :-1], cache=c, ctx=PositionWindow(c) if by_position else None)[0]
-            nll += float(F.cross_entropy(torch.cat([last, rest]).float(), cont, reduction="sum"))
-            tokens += len(cont)
-    return {"perplexity": math.exp(nll / tokens), "kv_bytes_vs_fp16": held / dense}
+def evaluate(model, prefilled: list[tuple], recipe: str) -> dict:
+    """``calibrate/kv_bytes.evaluate``: the continuation on the model's own mask, whose sliding windows go
+    by original position also on a cache compacted per KV head (``models/gemma3.py``)."""
+    return kv_bytes.evaluate(model, prefilled, recipe)
 
 
 SHAPE = shape_key(18, 4, 1, 256)  # Gemma 3 270M's key in kv_bytes_choices.json
@@ -150,8 +93,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--per-chunk", action="store_true", help="low memory: one chunk's prefill at a time, every "
                    "recipe on it, then the next (the same numbers; JSON after each chunk)")
-    p.add_argument("--slot-too", action="store_true", help="with --per-chunk: also the continuation under "
-                   "models/gemma3.py's slot-based window mask (perplexity_slot_mask)")
     p.add_argument("--merge", action="store_true", help="keep the rows already in --out (these replace theirs)")
     args = p.parse_args()
     threads = setup_threads(args.threads)
@@ -203,7 +144,7 @@ def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
 
     size = args.context + args.continuation
     runs = {r: expanded(r) for r in args.recipes}
-    sums = {r: {"nll": 0.0, "tokens": 0, "bytes": 0.0, "nll_slot": 0.0} for r in runs}
+    sums = {r: {"nll": 0.0, "tokens": 0, "bytes": 0.0} for r in runs}
     t_all = time.perf_counter()
     for n, start in enumerate(range(0, min(len(ids) - size + 1, args.chunks * size), size), 1):
         piece = ids[start:start + size]
@@ -217,9 +158,6 @@ def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
                 acc["nll"] += math.log(row["perplexity"]) * args.continuation
                 acc["tokens"] += args.continuation
                 acc["bytes"] += row["kv_bytes_vs_fp16"]
-                if args.slot_too:  # the same cache, the continuation under the model's slot-based window
-                    acc["nll_slot"] += math.log(evaluate(model, pre, run, by_position=False)["perplexity"]) * \
-                        args.continuation
                 if n == 1:
                     acc["held"] = held_tokens(model, pre, run)
             del pre
@@ -228,8 +166,7 @@ def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
             out["rows"][recipe or "dense"] = {
                 "perplexity": math.exp(acc["nll"] / acc["tokens"]), "kv_bytes_vs_fp16": acc["bytes"] / n,
                 "held": acc["held"], "chunks": n, **({"expanded": run} if run != recipe else {}),
-                "path": "per chunk: gemma3_kv.evaluate (windows by position) on each chunk's shared prefill per score",
-                **({"perplexity_slot_mask": math.exp(acc["nll_slot"] / acc["tokens"])} if args.slot_too else {})}
+                "path": "per chunk: gemma3_kv.evaluate (windows by position) on each chunk's shared prefill per score"}
         out.update(chunks_done=n, seconds=round(time.perf_counter() - t_all, 1), load=load_average())
         write_json_atomic(args.out, out)
         done = ", ".join(f"{r or 'dense'} {math.exp(a['nll'] / a['tokens']):.4f}" for r, a in sums.items())

@@ -91,9 +91,10 @@ def evaluate_task(
         model = (loader or load)(str(model))
     model_name = model_name or getattr(model, "name", type(model).__name__)
     from dynaprune.runtime.attention import RunContext
-    from dynaprune.runtime.pruning import make_context
+    from dynaprune.runtime.pruning import make_context, recipe_for_model
     from dynaprune.runtime.run_cost import kv_budget_tokens, run_cost
 
+    parsed = recipe_for_model(parsed, model)  # kv_bytes=F: this model's own choice
     make_context(parsed, model)  # validates the recipe against the model before any work
     if parsed.score == "random" and random_seed is None:  # one draw of a random baseline says little
         from dynaprune.eval.metrics import combine_seed_results

@@ -137,6 +137,9 @@ def generate(
     m = _load_with_status(model)
     if not hasattr(m, "generate"):
         raise DynapruneError(f"{model} is an encoder; generate needs a decoder")
+    from dynaprune.runtime.pruning import recipe_for_model
+
+    parsed = recipe_for_model(parsed, m)  # kv_bytes=F: this model's own choice
     out = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      seed=seed, chat=chat, recipe=parsed)
     console.print(out.text)

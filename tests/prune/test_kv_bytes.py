@@ -211,3 +211,24 @@ def test_a_short_prompt_under_a_global_budget_generates(alloc, bits):
     assert len(out.new_ids) == 6
     budget = round(0.9 * 12)
     assert out.cost["kv_budget_tokens"] == budget
+
+
+def test_kv_bytes_expands_to_the_models_own_choice_once_the_model_is_known(monkeypatch):
+    """A recipe parsed before the model is known takes the default model's choice; ``make_context`` (and
+    ``evaluate``) re-expand it for the model's shape: Gemma 3's shape has its own VALID choices."""
+    from dynaprune.prune.techniques.kv_bytes import shape_key
+    from dynaprune.runtime.pruning import recipe_for_model
+
+    monkeypatch.delenv(ENV_FILE, raising=False)
+    data = load_choices()
+    gemma = shape_key(18, 4, 1, 256)
+    default = Recipe.parse("kv_bytes=0.25,head=0.9")  # a key beside it survives the re-expansion
+    own = default.for_shape(gemma)
+    assert own == Recipe(kv_bytes=0.25, kv_bytes_shape=gemma, head=0.9) and own.head == 0.9
+    fitting = [c for c in data["models"][gemma]["choices"] if c["kv_bytes"] <= 0.25]
+    chosen = max(fitting, key=lambda c: c["kv_bytes"])["recipe"].split(",")  # the JSON, read directly
+    assert set(chosen) - {"recent=32"} <= set(str(own).split(","))
+    assert str(default) != str(own)  # not vacuous: SmolLM2's choice differs
+    assert own.for_shape(gemma) is own
+    tiny = tiny_llama()  # a shape the file does not know: the default choice stays
+    assert recipe_for_model(default, tiny) is default or str(recipe_for_model(default, tiny)) == str(default)

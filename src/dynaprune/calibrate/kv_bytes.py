@@ -152,16 +152,20 @@ def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, ch
 
 def _prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int,
                     scorer: str) -> list[tuple]:
+    # a model trained with <bos> first (Gemma: ``requires_bos``) reads each chunk after it, as eval.lm's
+    # continue protocol does: the prompt is then <bos> + ``context`` tokens
+    bos = [model.tokenizer.bos_token_id] if getattr(model, "requires_bos", False) else []
     size = context + continuation
+    prompt = context + len(bos)
     out = []
     with torch.inference_mode():
         for i in range(0, min(len(ids) - size + 1, chunks * size), size):
-            piece = ids[i:i + size]
-            cache = model.new_cache(1, size)
-            ctx = make_context(f"kv_tokens={context},score={scorer},kv_alloc=head", model)
-            ctx.reconstruction = Reconstruction(model, piece[None, :context])  # read only by a scorer that reconstructs
-            last = model(piece[None, :context], cache=cache, ctx=ctx, last_only=True)[0]
-            out.append((cache, _kv_stage(ctx).scores, last, piece[context:]))
+            piece = torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[i:i + size]])
+            cache = model.new_cache(1, size + len(bos))
+            ctx = make_context(f"kv_tokens={prompt},score={scorer},kv_alloc=head", model)
+            ctx.reconstruction = Reconstruction(model, piece[None, :prompt])  # read only by a scorer that reconstructs
+            last = model(piece[None, :prompt], cache=cache, ctx=ctx, last_only=True)[0]
+            out.append((cache, _kv_stage(ctx).scores, last, piece[prompt:]))
     return out
 
 

@@ -121,7 +121,8 @@ class Attention(nn.Module):
         if cache is not None:  # keys are cached after RoPE, so pruning the cache never re-rotates
             k, v = cache.update(layer, k, v, positions=positions, mask=mask)
             key_mask = cache.key_mask(layer)
-            key_pos = cache.cached_positions(layer) if cache.head_positions[layer] is None else None
+            per_head = cache.head_positions[layer] is not None  # compacted per KV head: each head's positions
+            key_pos = cache.head_cached_positions(layer) if per_head else cache.cached_positions(layer)
         y = attention(q, k, v, layer=layer, ctx=ctx, key_padding_mask=key_mask, causal=True,
                       scale=c.query_scalar**-0.5, window=sliding_window(self.window, positions, key_pos))
         if plan is not None:
@@ -133,10 +134,11 @@ def sliding_window(window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor 
     """The window a sliding layer passes to ``attention``: a plain int (slots) while the keys sit at
     consecutive positions, else a ``SlidingWindow`` by original position (after a prefill selection the
     survivors' slots are not their positions: query p must see keys p - window < pos <= p, not the latest
-    ``window`` survivors). A cache compacted per KV head (``k_pos`` None) keeps the slot window."""
+    ``window`` survivors). ``k_pos`` (B, Hkv, Lk) for a cache compacted per KV head: each head's own
+    positions."""
     if window is None or k_pos is None or k_pos.shape[-1] < 2:
         return window
-    if bool((k_pos[:, 1:] - k_pos[:, :-1] == 1).all()):
+    if bool((k_pos[..., 1:] - k_pos[..., :-1] == 1).all()):
         return window
     return SlidingWindow(window, q_pos, k_pos)
 
@@ -180,7 +182,7 @@ def window_keep(cache: KVCache, layer: int, window: int) -> tuple[torch.Tensor, 
     first = cache.next_position.to(pos.device) - (window - 1)
     inside = pos >= (first[:, None, None] if per_head else first[:, None])
     n = int(inside.sum(-1).max())
-    if n == length:
+    if n == length and bool(inside.all()):  # one head seeing all may hide another's expired tokens
         return None
     index = torch.arange(length - n, length, device=pos.device).expand(*pos.shape[:-1], n)
     keep = inside[..., length - n:]

@@ -64,12 +64,19 @@ class Recipe:
     """Everything that is pruned or quantized in one run: techniques (at most one per role), each a
     frozen dataclass of knobs. Immutable and hashable; equal recipes have equal strings."""
 
-    __slots__ = ("techniques",)
+    __slots__ = ("techniques", "kv_bytes_request")
     techniques: tuple[Technique, ...]
+    kv_bytes_request: tuple[float, str] | None  # kv_bytes=F as asked: (F, the model shape it expanded for)
 
-    def __init__(self, *techniques: Technique, **keys: Any) -> None:
+    def __init__(self, *techniques: Technique, kv_bytes_shape: str | None = None, **keys: Any) -> None:
+        """``kv_bytes_shape``: the model shape (``kv_bytes.shape_key``) whose choices ``kv_bytes=F`` expands
+        to; None: the choices file's default (SmolLM2-135M). ``for_model`` re-expands once it is known."""
         by_owner: dict[type[Technique], dict[str, Any]] = {}
-        keys = expand_kv_bytes(keys, lambda k, raw: registry.KEYS[k].parse(k, raw))  # kv_bytes=F: its composition
+        request = None
+        if KV_BYTES in keys:  # kv_bytes=F: its composition
+            request = (float(keys[KV_BYTES]), kv_bytes_shape)
+        keys = expand_kv_bytes(keys, lambda k, raw: registry.KEYS[k].parse(k, raw), kv_bytes_shape)
+        object.__setattr__(self, "kv_bytes_request", request)
         for key, value in keys.items():
             if key not in registry.KEYS:
                 raise _unknown_key(key)
@@ -129,6 +136,16 @@ class Recipe:
         values = dict(self.to_items())
         values.update(keys)
         return Recipe(**{k: v for k, v in values.items() if v is not None})
+
+    def for_shape(self, shape: str) -> Recipe:
+        """This recipe with ``kv_bytes=F`` expanded to the choices of a model ``shape`` (``kv_bytes.
+        shape_key``), not the default model's; itself when it has no kv_bytes or already expanded so."""
+        if self.kv_bytes_request is None or self.kv_bytes_request[1] == shape:
+            return self
+        fraction = self.kv_bytes_request[0]
+        composed = set(Recipe(kv_bytes=fraction, kv_bytes_shape=self.kv_bytes_request[1]).to_items())
+        rest = {k: v for k, v in self.to_items() if (k, v) not in composed}
+        return Recipe(*(), kv_bytes_shape=shape, kv_bytes=fraction, **rest)
 
     def technique(self, kind: type[Technique]) -> Technique | None:
         """The recipe's technique of this class (or of a subclass), None when it is off."""

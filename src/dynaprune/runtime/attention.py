@@ -17,30 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from dynaprune.runtime.head_skipping import HeadPlan
+from dynaprune.runtime.masks import SlidingWindow, build_mask, count_pairs, heads_key_mask, windowed_pairs
 from dynaprune.runtime.work import WorkCounter, padded_pairs
 
-__all__ = ["WorkCounter", "RunContext", "SlidingWindow", "attention", "count_pairs", "padded_pairs"]
-
-
-class SlidingWindow(int):
-    """A sliding window of ``int(self)`` positions measured by ORIGINAL position: the query at position p
-    sees the keys with p - window < pos <= p (Gemma 3's local layers). A plain int window counts slots,
-    which is the same thing until tokens were pruned (a prefill selection keeps survivors at their
-    positions, so the latest ``window`` survivors reach further back). An int, so every caller that only
-    sizes things by the window keeps working; the masks read the positions. q_pos (B, Lq), k_pos (B, Lk)."""
-
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-
-    def __new__(cls, size: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> SlidingWindow:
-        obj = super().__new__(cls, size)
-        obj.q_pos, obj.k_pos = q_pos, k_pos
-        return obj
-
-    def visible(self) -> torch.Tensor:
-        """(B, 1, Lq, Lk) bool: causal by position, within the window."""
-        q, k = self.q_pos[:, None, :, None], self.k_pos[:, None, None, :].to(self.q_pos.device)
-        return (k <= q) & (k > q - int(self))
+__all__ = ["WorkCounter", "RunContext", "SlidingWindow", "attention", "build_mask", "count_pairs", "heads_key_mask",
+           "padded_pairs", "windowed_pairs"]
 
 
 @dataclass
@@ -50,72 +31,6 @@ class AttentionRecord:
     layer: int
     probs: torch.Tensor | None = None  # (B, Hq, Lq, Lk) attention probabilities
     head_outputs: torch.Tensor | None = None  # (B, Hq, Lq, D) per-head outputs before o_proj
-
-
-def windowed_pairs(n_keys: torch.Tensor, n_queries: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal pairs per row when the i-th of ``n_queries`` last queries sees ``n_keys - n_queries + 1 + i``
-    keys, at most ``window`` of them (a sliding-window layer)."""
-    first = n_keys - n_queries + 1  # keys the first query sees
-    full = (window - first).clamp(min=0).minimum(n_queries)  # queries below the window: first .. first + full - 1
-    return full * first + full * (full - 1) // 2 + (n_queries - full) * window
-
-
-def count_pairs(lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, batch: int,
-                window: int | None = None) -> tuple[int, int]:
-    """(real query tokens, real attended (query, key) pairs) of one call.
-
-    With a padding mask the real keys of each row are counted; queries are the real tokens when queries
-    and keys are the same tokens (encoder, prefill), else all ``lq`` new tokens (decode). ``window``: a
-    causal query sees at most that many keys.
-    """
-    if key_padding_mask is None:
-        n_keys = torch.full((batch,), lk)
-    else:
-        n_keys = key_padding_mask.sum(dim=-1).cpu()
-        if n_keys.dim() == 2:  # per-KV-head key mask: the mean count over the heads
-            n_keys = n_keys.float().mean(1).round().long()
-    n_queries = n_keys if (lq == lk and key_padding_mask is not None) else torch.full((batch,), lq)
-    pairs = n_queries * n_keys
-    if causal and isinstance(window, SlidingWindow):  # by position: count what the mask lets through
-        vis = window.visible()
-        if key_padding_mask is not None and key_padding_mask.dim() == 2:
-            m = key_padding_mask.to(torch.bool).to(vis.device)
-            vis = vis & m[:, None, None, :] & (m[:, None, :, None] if lq == lk else True)
-        return int(n_queries.sum()), int(vis.sum())
-    if causal:  # a query sees the cached keys and the new keys up to itself
-        pairs = pairs - n_queries * (n_queries - 1) // 2
-    if causal and window is not None:
-        pairs = windowed_pairs(n_keys, n_queries, window)
-    return int(n_queries.sum()), int(pairs.sum())
-
-
-def build_mask(
-    lq: int, lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device: torch.device,
-    window: int | None = None,
-) -> torch.Tensor | None:
-    """Boolean mask (True = attend), broadcastable to (B, H, Lq, Lk); None when nothing is masked.
-    ``key_padding_mask`` (B, Lk), or (B, H, Lk) per head (``heads_key_mask`` expands KV heads)."""
-    mask = None
-    if key_padding_mask is not None:
-        m = key_padding_mask.to(torch.bool)
-        mask = m[:, :, None, :] if m.dim() == 3 else m[:, None, None, :]
-    if causal and isinstance(window, SlidingWindow):
-        vis = window.visible().to(device)
-        return vis if mask is None else mask & vis
-    if causal and (lq > 1 or (window is not None and lk > window)):
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
-        if window is not None:  # sliding window: query i sees keys i + lk - lq - window + 1 .. i + lk - lq
-            tri = tri.triu(diagonal=lk - lq - window + 1)
-        mask = tri if mask is None else mask & tri
-    return mask
-
-
-def heads_key_mask(key_padding_mask: torch.Tensor | None, n_heads: int) -> torch.Tensor | None:
-    """A per-KV-head key mask (B, Hkv, Lk) repeated for the query heads of each group (B, H, Lk);
-    a (B, Lk) mask or None as it is."""
-    if key_padding_mask is None or key_padding_mask.dim() == 2 or key_padding_mask.shape[1] == n_heads:
-        return key_padding_mask
-    return key_padding_mask.repeat_interleave(n_heads // key_padding_mask.shape[1], dim=1)
 
 
 def expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +62,8 @@ def sdpa(
     key_padding_mask = heads_key_mask(key_padding_mask, q.shape[1])
     if causal and key_padding_mask is None and lq == lk and lq > 1 and key_bias is None and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = build_mask(lq, lk, key_padding_mask, causal, q.device, window)  # window: a sliding-window layer
+    # window: a sliding-window layer
+    mask = build_mask(lq, lk, key_padding_mask, causal, q.device, window, heads=q.shape[1])
     if key_bias is not None:  # masked keys at -inf, the others at their bias
         bias = key_bias[:, None, None, :].to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
@@ -297,7 +213,8 @@ class RunContext:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             self._record(layer, None, out)
             return out
-        mask = build_mask(lq, lk, heads_key_mask(key_padding_mask, q.shape[1]), causal, q.device, window)
+        mask = build_mask(lq, lk, heads_key_mask(key_padding_mask, q.shape[1]), causal, q.device, window,
+                      heads=q.shape[1])
         if not self.record_probs:
             # enable_gqa lets SDPA share each K/V group across its query heads without copying them.
             gqa = q.shape[1] != k.shape[1]

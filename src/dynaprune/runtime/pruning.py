@@ -32,6 +32,7 @@ from dynaprune.prune.merge import proportional_probs, size_bias
 from dynaprune.prune.quant import bits_fetched
 from dynaprune.prune.recipe import Recipe
 from dynaprune.prune.technique import ROLES, Stage
+from dynaprune.prune.techniques.kv_bytes import shape_key
 from dynaprune.prune.tokens import accumulate_token_importance, received_per_kv_head
 from dynaprune.runtime.attention import (
     RunContext,
@@ -363,10 +364,20 @@ def _gather_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, heads[:, :, None, None].expand(-1, -1, t.shape[2], t.shape[3]))
 
 
+def recipe_for_model(recipe: Recipe, model) -> Recipe:
+    """``recipe`` with ``kv_bytes=F`` expanded to ``model``'s own choices (``kv_bytes_choices.json`` is keyed
+    by model shape; a recipe parsed before the model was known took the default model's)."""
+    if recipe.kv_bytes_request is None:
+        return recipe
+    s = cost_shape(model)
+    return recipe.for_shape(shape_key(s.layers, s.heads, s.kv_heads, s.head_dim))
+
+
 def make_context(recipe: Recipe | str | None, model, **kwargs) -> RunContext:
     """The context a forward pass of ``model`` runs under for ``recipe`` (dense: a plain RunContext)."""
     if recipe is None or isinstance(recipe, str):
         recipe = Recipe.parse(recipe or "")
+    recipe = recipe_for_model(recipe, model)
     if recipe.is_dense and not kwargs.get("trace"):  # a dense trace needs the recording context
         return RunContext()
     shape = cost_shape(model)

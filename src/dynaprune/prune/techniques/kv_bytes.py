@@ -73,12 +73,13 @@ def resolve_kv_bytes(fraction: float, shape: str | None = None) -> dict:
     return fitting[-1]
 
 
-def expand_kv_bytes(values: dict[str, Any], parse: Any) -> dict[str, Any]:
-    """Recipe keys with ``kv_bytes`` replaced by the keys of its composition (refused beside them)."""
+def expand_kv_bytes(values: dict[str, Any], parse: Any, shape: str | None = None) -> dict[str, Any]:
+    """Recipe keys with ``kv_bytes`` replaced by the keys of its composition (refused beside them), from
+    the choices of model ``shape`` (None or unknown: the file's default)."""
     if "kv_bytes" not in values:
         return values
     fraction = check_kv_bytes("kv_bytes", values["kv_bytes"])
-    choice = resolve_kv_bytes(fraction)
+    choice = resolve_kv_bytes(fraction, shape)
     pairs = (item.partition("=") for item in choice["recipe"].split(","))
     expanded = {ADAPTED.get(k, k): parse(ADAPTED.get(k, k), v) for k, _, v in pairs}
     clash = next((k for k in values if k in expanded or k in COMPOSED_KEYS), None)
