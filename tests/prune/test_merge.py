@@ -286,3 +286,54 @@ def test_tome_policy_keeps_the_token_counts_and_sizes_add_up():
     assert torch.equal(full_mask, mask)
     assert torch.equal(stage.sizes.sum(-1), mask.sum(-1).to(stage.sizes.dtype))
     assert tome_ctx.summary()["tokens_merged"] == int(mask.sum()) - sum(keep_count(0.4, int(n)) for n in mask.sum(-1))
+
+
+def merge_full_width(hidden, sizes, metric, keep_index, keep_mask, valid):
+    """The textbook tensor form, every kept token weighted and divided (no compaction): the kept
+    states scaled by their sizes, each pruned token's ``s h`` added into its nearest kept token in order,
+    the sums divided by the summed sizes; untouched kept tokens copied as they are."""
+    B, L, d = hidden.shape
+    K = keep_index.shape[1]
+    kept = torch.zeros_like(valid).scatter(1, keep_index, keep_mask)
+    gathered = torch.gather(hidden, 1, keep_index[..., None].expand(-1, -1, d))
+    weight = sizes * valid.to(hidden.dtype)
+    new_sizes = torch.gather(weight, 1, keep_index) * keep_mask.to(hidden.dtype)
+    total = gathered * new_sizes[..., None]
+    similarity = metric @ torch.gather(metric, 1, keep_index[..., None].expand(-1, -1, metric.shape[-1])).mT
+    nearest = similarity.masked_fill(~keep_mask[:, None, :], float("-inf")).argmax(-1)  # (B, L)
+    grew = torch.zeros(B, K, dtype=torch.bool)
+    for b in range(B):
+        for i in range(L):  # in token order, as the pruned tokens are listed
+            if valid[b, i] and not kept[b, i]:
+                j = int(nearest[b, i])
+                total[b, j] += hidden[b, i] * weight[b, i]
+                new_sizes[b, j] += weight[b, i]
+                grew[b, j] = True
+    out = torch.where(grew[..., None], total / new_sizes.clamp_min(1e-12)[..., None], gathered)
+    return out, new_sizes * keep_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compacted_merge_equals_the_full_width_form_bit_for_bit(dtype):
+    """merge_into_kept only weights, divides and writes back the kept tokens something joined; the
+    numbers are those of the full-width form (same operations in the same order), padding, filler
+    entries, exact ties and rows where nothing is merged included."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        B, L, H, D, d = 4, int(torch.randint(2, 30, (1,), generator=g)), 3, 4, 6
+        hidden = torch.randn(B, L, d, generator=g, dtype=dtype)
+        keys = torch.randn(B, H, L, D, generator=g, dtype=dtype)
+        if seed % 3 == 0:  # repeated keys: exact ties go to the earlier kept token
+            keys[:, :, L // 2:] = keys[:, :, : L - L // 2]
+        n = torch.randint(1, L + 1, (B,), generator=g)
+        n[0] = L
+        valid = torch.arange(L)[None] < n[:, None]
+        sizes = torch.randint(1, 5, (B, L), generator=g).to(dtype)
+        target = (n * torch.rand(B, generator=g)).long().clamp_min(1)
+        target[-1] = n[-1]  # a row that merges nothing
+        selection = select_tokens_to_keep(torch.rand(B, L, generator=g), target, valid=valid)
+        metric = key_metric(keys)
+        merged = merge_into_kept(hidden, sizes, metric, selection.index, selection.mask, valid)
+        want_states, want_sizes = merge_full_width(hidden, sizes, metric, selection.index, selection.mask, valid)
+        assert torch.equal(merged.hidden, want_states), seed
+        assert torch.equal(merged.sizes, want_sizes), seed

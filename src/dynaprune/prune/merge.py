@@ -47,6 +47,21 @@ def key_metric(keys: torch.Tensor) -> torch.Tensor:
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, L, d) at ``index`` (B, K) -> (B, K, d): the same numbers as ``torch.gather`` along dim 1,
+    as one ``index_select`` of whole rows of the flattened (B L, d) tensor (a row copy, not an index per
+    number: several times faster for hidden states)."""
+    B, L, d = t.shape
+    flat = (index + torch.arange(B, device=index.device)[:, None] * L).reshape(-1)
+    return t.reshape(B * L, d).index_select(0, flat).view(B, index.shape[1], d)
+
+
+def _first(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) indices: each row's True entries of ``mask`` (B, L) first, in order, then its False ones
+    in order (so the entries of a row are distinct)."""
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+
+
 def merge_into_kept(hidden: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, keep_index: torch.Tensor,
                     keep_mask: torch.Tensor, valid: torch.Tensor) -> Merged:
     """Merge every real token the selection drops into its most similar kept token.
@@ -56,6 +71,9 @@ def merge_into_kept(hidden: torch.Tensor, sizes: torch.Tensor, metric: torch.Ten
     tokens first, in order; filler entries masked). Most similar = the largest cosine similarity among
     the row's kept tokens, ties to the earlier kept token. A kept token's new state is
     ``sum(s_i h_i) / sum(s_i)`` over itself and the tokens merged into it.
+
+    Cost: the kept states are copied once (as dropping copies them); only the pruned tokens (P per row)
+    and the kept tokens they join (at most P) are compared, weighted and divided, then written back.
     """
     B, L, d = hidden.shape
     valid = valid.to(torch.bool)
@@ -64,31 +82,43 @@ def merge_into_kept(hidden: torch.Tensor, sizes: torch.Tensor, metric: torch.Ten
     pruned = valid & ~kept
     # Only the pruned rows are compared and scattered (the kept ones stay in their own slot): each row's
     # pruned tokens first, in order, padded to the widest row; ``pruned_real`` marks the real entries.
-    n_pruned = int(pruned.sum(-1).max())
-    pruned_index = torch.argsort((~pruned).to(torch.uint8), dim=1, stable=True)[:, :n_pruned]
+    pruned_index = _first(pruned, int(pruned.sum(-1).max()))
     pruned_real = torch.gather(pruned, 1, pruned_index)
     # own slot of each kept token (the inverse of keep_index on its kept entries)
     own = torch.zeros(B, L, dtype=torch.long, device=hidden.device).scatter(1, keep_index, slots)
-    kept_metric = torch.gather(metric, 1, keep_index[..., None].expand(-1, -1, metric.shape[-1]))
-    pruned_metric = torch.gather(metric, 1, pruned_index[..., None].expand(-1, -1, metric.shape[-1]))
-    similarity = pruned_metric @ kept_metric.transpose(1, 2)  # (B, P, Lkeep)
+    similarity = _rows(metric, pruned_index) @ _rows(metric, keep_index).transpose(1, 2)  # (B, P, Lkeep)
     if not bool(keep_mask.all()):
         similarity = similarity.masked_fill(~keep_mask[:, None, :], float("-inf"))
     nearest = similarity.argmax(dim=-1)  # the first of equal maxima: ties to the earlier kept token
     nearest = torch.where(pruned_real, nearest, torch.gather(own, 1, pruned_index))  # padding entries: as is
     dest = own.scatter(1, pruned_index, nearest)
     weight = sizes.to(hidden.dtype) * valid.to(hidden.dtype)
-    gathered = torch.gather(hidden, 1, keep_index[..., None].expand(-1, -1, d))
-    new_sizes = torch.gather(weight, 1, keep_index) * keep_mask.to(weight.dtype)
+    merged = _rows(hidden, keep_index)  # untouched kept tokens stay bit-identical (s h / s need not be h)
+    kept_sizes = torch.gather(weight, 1, keep_index) * keep_mask.to(weight.dtype)
     pruned_weight = torch.gather(weight, 1, pruned_index) * pruned_real.to(weight.dtype)
-    total = gathered * new_sizes[..., None]
-    pruned_states = torch.gather(hidden, 1, pruned_index[..., None].expand(-1, -1, d))
-    total.scatter_add_(1, nearest[..., None].expand(-1, -1, d), pruned_states * pruned_weight[..., None])
-    new_sizes = new_sizes.scatter_add(1, nearest, pruned_weight)
-    grew = torch.zeros(B, keep_index.shape[1], dtype=torch.long, device=hidden.device)
-    grew.scatter_add_(1, nearest, pruned_real.long())
-    # untouched kept tokens stay bit-identical (s h / s need not round back to h)
-    merged = torch.where((grew > 0)[..., None], total / new_sizes.clamp_min(1e-12)[..., None], gathered)
+    new_sizes = kept_sizes.scatter_add(1, nearest, pruned_weight)
+    grown = torch.zeros(B, keep_index.shape[1], dtype=torch.long, device=hidden.device)
+    grown = grown.scatter_add_(1, nearest, pruned_real.long()) > 0
+    n_grown = int(grown.sum(-1).max())
+    if n_grown == 0:
+        return Merged(merged, new_sizes * keep_mask, dest, pruned)
+    # The kept tokens something joined, compacted (B, G): grown slots first; a row's spare entries hold
+    # untouched slots (distinct ones), written back as they are. Each pruned token adds into its
+    # destination's compact entry; padding entries into a spare last column that is thrown away.
+    grown_index = _first(grown, n_grown)
+    grown_real = torch.gather(grown, 1, grown_index)
+    compact = grown.long().cumsum(-1) - 1
+    target = torch.where(pruned_real, torch.gather(compact, 1, nearest), n_grown)
+    before = _rows(merged, grown_index)
+    total = torch.empty(B, n_grown + 1, d, dtype=hidden.dtype, device=hidden.device)
+    torch.mul(before, torch.gather(kept_sizes, 1, grown_index)[..., None], out=total[:, :n_grown])
+    total[:, n_grown] = 0
+    total.scatter_add_(1, target[..., None].expand(-1, -1, d),
+                       _rows(hidden, pruned_index) * pruned_weight[..., None])
+    after = total[:, :n_grown] / torch.gather(new_sizes, 1, grown_index).clamp_min(1e-12)[..., None]
+    after = torch.where(grown_real[..., None], after, before)
+    flat = (grown_index + torch.arange(B, device=hidden.device)[:, None] * merged.shape[1]).reshape(-1)
+    merged.view(-1, d).index_copy_(0, flat, after.reshape(-1, d))
     return Merged(merged, new_sizes * keep_mask, dest, pruned)
 
 
