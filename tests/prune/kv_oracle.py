@@ -58,3 +58,16 @@ def prefill(model: Llama, recipe: str, n: int, seed: int = 3):
         cache = model.new_cache(1, n + 4)
         model(ids, cache=cache, ctx=make_context(recipe, model))
     return oracle, cache
+
+
+def run_with_reconstruction(model, ids: torch.Tensor, recipe: str, room: int = 4):
+    """One prompt forward under ``recipe`` with the context's reconstruction set (what ``score=kvzip``
+    reads): (cache, context)."""
+    from dynaprune.runtime.pruning import make_context
+    from dynaprune.runtime.reconstruction import Reconstruction
+
+    cache, ctx = model.new_cache(1, ids.shape[1] + room), make_context(recipe, model)
+    ctx.reconstruction = Reconstruction(model, ids)
+    with torch.inference_mode():
+        model(ids, cache=cache, ctx=ctx)
+    return cache, ctx

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_oracle import QKOracle, causal_probs, tiny_llama, top_positions
+from kv_oracle import QKOracle, causal_probs, run_with_reconstruction, tiny_llama, top_positions
 
 from dynaprune.errors import DynapruneError
 from dynaprune.prune.kv_alloc import global_select, layer_widths
 from dynaprune.runtime.pruning import make_context
-from dynaprune.runtime.reconstruction import Reconstruction
 
 N, LAYERS, KV_HEADS, GROUP = 20, 3, 2, 3
 
@@ -35,11 +34,7 @@ def oracle_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def run(model, ids: torch.Tensor, recipe: str):
-    cache, ctx = model.new_cache(1, N + 4), make_context(recipe, model)
-    ctx.reconstruction = Reconstruction(model, ids)
-    with torch.inference_mode():
-        model(ids, cache=cache, ctx=ctx)
-    return cache, ctx
+    return run_with_reconstruction(model, ids, recipe, room=4)
 
 
 def test_scores_are_the_reconstruction_max_attention():

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_oracle import QKOracle
+from kv_oracle import QKOracle, run_with_reconstruction
 
 from dynaprune.errors import DynapruneError
 from dynaprune.models.gemma3 import Gemma3, Gemma3Config
 from dynaprune.prune.scorers.kvzip import reconstruction_flops
 from dynaprune.runtime.cost import cost_shape
-from dynaprune.runtime.pruning import make_context
 from dynaprune.runtime.reconstruction import Reconstruction
 
 CFG = Gemma3Config(vocab=97, hidden=64, layers=6, heads=4, kv_heads=2, head_dim=16, intermediate=96,
@@ -64,11 +63,7 @@ def oracle_scores(model, ids: torch.Tensor, windowed: bool = True) -> list[torch
 
 
 def run(model, ids: torch.Tensor, recipe: str):
-    cache, ctx = model.new_cache(1, N + 8), make_context(recipe, model)
-    ctx.reconstruction = Reconstruction(model, ids)
-    with torch.inference_mode():
-        model(ids, cache=cache, ctx=ctx)
-    return cache, ctx
+    return run_with_reconstruction(model, ids, recipe, room=8)
 
 
 def test_sliding_layers_are_scored_within_their_window():
