@@ -15,7 +15,9 @@ efficiency = speed-up / flop_ratio (target >= 0.85 at 512); vs_transformers = tr
 ``--policy merge`` times the same targets with ``token_policy=merge`` (pruned tokens merged into their
 most similar kept token, proportional attention through SDPA's float mask; the similarity and merge
 FLOPs are in flops_kept); ``both`` (default) times drop and merge rows side by side. ``--lengths``
-limits the lengths (e.g. ``--lengths 512 --policy merge`` reruns only the merge rows at 512).
+limits the lengths (e.g. ``--lengths 512 --policy merge`` reruns only the merge rows at 512). Unless
+``--out`` says otherwise a partial run writes its own file (:func:`default_name`: ``encoder-merge.json``,
+``encoder-merge-vs-drop.json``, ...), never over the full run's ``encoder.json``.
 
     python -m benchmarks.encoder [--quick] [--repeats N] [--policy drop|merge|both] [--lengths 512]
 """
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import check_memory, interleaved, parser, save, setup_threads, token_recipe_for
+from benchmarks.common import RESULTS, check_memory, interleaved, parser, save, setup_threads, token_recipe_for
 from dynaprune import load
 from dynaprune.paths import shared_data_dir
 from dynaprune.runtime.cost import cost_shape, work_cost
@@ -48,6 +50,14 @@ def wikitext_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
             i += 1
         rows.append([tokenizer.cls_token_id, *ids[: length - 2], tokenizer.sep_token_id])
     return torch.tensor(rows)
+
+
+def default_name(policy: str, lengths: list[int] | None) -> str:
+    """The results file's name: ``encoder`` for the full run (both policies, every length); a run of one
+    policy ``encoder-merge`` / ``encoder-drop``; both policies at chosen lengths ``encoder-merge-vs-drop``."""
+    if policy != "both":
+        return f"encoder-{policy}"
+    return "encoder" if lengths is None else "encoder-merge-vs-drop"
 
 
 def memory_needed(batch: int, length: int, heads: int, hidden: int, ffn: int) -> int:
@@ -106,13 +116,21 @@ def main(argv: list[str] | None = None) -> dict:
                                    "efficiency": speedup / flop_ratio, "vs_transformers": tf_s / t})
             print(f"L={length} {str(r):30s} flops kept {kept[str(r)]:.3f}: x{speedup:.2f} vs our dense "
                   f"(efficiency {speedup / flop_ratio:.2f}), x{tf_s / t:.2f} vs transformers")
+        # merge rows beside their drop row (same target, same process): the merge's own time share
+        drop_s = {e["target_flops_kept"]: e["time"]["median_s"] for e in row["recipes"] if e["policy"] == "drop"}
+        for e in row["recipes"]:
+            if e["policy"] != "drop" and e["target_flops_kept"] in drop_s:
+                e["time_vs_drop"] = e["time"]["median_s"] / drop_s[e["target_flops_kept"]]
+                print(f"L={length} {e['recipe']}: {e['time_vs_drop']:.3f} x the drop row's time")
         print(f"L={length} dense: ours {dense_s:.3f} s, transformers {tf_s:.3f} s")
         rows.append(row)
     payload = {"quick": args.quick, "threads": threads, "model": "minilm-l6", "batch": batch,
                "kind": "gathered tensors (token pruning), fp32 CPU",
                "targets": {"efficiency_at_512": 0.85, "vs_transformers_at_half_flops_512": 1.8},
                "results": rows, "seconds": time.perf_counter() - t0}
-    print("wrote", save("encoder", payload, path=args.out))
+    payload["policy"], payload["lengths"] = args.policy, lengths
+    out = args.out or RESULTS / f"{default_name(args.policy, args.lengths)}.json"
+    print("wrote", save("encoder", payload, path=out))
     return payload
 
 

@@ -54,6 +54,19 @@ def test_encoder(tmp_path):
     recipe = row["recipes"][0]
     assert {"speedup", "flop_ratio", "efficiency", "vs_transformers", "flops_kept"} <= set(recipe)
     assert 0 < recipe["flops_kept"] < 1
+    times = {e["policy"]: e["time"]["median_s"] for e in row["recipes"]}  # --quick: one target, both policies
+    merge = next(e for e in row["recipes"] if e["policy"] == "merge")
+    assert merge["time_vs_drop"] == times["merge"] / times["drop"]
+    assert data["policy"] == "both"
+
+
+def test_encoder_partial_runs_do_not_overwrite_the_full_run():
+    from benchmarks.encoder import default_name
+
+    assert default_name("both", None) == "encoder"
+    assert default_name("merge", [512]) == "encoder-merge"
+    assert default_name("drop", None) == "encoder-drop"
+    assert default_name("both", [512]) == "encoder-merge-vs-drop"
 
 
 @pytest.mark.models
