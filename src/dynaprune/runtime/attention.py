@@ -103,6 +103,7 @@ def attention_with_received(
     per_kv_head: bool = False,
     key_bias: torch.Tensor | None = None,
     window: int | None = None,
+    batch_block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit attention that returns the outputs (B, Hq, Lq, D) and the attention each key received,
     summed over heads and real queries (B, Lk) fp32 — SpAtten's token importance of this call — without
@@ -115,10 +116,21 @@ def attention_with_received(
     heads through a reshape, never a copy of K/V. ``per_kv_head``: ``received`` is (B, Hkv, Lk), summed
     over the query heads of each KV group only. ``key_padding_mask`` may be (B, Hkv, Lk) (per-head cache).
     ``key_bias`` (B, Lk) is added to the logits of each key (proportional attention of merged tokens).
+
+    Without a causal mask or a window, a large batch runs in chunks of batch rows whose score blocks
+    stay in cache (about ``batch_block_bytes``, default ``BATCH_BLOCK_BYTES``; 0: one chunk), each with
+    the query blocks of the whole batch, so every number is the one the whole batch gives
+    (:func:`_batch_chunks`).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
+    rows = max(1, block_bytes // max(1, B * Hq * Lk * q.element_size()))
+    batch_block_bytes = BATCH_BLOCK_BYTES if batch_block_bytes is None else batch_block_bytes
+    if not causal and window is None and batch_block_bytes > 0:
+        chunk = max(2, batch_block_bytes // max(1, min(rows, Lq) * Hq * Lk * q.element_size()))
+        if chunk < B:
+            return _batch_chunks(q, k, v, scale, key_padding_mask, query_mask, rows, chunk, per_kv_head, key_bias)
     # once: a Q/K/V whose batch and head dims cannot fold into one would be copied by every block's
     # matmul. A KV cache's K/V (a slice of the length dim of its buffer) folds as it is: copying it
     # would move the whole cache at every decode step.
@@ -127,7 +139,6 @@ def attention_with_received(
     out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
     received = torch.zeros(B, *((Hkv,) if per_kv_head else ()), Lk, dtype=torch.promote_types(q.dtype, torch.float32),
                            device=q.device)
-    rows = max(1, block_bytes // max(1, B * Hq * Lk * q.element_size()))
     key_ok = None
     if key_padding_mask is not None:
         m = key_padding_mask.to(torch.bool)
@@ -168,6 +179,34 @@ def attention_with_received(
         seen = key_ok[:, :, 0, 0]  # (B, Hkv or 1, Lk)
         received = received.masked_fill(~(seen if per_kv_head else seen.any(1)), 0.0)
     return out.view(B, Hq, Lq, D), received
+
+
+# Score bytes of one chunk of batch rows in attention_with_received (a query block of each row): a
+# few MB stay in cache across the block's passes (scale, bias, softmax, P V, column sums). Measured on
+# MiniLM, 1 thread, batch 32 x 512 tokens: 0.97 s -> 0.61 s per call (SDPA without the sums: 0.31 s).
+BATCH_BLOCK_BYTES = 1 << 21
+
+
+def _batch_chunks(q, k, v, scale, key_padding_mask, query_mask, rows, chunk, per_kv_head, key_bias):
+    """attention_with_received (non-causal, no window) on ``chunk`` batch rows at a time, each chunk with
+    the batch's own query blocks of ``rows`` queries: every row's numbers are the ones the whole batch
+    gives (the blocks, sums and their order are per row), only the working set shrinks. No chunk has a
+    single row (matmul takes another kernel for a batch of one)."""
+    B, Hq, _, _ = q.shape
+    Lk, size = k.shape[2], q.element_size()
+    bounds = list(range(0, B, chunk)) + [B]
+    if bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    outs, received = [], []
+    for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True):
+        s = slice(b0, b1)
+        o, r = attention_with_received(
+            q[s], k[s], v[s], scale, None if key_padding_mask is None else key_padding_mask[s], False,
+            None if query_mask is None else query_mask[s], rows * (b1 - b0) * Hq * Lk * size, per_kv_head,
+            None if key_bias is None else key_bias[s], batch_block_bytes=0)
+        outs.append(o)
+        received.append(r)
+    return torch.cat(outs), torch.cat(received)
 
 
 @dataclass
