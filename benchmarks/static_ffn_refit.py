@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--refit-rows", type=int, default=1024)
     p.add_argument("--recovery-rows", type=int, default=4000)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
+    p.add_argument("--distill", type=float, default=0.0, help="recovery: weight of KD from the dense parent")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--variants", default="slice,refit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "static-ffn30-refit-full.json")
     args = p.parse_args()
@@ -97,10 +100,12 @@ def main() -> None:
                            "refit": f"{len(refit_rows)} other seeded SST-2 TRAIN rows",
                            "selection": "800 held-out SST-2 TRAIN rows", "heldout_rows_seen_in_training": seen,
                            "recovery": f"{args.recovery_rows} SST-2 TRAIN rows, 1 epoch, lr {args.recovery_lr}, "
-                                       "seed 100 (as static_accuracy.py)"},
+                                       f"seed 100 (as static_accuracy.py), KD weight {args.distill} "
+                                       f"T={args.temperature} "
+                                       "from the dense parent's logits"},
                  "dense": {"accuracy": dense["accuracy"], "n": dense["n"]}}
     variants = {}
-    for name in ("slice", "refit"):
+    for name in args.variants.split(","):
         m = copy.deepcopy(parent)
         if name == "slice":
             plan.apply_ffn(m, removed)
@@ -115,8 +120,9 @@ def main() -> None:
     for name, (v, m) in variants.items():
         if name == "slice":
             continue  # static-accuracy-full.json has plain removal + recovery (dev 0.8761)
-        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=100)
-        v["recovery"] = recover(m, cfg)
+        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=100,
+                             distill=args.distill, temperature=args.temperature)
+        v["recovery"] = recover(m, cfg, teacher=parent if args.distill else None)
         v["recovered"] = point(parent, m, record, dev, dev_lengths)
         v["recovered"]["drop_points"] = 100 * (dense["accuracy"] - v["recovered"]["accuracy"])
         print(name, "recovered", v["recovered"]["accuracy"], file=sys.stderr, flush=True)

@@ -41,6 +41,10 @@ class FinetuneConfig:
     # cost as much as the rest of a step, and freezing it barely moves accuracy (it is still fine-tuned
     # through everything above it). train_embeddings=True trains it too.
     train_embeddings: bool = False
+    # Knowledge distillation from a teacher (the dense parent in recovery after static pruning; pruning guide
+    # section 4, CoFi, Sheared-LLaMA): loss = (1 - distill) * CE + distill * T^2 * KL(teacher_T || student_T).
+    distill: float = 0.0
+    temperature: float = 2.0
 
     def check(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -53,6 +57,9 @@ class FinetuneConfig:
             raise DynapruneError(f"--warmup must lie in [0, 1), got {self.warmup}")
         if self.pooling not in HEAD_POOLINGS:
             raise DynapruneError(f"--pooling must be one of {', '.join(HEAD_POOLINGS)}, got {self.pooling!r}")
+        if not 0 <= self.distill <= 1 or not self.temperature > 0:
+            raise DynapruneError(f"distillation weight must lie in [0, 1] and temperature be > 0, got "
+                                 f"{self.distill}, {self.temperature}")
         if self.eval_every is not None and self.eval_every < 1:
             raise DynapruneError(f"--eval-every must be a positive number, got {self.eval_every}")
 
@@ -113,14 +120,29 @@ def dev_accuracy(model, dev: TrainingData, recipe: str, batch_size: int = 64) ->
     return float((logits.argmax(1) == torch.tensor(dev.targets)).float().mean())
 
 
+def distill_loss(logits: torch.Tensor, teacher, x: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al. 2015), batch mean."""
+    with torch.no_grad():
+        was = teacher.training
+        teacher.eval()
+        t_hidden, t_kept = teacher(x, mask, torch.zeros_like(x))
+        t_logits = teacher.head(t_hidden, t_kept)
+        teacher.train(was)
+    return temperature ** 2 * F.kl_div((logits / temperature).log_softmax(1), (t_logits / temperature).log_softmax(1),
+                                       log_target=True, reduction="batchmean")
+
+
 def finetune(
     model, train: TrainingData, labels: LabelMap, dev: TrainingData | None, cfg: FinetuneConfig,
-    on_step: Callable[[StepInfo], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None, teacher=None,
 ) -> FinetuneReport:
     """Train ``model`` (a Bert) and its head in place on ``train``; returns timings and dev accuracies.
     A head with the same labels and pooling is continued (pruning-aware fine-tuning of a fine-tuned
-    classifier); otherwise a new one is initialised."""
+    classifier); otherwise a new one is initialised. With ``cfg.distill`` > 0 the ``teacher``'s logits
+    (dense, no gradient) are distilled into the model."""
     cfg.check()
+    if cfg.distill and teacher is None:
+        raise DynapruneError("distillation needs a teacher model")
     if not hasattr(model, "classify_logits"):
         raise DynapruneError(f"{model.name}: fine-tuning needs a BERT-family encoder")
     if len(train.texts) == 0:
@@ -163,7 +185,11 @@ def finetune(
                 x = pad_sequence(rows, batch_first=True, padding_value=pad)
                 mask = torch.arange(x.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]
                 hidden, kept = model(x, mask, torch.zeros_like(x), ctx=ctx_of() if ctx_of else None)
-                loss = F.cross_entropy(model.head(hidden, kept), targets[batch])
+                logits = model.head(hidden, kept)
+                loss = F.cross_entropy(logits, targets[batch])
+                if cfg.distill:
+                    loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, teacher, x, mask,
+                                                                                 cfg.temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)

@@ -26,6 +26,8 @@ class RecoveryConfig:
     recipe: str = ""  # a run-time recipe on during recovery (the pruned model will run under it)
     chunk: int = 512  # Llama: tokens per training chunk (max_train counts chunks)
     lm_batch: int = 1  # Llama: chunks per step
+    distill: float = 0.0  # BERT: weight of knowledge distillation from the dense parent's logits (recover(teacher=))
+    temperature: float = 2.0
 
     def check(self) -> None:
         if self.max_train is not None and self.max_train < 1:
@@ -82,7 +84,7 @@ def read_recovery_data(model, cfg: RecoveryConfig):
     return train, labels
 
 
-def recover(model, cfg: RecoveryConfig, train=None, on_step=None) -> dict:
+def recover(model, cfg: RecoveryConfig, train=None, on_step=None, teacher=None) -> dict:
     """Fine-tune the pruned ``model`` in place; the training record stored in its config."""
     from dynaprune.finetune import FinetuneConfig, LabelMap, finetune
 
@@ -99,7 +101,8 @@ def recover(model, cfg: RecoveryConfig, train=None, on_step=None) -> dict:
         return record
     labels = LabelMap(tuple(model.head.labels), model.head.label_type)
     ft = FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                        pooling=model.head.pooling, recipe=cfg.recipe)
-    report = finetune(model, train, labels, None, ft, on_step)
+                        pooling=model.head.pooling, recipe=cfg.recipe, distill=cfg.distill,
+                        temperature=cfg.temperature)
+    report = finetune(model, train, labels, None, ft, on_step, teacher=teacher)
     record.update(rows=len(train.texts), steps=report.steps, seconds=round(report.seconds, 1))
     return record
