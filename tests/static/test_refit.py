@@ -89,3 +89,21 @@ def test_bad_input():
         prune_ffn_refit(tiny_bert(), calib(), {0: [1]}, RefitConfig("nope"))
     with pytest.raises(DynapruneError, match="ridge"):
         prune_ffn_refit(tiny_bert(), calib(), {0: [1]}, RefitConfig("output", ridge=-1.0))
+
+
+def test_prune_model_with_refit_records_it_and_beats_plain_removal():
+    from dynaprune.static.prune import StaticConfig, prune_model
+
+    cal = calib()
+    dense = tiny_bert()
+    plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, cal, StaticConfig(ffn=0.3, criterion="magnitude"))
+    record = prune_model(refit, cal, StaticConfig(ffn=0.3, criterion="magnitude", ffn_refit="residual"))
+    assert set(record["ffn_refit"]) == {"0", "1", "2"}
+    assert [b.fc2.in_features for b in refit.layers] == [b.fc2.in_features for b in plain.layers] == [34] * 3
+    b = cal.batches[1]
+    with torch.no_grad():
+        ref = dense(b.ids, b.mask)[0][b.mask]
+        err_refit = (refit(b.ids, b.mask)[0][b.mask] - ref).pow(2).sum()
+        err_plain = (plain(b.ids, b.mask)[0][b.mask] - ref).pow(2).sum()
+    assert err_refit < err_plain

@@ -23,6 +23,7 @@ class StaticConfig:
     nm: str | None = None
     sparsity: float = 0.0
     steps: int = 1
+    ffn_refit: str | None = None  # "output" | "residual": least-squares refit of the down-projection (refit.py)
 
     def check(self, n_layers: int | None = None) -> None:
         plan.check_ratio("--heads", self.heads)
@@ -77,7 +78,13 @@ def prune_model(model, calib, cfg: StaticConfig, say=lambda _m: None) -> dict:
     if cfg.ffn:
         say(f"FFN importance ({cfg.criterion})")
         removed = plan.ffn_to_remove(ffn_fn(model, calib), cfg.ffn)
-        plan.apply_ffn(model, removed)
+        if cfg.ffn_refit:
+            from dynaprune.static.refit import RefitConfig, prune_ffn_refit
+
+            say(f"FFN down-projection refit ({cfg.ffn_refit})")
+            record["ffn_refit"] = prune_ffn_refit(model, calib, removed, RefitConfig(cfg.ffn_refit))
+        else:
+            plan.apply_ffn(model, removed)
         record["removed_ffn_neurons"] = {str(original[k]): len(v) for k, v in sorted(removed.items())}
     record["kept_layers"] = original
     if cfg.nm is not None:
