@@ -120,6 +120,7 @@ def main() -> None:
         row = {
             "split": split,
             "recipe": recipe or "dense",
+            "chunks": args.examples,
             "perplexity": result.metric["value"],
             "lsb_row_fraction": summary.get("lsb_row_fraction"),
             "bits_fetched_vs_fp16": summary.get("bits_fetched_vs_fp16"),

@@ -120,3 +120,20 @@ def test_value_residual_reads_a_sequence_shorter_than_a_group_in_full_precision(
     dense, fp, quantized = (getattr(x, "logits", x) for x in (dense, fp, quantized))
     torch.testing.assert_close(fp, dense, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(quantized, dense, rtol=1e-3, atol=1e-3)
+
+
+def test_shipped_tables_are_distinct_monotone_and_resolve_by_their_setting() -> None:
+    from dynaprune.prune.techniques.progressive_quant import shipped_thresholds
+
+    tables = shipped_thresholds()
+    settings = {(t["msb_bits"], t["lsb_bits"], t["group"], t.get("rotate", ""), t.get("value_residual", False),
+                 tuple(t["shape"].values())) for t in tables}
+    assert len(settings) == len(tables)  # one table a setting (4+4, 5+3, 6+2 ... on SmolLM2)
+    for t in tables:
+        assert t["quantizer"] == QUANTIZER and t["msb_bits"] + t["lsb_bits"] <= 16
+        assert all(a <= b for a, b in zip(t["thresholds"][:-1], t["thresholds"][1:], strict=True))
+        shape = SimpleNamespace(**t["shape"])
+        i = t["rates"].index(0.05)
+        found = resolve_threshold(QuantSetting(t["msb_bits"], t["lsb_bits"], None, 0.05), t["group"], shape,
+                                  rotate=t.get("rotate", ""), value_residual=t.get("value_residual", False))
+        assert found == t["thresholds"][i]
