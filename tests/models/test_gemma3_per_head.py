@@ -12,6 +12,7 @@ import torch
 from test_gemma3 import TINY, tiny
 
 from dynaprune.models import gemma3 as G
+from dynaprune.models.gemma3 import Gemma3Config
 from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.kvcache import KVCache
 from dynaprune.runtime.pruning import make_context
@@ -104,3 +105,37 @@ def test_batched_continuation_after_eviction_equals_stepwise_decoding(recipe):
         c = copy.deepcopy(cache)
         stepwise = torch.cat([model(cont[:, i:i + 1], cache=c) for i in range(cont.shape[1])], 1)
     torch.testing.assert_close(batched, stepwise, atol=1e-4, rtol=1e-4)
+
+
+def test_a_packed_sliding_layer_defers_expired_tokens_and_hides_them_exactly():
+    """A packed (quantized) sliding layer keeps its expired tokens until a key group of them expired (each
+    compaction re-packs the survivors from their dequantized values); meanwhile the mask hides them. Oracle:
+    the same cache unpacked (the exact dequantized values) with the expired tokens gathered out in fp."""
+    from dynaprune.runtime import kvquant
+
+    config = Gemma3Config(vocab=97, hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, intermediate=96,
+                          rms_eps=1e-6, sliding_window=24, pattern=3, query_scalar=12.0, max_positions=256)
+    model = tiny(config)
+    ids = torch.randint(1, config.vocab, (1, 40), generator=torch.Generator().manual_seed(4))
+    ctx = make_context("kv_bits=4,kv_group=8", model)
+    cache = model.new_cache(1, 64)
+    deferred = 0
+    with torch.inference_mode():
+        model(ids[:, :30], cache=cache, ctx=ctx)
+        for i in range(30, 40):
+            for layer in (0, 1):  # the sliding layers
+                assert cache.lengths[layer] <= config.sliding_window - 1 + 8 - 1
+            expired = cache.lengths[0] - (config.sliding_window - 1)
+            if expired > 0 and cache.packed[0] is not None:
+                deferred += 1
+                oracle = copy.deepcopy(cache)
+                for layer in (0, 1):
+                    kvquant.unpack_layer(oracle, layer)
+                    n = oracle.lengths[layer]
+                    oracle.compact(layer, torch.arange(n - (config.sliding_window - 1), n)[None])
+                want = model(ids[:, i:i + 1], cache=oracle)
+                got = model(ids[:, i:i + 1], cache=copy.deepcopy(cache), ctx=make_context("kv_bits=4,kv_group=8",
+                                                                                           model))
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            model(ids[:, i:i + 1], cache=cache, ctx=ctx)
+    assert deferred > 0  # not vacuous: expired tokens were held and hidden

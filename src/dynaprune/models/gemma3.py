@@ -189,6 +189,16 @@ def window_keep(cache: KVCache, layer: int, window: int) -> tuple[torch.Tensor, 
     return index.contiguous(), None if bool(keep.all()) else keep
 
 
+def _defer(cache: KVCache, layer: int, found: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    """Whether a packed layer keeps its expired tokens until a whole key group of them has expired."""
+    store = cache.packed[layer]
+    if store is None:
+        return False
+    index, keep = found
+    kept = index.shape[-1] if keep is None else int(keep.sum(-1).min())
+    return cache.lengths[layer] - kept < store.spec.key_group
+
+
 class Gemma3(nn.Module):
     def __init__(self, config: Gemma3Config, tokenizer=None, name: str = "gemma3"):
         super().__init__()
@@ -283,11 +293,14 @@ class Gemma3(nn.Module):
         return self.output(self.norm(x)).float()
 
     def _evict_outside_windows(self, cache: KVCache, ctx: RunContext) -> None:
-        """Sliding layers drop the tokens no later query can see (before a KV budget ranks the rest)."""
+        """Sliding layers drop the tokens no later query can see (before a KV budget ranks the rest). A
+        layer with a packed (quantized) prefix drops them a key group at a time: every compaction packs the
+        survivors again from their dequantized values, so evicting one expired token a step would quantize
+        each token some ``window`` times over; meanwhile the mask by position hides them (counted held)."""
         for layer in range(self.config.layers):
             window = self.config.window(layer)
             found = window_keep(cache, layer, window) if window is not None else None
-            if found is not None:
+            if found is not None and not _defer(cache, layer, found):
                 ctx.compact_cache(cache, layer, *found)
             if window is not None:  # a dense cache of this layer holds a window too (runtime/cost.py)
                 cache.appended[layer] = min(cache.appended[layer], window - 1)
