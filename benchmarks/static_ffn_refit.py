@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--distill", type=float, default=0.0, help="recovery: weight of KD from the dense parent")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--variants", default="slice,refit")
+    p.add_argument("--recover-slice", action="store_true", help="recover plain removal too (ablation)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "static-ffn30-refit-full.json")
     args = p.parse_args()
@@ -118,7 +119,7 @@ def main() -> None:
               flush=True)
         variants[name] = (v, m)
     for name, (v, m) in variants.items():
-        if name == "slice":
+        if name == "slice" and not args.recover_slice:
             continue  # static-accuracy-full.json has plain removal + recovery (dev 0.8761)
         cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=100,
                              distill=args.distill, temperature=args.temperature)
