@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_gemma3 import TINY, tiny
 
-from dynaprune.models import gemma3 as G
 from dynaprune.models.gemma3 import Gemma3Config
 from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.kvcache import KVCache
 from dynaprune.runtime.pruning import make_context
+from dynaprune.runtime.sliding import window_keep
 
 PROMPT, CONTINUATION = 20, 10
 
@@ -82,7 +82,7 @@ def test_window_keep_evicts_a_head_whose_neighbour_sees_everything():
     cache.update(0, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
     cache.next_position += 6
     cache.compact(0, torch.tensor([[[2, 3, 4, 5], [0, 3, 4, 5]]]))  # head 1 holds position 0
-    index, keep = G.window_keep(cache, 0, window=5)  # the next query (6) sees positions 2..6
+    index, keep = window_keep(cache, 0, window=5)  # the next query (6) sees positions 2..6
     kept = [[int(cache.head_cached_positions(0)[0, h, i]) for i, ok in zip(index[0, h], keep[0, h], strict=True)
              if ok] for h in range(2)]
     assert kept == [[2, 3, 4, 5], [3, 4, 5]]

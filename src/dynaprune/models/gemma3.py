@@ -10,7 +10,8 @@ Every layer goes through ``runtime.attention`` (so every recipe applies); a slid
 window, which masks a prompt longer than it, and after each forward the model evicts from a sliding
 layer's KV cache every token the next query can no longer see (``ctx.compact_cache``, so state a pruning
 context keeps per cached token follows), so such a layer never holds more than ``window - 1`` tokens
-between forwards and attends to at most ``window`` keys. The work counter counts what it attends. The window
+between forwards (a packed, quantized layer: until a key group expired, ``runtime/sliding.py``) and
+attends to at most ``window`` keys. The work counter counts what it attends. The window
 is one of positions: once tokens were pruned (a prefill selection keeps survivors at their original
 positions) the query at p sees the keys with p - window < pos <= p (``sliding_window``), not the latest
 ``window`` survivors.
@@ -33,8 +34,9 @@ from torch import nn
 from dynaprune.errors import DynapruneError
 from dynaprune.models.checkpoint import assign_weights
 from dynaprune.models.llama import rotate_half
-from dynaprune.runtime.attention import DENSE, RunContext, SlidingWindow, attention
+from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
+from dynaprune.runtime.sliding import defer_eviction, sliding_window, window_keep
 
 
 @dataclass
@@ -130,19 +132,6 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, n, -1))
 
 
-def sliding_window(window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor | None) -> int | None:
-    """The window a sliding layer passes to ``attention``: a plain int (slots) while the keys sit at
-    consecutive positions, else a ``SlidingWindow`` by original position (after a prefill selection the
-    survivors' slots are not their positions: query p must see keys p - window < pos <= p, not the latest
-    ``window`` survivors). ``k_pos`` (B, Hkv, Lk) for a cache compacted per KV head: each head's own
-    positions."""
-    if window is None or k_pos is None or k_pos.shape[-1] < 2:
-        return window
-    if bool((k_pos[..., 1:] - k_pos[..., :-1] == 1).all()):
-        return window
-    return SlidingWindow(window, q_pos, k_pos)
-
-
 class FeedForward(nn.Module):
     def __init__(self, c: Gemma3Config):
         super().__init__()
@@ -168,35 +157,6 @@ class Block(nn.Module):
         a = self.attention(self.attention_norm(x), cos, sin, layer, positions, mask, cache, ctx)
         x = x + self.post_attention_norm(a)
         return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
-
-
-def window_keep(cache: KVCache, layer: int, window: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(index, keep_mask) of the cached tokens of ``layer`` the next query (at ``next_position``) can
-    still see, within ``window`` keys itself included; None when it sees every one. Cached tokens are in
-    position order, so they are the last slots (rows needing fewer mask the rest out)."""
-    length = cache.lengths[layer]  # fewer than the window may still hold an expired token (after a KV budget)
-    if length == 0:
-        return None
-    per_head = cache.head_positions[layer] is not None
-    pos = cache.head_cached_positions(layer) if per_head else cache.cached_positions(layer)
-    first = cache.next_position.to(pos.device) - (window - 1)
-    inside = pos >= (first[:, None, None] if per_head else first[:, None])
-    n = int(inside.sum(-1).max())
-    if n == length and bool(inside.all()):  # one head seeing all may hide another's expired tokens
-        return None
-    index = torch.arange(length - n, length, device=pos.device).expand(*pos.shape[:-1], n)
-    keep = inside[..., length - n:]
-    return index.contiguous(), None if bool(keep.all()) else keep
-
-
-def _defer(cache: KVCache, layer: int, found: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
-    """Whether a packed layer keeps its expired tokens until a whole key group of them has expired."""
-    store = cache.packed[layer]
-    if store is None:
-        return False
-    index, keep = found
-    kept = index.shape[-1] if keep is None else int(keep.sum(-1).min())
-    return cache.lengths[layer] - kept < store.spec.key_group
 
 
 class Gemma3(nn.Module):
@@ -300,7 +260,7 @@ class Gemma3(nn.Module):
         for layer in range(self.config.layers):
             window = self.config.window(layer)
             found = window_keep(cache, layer, window) if window is not None else None
-            if found is not None and not _defer(cache, layer, found):
+            if found is not None and not defer_eviction(cache, layer, found):
                 ctx.compact_cache(cache, layer, *found)
             if window is not None:  # a dense cache of this layer holds a window too (runtime/cost.py)
                 cache.appended[layer] = min(cache.appended[layer], window - 1)
