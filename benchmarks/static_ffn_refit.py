@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--refit-rows", type=int, default=1024)
     p.add_argument("--recovery-rows", type=int, default=4000)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
+    p.add_argument("--recovery-seed", type=int, default=100)
     p.add_argument("--distill", type=float, default=0.0, help="recovery: weight of KD from the dense parent")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--variants", default="slice,refit")
@@ -101,7 +102,7 @@ def main() -> None:
                            "refit": f"{len(refit_rows)} other seeded SST-2 TRAIN rows",
                            "selection": "800 held-out SST-2 TRAIN rows", "heldout_rows_seen_in_training": seen,
                            "recovery": f"{args.recovery_rows} SST-2 TRAIN rows, 1 epoch, lr {args.recovery_lr}, "
-                                       f"seed 100 (as static_accuracy.py), KD weight {args.distill} "
+                                       f"seed {args.recovery_seed} (100 as static_accuracy.py), KD weight {args.distill} "
                                        f"T={args.temperature} "
                                        "from the dense parent's logits"},
                  "dense": {"accuracy": dense["accuracy"], "n": dense["n"]}}
@@ -121,7 +122,7 @@ def main() -> None:
     for name, (v, m) in variants.items():
         if name == "slice" and not args.recover_slice:
             continue  # static-accuracy-full.json has plain removal + recovery (dev 0.8761)
-        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=100,
+        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=args.recovery_seed,
                              distill=args.distill, temperature=args.temperature)
         v["recovery"] = recover(m, cfg, teacher=parent if args.distill else None)
         v["recovered"] = point(parent, m, record, dev, dev_lengths)
