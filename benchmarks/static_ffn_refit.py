@@ -102,8 +102,8 @@ def main() -> None:
                            "refit": f"{len(refit_rows)} other seeded SST-2 TRAIN rows",
                            "selection": "800 held-out SST-2 TRAIN rows", "heldout_rows_seen_in_training": seen,
                            "recovery": f"{args.recovery_rows} SST-2 TRAIN rows, 1 epoch, lr {args.recovery_lr}, "
-                                       f"seed {args.recovery_seed} (100 as static_accuracy.py), KD weight {args.distill} "
-                                       f"T={args.temperature} "
+                                       f"seed {args.recovery_seed} (100 as static_accuracy.py), "
+                                       f"KD weight {args.distill} T={args.temperature} "
                                        "from the dense parent's logits"},
                  "dense": {"accuracy": dense["accuracy"], "n": dense["n"]}}
     variants = {}
@@ -122,8 +122,8 @@ def main() -> None:
     for name, (v, m) in variants.items():
         if name == "slice" and not args.recover_slice:
             continue  # static-accuracy-full.json has plain removal + recovery (dev 0.8761)
-        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr, seed=args.recovery_seed,
-                             distill=args.distill, temperature=args.temperature)
+        cfg = RecoveryConfig(Path("sst2/train.tsv"), max_train=args.recovery_rows, lr=args.recovery_lr,
+                             seed=args.recovery_seed, distill=args.distill, temperature=args.temperature)
         v["recovery"] = recover(m, cfg, teacher=parent if args.distill else None)
         v["recovered"] = point(parent, m, record, dev, dev_lengths)
         v["recovered"]["drop_points"] = 100 * (dense["accuracy"] - v["recovered"]["accuracy"])
