@@ -5,28 +5,21 @@ distillation-only recovery moves the student's logits toward the teacher's."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from ft_fixtures import ft
 
 import dynaprune
 from dynaprune.errors import DynapruneError
 from dynaprune.finetune import FinetuneConfig, finetune, read_training_data
 from dynaprune.finetune.train import distill_loss
 
-_FT_CONFTEST = Path(__file__).parents[1] / "finetune" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("finetune_conftest_kd", _FT_CONFTEST)
-_ft = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ft)
-tiny_bert_folder = _ft.tiny_bert_folder
-
 
 @pytest.fixture(scope="module")
 def pair(tiny_bert_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kd")
-    tsv = _ft.write_tsv(tmp / "train.tsv", _ft.toy_rows(64, 0))
+    tsv = ft.write_tsv(tmp / "train.tsv", ft.toy_rows(64, 0))
     teacher = dynaprune.load(str(tiny_bert_folder))
     train, labels = read_training_data(tsv)
     finetune(teacher, train, labels, None, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3))

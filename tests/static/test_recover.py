@@ -4,24 +4,18 @@ recovery really trained (tensors differ from the same pruning without it); bad i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from ft_fixtures import ft
 from safetensors.torch import load_file
 from test_structured import tiny_llama
 
 import dynaprune
 from dynaprune.errors import DynapruneError
 from dynaprune.static.recover import check_recoverable
-
-_FT_CONFTEST = Path(__file__).parents[1] / "finetune" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("finetune_conftest", _FT_CONFTEST)
-_ft = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ft)
-tiny_bert_folder = _ft.tiny_bert_folder  # the fixture: a tiny random BERT folder with a word vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,7 @@ def classifier(tiny_bert_folder, tmp_path_factory):
     from dynaprune.finetune import FinetuneConfig, finetune, read_training_data, save_classifier
 
     tmp = tmp_path_factory.mktemp("clf")
-    tsv = _ft.write_tsv(tmp / "train.tsv", _ft.toy_rows(96, 0))
+    tsv = ft.write_tsv(tmp / "train.tsv", ft.toy_rows(96, 0))
     model = dynaprune.load(str(tiny_bert_folder))
     train, labels = read_training_data(tsv)
     finetune(model, train, labels, None, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3))
@@ -62,7 +56,7 @@ def test_prune_with_recovery_writes_a_trained_pruned_checkpoint(dynaprune_cli, c
     a, b = load_file(tmp_path / "rec" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # recovery trained the pruned weights
-    texts = [t for t, _ in _ft.toy_rows(8, 3)]
+    texts = [t for t, _ in ft.toy_rows(8, 3)]
     assert not torch.allclose(logits(tmp_path / "rec", texts), logits(tmp_path / "plain", texts))
 
 
@@ -103,7 +97,7 @@ def test_recovery_refuses_what_it_cannot_train(dynaprune_cli, classifier, tiny_b
     code, out = dynaprune_cli("prune", str(clf), "--heads", "0.25", "--calib", str(tsv),
                               "--finetune", str(tmp_path / "missing.tsv"), "-o", str(tmp_path / "o"))
     assert code == 2 and "missing.tsv" in out
-    other = _ft.write_tsv(tmp_path / "other.tsv", _ft.toy_rows(8, 0, labels=("pos", "neg")))
+    other = ft.write_tsv(tmp_path / "other.tsv", ft.toy_rows(8, 0, labels=("pos", "neg")))
     code, out = dynaprune_cli("prune", str(clf), "--heads", "0.25", "--calib", str(tsv),
                               "--finetune", str(other), "-o", str(tmp_path / "o"))
     assert code == 2 and "do not occur in the training data" in out

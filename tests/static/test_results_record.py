@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_recover import _ft, classifier, tiny_bert_folder  # noqa: F401  (fixtures)
+from ft_fixtures import ft
+from test_recover import classifier  # noqa: F401  (a fixture)
 
 
 def eval_json(dynaprune_cli, model, tsv, out, *recipe: str) -> dict:
@@ -23,7 +24,7 @@ def eval_json(dynaprune_cli, model, tsv, out, *recipe: str) -> dict:
 def test_eval_of_a_pruned_checkpoint_records_the_static_pruning(dynaprune_cli, classifier, tmp_path,  # noqa: F811
                                                                  prune_args, recipe):
     clf, tsv = classifier
-    dev = _ft.write_tsv(tmp_path / "dev.tsv", _ft.toy_rows(24, 5))
+    dev = ft.write_tsv(tmp_path / "dev.tsv", ft.toy_rows(24, 5))
     code, out = dynaprune_cli("prune", str(clf), *prune_args, "--calib", str(tsv), "-o", str(tmp_path / "p"))
     assert code == 0, out
     written = json.loads((tmp_path / "p" / "config.json").read_text())["dynaprune_static"]
