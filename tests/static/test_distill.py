@@ -8,21 +8,16 @@ import copy
 
 import pytest
 import torch
-from ft_fixtures import ft
+from ft_fixtures import fine_tuned
 
-import dynaprune
 from dynaprune.errors import DynapruneError
-from dynaprune.finetune import FinetuneConfig, finetune, read_training_data
+from dynaprune.finetune import FinetuneConfig, finetune
 from dynaprune.finetune.train import distill_loss
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_bert_folder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kd")
-    tsv = ft.write_tsv(tmp / "train.tsv", ft.toy_rows(64, 0))
-    teacher = dynaprune.load(str(tiny_bert_folder))
-    train, labels = read_training_data(tsv)
-    finetune(teacher, train, labels, None, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3))
+    teacher, train, labels, _ = fine_tuned(tiny_bert_folder, tmp_path_factory.mktemp("kd"), 64)
     return teacher, train, labels
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_fixtures import ft
+from ft_fixtures import fine_tuned, ft
 from safetensors.torch import load_file
 from test_structured import tiny_llama
 
@@ -21,13 +21,10 @@ from dynaprune.static.recover import check_recoverable
 @pytest.fixture(scope="module")
 def classifier(tiny_bert_folder, tmp_path_factory):
     """A tiny fine-tuned classifier folder and its training TSV."""
-    from dynaprune.finetune import FinetuneConfig, finetune, read_training_data, save_classifier
+    from dynaprune.finetune import save_classifier
 
     tmp = tmp_path_factory.mktemp("clf")
-    tsv = ft.write_tsv(tmp / "train.tsv", ft.toy_rows(96, 0))
-    model = dynaprune.load(str(tiny_bert_folder))
-    train, labels = read_training_data(tsv)
-    finetune(model, train, labels, None, FinetuneConfig(epochs=2, batch_size=16, lr=3e-3))
+    model, _, _, tsv = fine_tuned(tiny_bert_folder, tmp, 96)
     save_classifier(model, tmp / "clf")
     return tmp / "clf", tsv
 
