@@ -41,17 +41,6 @@ RECIPES = ("", *(f"kv={b},score={s},kv_alloc=head" for b in (0.5, 0.25, 0.125) f
            "kv_bits=4", "kv_bits=2", "kv_bytes=0.25", "kv_bytes=0.125")
 
 
-def prefill_chunks(model, ids: torch.Tensor, context: int, continuation: int, chunks: int, scorer: str) -> list:
-    """``calibrate/kv_bytes.prefill_chunks``: <bos> + ``context`` tokens per prompt (Gemma ``requires_bos``)."""
-    return kv_bytes.prefill_chunks(model, ids, context, continuation, chunks, scorer)
-
-
-def evaluate(model, prefilled: list[tuple], recipe: str) -> dict:
-    """``calibrate/kv_bytes.evaluate``: the continuation on the model's own mask, whose sliding windows go
-    by original position also on a cache compacted per KV head (``models/gemma3.py``)."""
-    return kv_bytes.evaluate(model, prefilled, recipe)
-
-
 SHAPE = shape_key(18, 4, 1, 256)  # Gemma 3 270M's key in kv_bytes_choices.json
 
 
@@ -123,11 +112,11 @@ def main() -> None:
         score = scorer_of(run)
         if score not in prefilled:
             t0 = time.perf_counter()
-            prefilled[score] = prefill_chunks(model, ids, args.context, args.continuation, args.chunks, score)
+            prefilled[score] = kv_bytes.prefill_chunks(model, ids, args.context, args.continuation, args.chunks, score)
             print(f"prefill score={score}: {len(prefilled[score])} chunks, {time.perf_counter() - t0:.0f}s", flush=True)
         t0 = time.perf_counter()
-        row = evaluate(model, prefilled[score], run)
-        row.update(path="shared prefill per score (gemma3_kv.evaluate: windows by position)",
+        row = kv_bytes.evaluate(model, prefilled[score], run)
+        row.update(path="shared prefill per score (calibrate/kv_bytes.evaluate: windows by position)",
                    held=held_tokens(model, prefilled[score], run), seconds=round(time.perf_counter() - t0, 1))
         if run != recipe:
             row["expanded"] = run
@@ -149,11 +138,11 @@ def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
     for n, start in enumerate(range(0, min(len(ids) - size + 1, args.chunks * size), size), 1):
         piece = ids[start:start + size]
         for score in sorted({scorer_of(run) for run in runs.values()}):
-            pre = prefill_chunks(model, piece, args.context, args.continuation, 1, score)
+            pre = kv_bytes.prefill_chunks(model, piece, args.context, args.continuation, 1, score)
             for recipe, run in runs.items():
                 if scorer_of(run) != score:
                     continue
-                row = evaluate(model, pre, run)
+                row = kv_bytes.evaluate(model, pre, run)
                 acc = sums[recipe]
                 acc["nll"] += math.log(row["perplexity"]) * args.continuation
                 acc["tokens"] += args.continuation
@@ -166,7 +155,8 @@ def per_chunk(model, ids: torch.Tensor, args, out: dict) -> None:
             out["rows"][recipe or "dense"] = {
                 "perplexity": math.exp(acc["nll"] / acc["tokens"]), "kv_bytes_vs_fp16": acc["bytes"] / n,
                 "held": acc["held"], "chunks": n, **({"expanded": run} if run != recipe else {}),
-                "path": "per chunk: gemma3_kv.evaluate (windows by position) on each chunk's shared prefill per score"}
+                "path": "per chunk: calibrate/kv_bytes.evaluate (windows by position) on each chunk's shared "
+                        "prefill per score"}
         out.update(chunks_done=n, seconds=round(time.perf_counter() - t_all, 1), load=load_average())
         write_json_atomic(args.out, out)
         done = ", ".join(f"{r or 'dense'} {math.exp(a['nll'] / a['tokens']):.4f}" for r, a in sums.items())

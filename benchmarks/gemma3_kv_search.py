@@ -12,7 +12,8 @@ context's last 511 tokens and a global layer all 1537 (<bos> + 1536), so the den
 ranking over every layer spreads, each layer capped at what it holds (a sliding layer at 384 = 3 whole
 key groups of 128 of its 511); so ``kv`` here is not a share of the bytes: each composition's ``kv`` is
 the largest whose packed bytes fit F x the dense windowed bytes (``measured`` says what it held). Prompts
-are read after <bos> (``gemma3_kv.prefill_chunks``); reconstruction respects the sliding windows.
+are read after <bos> (``calibrate/kv_bytes.prefill_chunks``, ``requires_bos``); reconstruction respects
+the sliding windows.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import load_average, machine, setup_threads
-from benchmarks.gemma3_kv import DATA, SHAPE, evaluate, prefill_chunks
+from benchmarks.gemma3_kv import DATA, SHAPE
 from dynaprune.calibrate import kv_bytes as search
+from dynaprune.calibrate.kv_bytes import evaluate, prefill_chunks
 from dynaprune.io import write_json_atomic
 from dynaprune.prune.techniques import kv_bytes as choices_mod
 

@@ -145,7 +145,7 @@ class Recipe:
         fraction = self.kv_bytes_request[0]
         composed = set(Recipe(kv_bytes=fraction, kv_bytes_shape=self.kv_bytes_request[1]).to_items())
         rest = {k: v for k, v in self.to_items() if (k, v) not in composed}
-        return Recipe(*(), kv_bytes_shape=shape, kv_bytes=fraction, **rest)
+        return Recipe(kv_bytes_shape=shape, kv_bytes=fraction, **rest)
 
     def technique(self, kind: type[Technique]) -> Technique | None:
         """The recipe's technique of this class (or of a subclass), None when it is off."""
