@@ -58,11 +58,22 @@ def revive(model: Any, cache: Any, ctx: Any) -> RunContext | None:
     aux = stage.take_revival()
     if aux.positions.shape[1] == 0:
         return None
-    x, pos = aux.hidden, aux.positions
+    return run_later_layers(model, cache, aux.layer, aux.hidden, aux.positions)
+
+
+def run_later_layers(model: Any, cache: Any, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
+                     run: PositionCausal | None = None) -> PositionCausal:
+    """Hidden states (B, R, d) of pruned tokens after ``layer``, at original ``positions`` (B, R), through
+    layers ``layer + 1 ..`` into ``cache`` (each query causal by original position); the work counter
+    (``run``'s, when given: its counts accumulate)."""
+    x, pos = hidden, positions
     cos_t, sin_t = model.rope_tables(int(pos.max()) + 1, x.device)
     cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
-    run = PositionCausal(pos, cache)
-    for i in range(aux.layer + 1, model.config.layers):
+    if run is None:
+        run = PositionCausal(pos, cache)
+    else:
+        run.q_pos, run.kv_cache = pos, cache
+    for i in range(layer + 1, model.config.layers):
         x = model.layers[i](x, cos, sin, i, pos, None, cache, run)
     return run
 
