@@ -33,6 +33,12 @@ def prune_cmd(
     max_train: int = typer.Option(4000, help="--finetune: train on N random rows (Llama: 512-token chunks)"),
     finetune_epochs: int = typer.Option(1, help="--finetune: passes over those rows"),
     finetune_lr: float = typer.Option(1e-4, help="--finetune: peak AdamW learning rate"),
+    finetune_warmup: float = typer.Option(0.06, help="--finetune: share of the steps warming the lr up"),
+    distill: float = typer.Option(0.0, help="--finetune (BERT classifiers): weight in [0, 1] of knowledge "
+                                  "distillation from the dense parent's logits (1 = pure KD)"),
+    temperature: float = typer.Option(2.0, help="--distill: softmax temperature"),
+    ffn_refit: str | None = typer.Option(None, help="least-squares refit of each pruned FFN down-projection on "
+                                         "the calibration activations: output (or residual, BERT)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="output folder (refused if it exists)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     sensitivity: bool = typer.Option(False, help="print and plot per-layer sensitivity instead of pruning"),
@@ -43,7 +49,7 @@ def prune_cmd(
     from dynaprune.static.prune import StaticConfig
 
     cfg = StaticConfig(heads=heads, ffn=ffn, layers=layers, criterion=criterion, layer_criterion=layer_criterion,
-                       nm=nm, sparsity=sparsity, steps=steps)
+                       nm=nm, sparsity=sparsity, steps=steps, ffn_refit=ffn_refit)
     cfg.check()
     if max_calib < 1:
         raise DynapruneError(f"--max-calib must be a positive integer, got {max_calib}")
@@ -53,8 +59,11 @@ def prune_cmd(
 
         if sensitivity:
             raise DynapruneError("--finetune and --sensitivity do not go together")
-        recovery = RecoveryConfig(finetune, max_train=max_train, epochs=finetune_epochs, lr=finetune_lr)
+        recovery = RecoveryConfig(finetune, max_train=max_train, epochs=finetune_epochs, lr=finetune_lr,
+                                  warmup=finetune_warmup, distill=distill, temperature=temperature)
         recovery.check()
+    elif distill:
+        raise DynapruneError("--distill needs --finetune (it distils the dense parent during recovery)")
     if not sensitivity:
         if out is None:
             raise DynapruneError("give -o DIR for the pruned checkpoint")
@@ -66,12 +75,20 @@ def prune_cmd(
     with status(f"loading {model_name}"):
         model = load(model_name)
     adapter(model)
-    train = None
+    train, teacher = None, None
     if recovery is not None:  # refuse a model or data it cannot train before any pruning
         from dynaprune.static.recover import check_recoverable, read_recovery_data
 
         check_recoverable(model)
         train, _ = read_recovery_data(model, recovery)
+        if recovery.distill:
+            import copy
+
+            from dynaprune.static.recover import is_llama
+
+            if is_llama(model):
+                raise DynapruneError("--distill is supported for BERT classifiers only")
+            teacher = copy.deepcopy(model).eval()  # the dense parent, before any pruning
     data = load_calibration(model, calib, max_examples=max_calib)
     if sensitivity:
         from dynaprune.static.sensitivity import plot as plot_png
@@ -106,7 +123,7 @@ def prune_cmd(
 
         with status("recovery fine-tuning") as say:
             record["recovery"] = recover(model, recovery, train,
-                                         lambda s: say(f"step {s.step}/{s.total} loss {s.loss:.3f}"))
+                                         lambda s: say(f"step {s.step}/{s.total} loss {s.loss:.3f}"), teacher)
     save_pruned(model, out, record, overwrite=overwrite)
     console.print(json.dumps({k: v for k, v in record.items() if k != "config"}), soft_wrap=True)
     console.print(f"[green]✓[/] {record['params']:,} of {record['params_parent']:,} parameters -> {out}")

@@ -67,6 +67,28 @@ def ffn_to_remove(scores: list[torch.Tensor], ratio: float) -> dict[int, list[in
     return out
 
 
+def ffn_to_remove_global(scores: list[torch.Tensor], ratio: float, max_layer: float = 0.6) -> dict[int, list[int]]:
+    """``ratio`` of all FFN neurons, ranked across layers (each layer's scores normalized by their L2 norm,
+    as the head ranking; Michel et al. 2019), at most ``max_layer`` of any one layer: non-uniform widths
+    with the same total as ``ffn_to_remove`` (pruning guide section 3, per-layer sensitivity)."""
+    check_ratio("--ffn", ratio)
+    if not 0 < max_layer < 1:
+        raise DynapruneError(f"the per-layer FFN removal cap must lie in (0, 1), got {max_layer}")
+    units = sorted((float(v), layer, i) for layer, s in enumerate(scores)
+                   for i, v in enumerate((s.float() / s.float().norm().clamp_min(1e-12)).tolist()))
+    want = round(ratio * sum(s.numel() for s in scores))
+    cap = {layer: int(max_layer * s.numel()) for layer, s in enumerate(scores)}
+    out: dict[int, list[int]] = {}
+    done = 0
+    for _v, layer, i in units:
+        if done >= want:
+            break
+        if len(out.get(layer, [])) < cap[layer]:
+            out.setdefault(layer, []).append(i)
+            done += 1
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def apply_ffn(model, removed: dict[int, list[int]]) -> None:
     arch = adapter(model)
     for layer, neurons in removed.items():

@@ -41,6 +41,13 @@ class StaticConfig:
             if self.sparsity:
                 raise DynapruneError("give --nm or --sparsity, not both")
         exponential_schedule(self.sparsity, self.steps)
+        if self.ffn_refit is not None:
+            from dynaprune.static.refit import TARGETS
+
+            if self.ffn_refit not in TARGETS:
+                raise DynapruneError(f"unknown --ffn-refit {self.ffn_refit!r} (known: {', '.join(TARGETS)})")
+            if not self.ffn:
+                raise DynapruneError("--ffn-refit needs --ffn (it refits the pruned FFN layers)")
 
 
 def prune_model(model, calib, cfg: StaticConfig, say=lambda _m: None) -> dict:

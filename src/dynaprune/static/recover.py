@@ -28,6 +28,7 @@ class RecoveryConfig:
     lm_batch: int = 1  # Llama: chunks per step
     distill: float = 0.0  # BERT: weight of knowledge distillation from the dense parent's logits (recover(teacher=))
     temperature: float = 2.0
+    warmup: float = 0.06  # BERT: share of the steps warming the learning rate up (FinetuneConfig.warmup)
 
     def check(self) -> None:
         if self.max_train is not None and self.max_train < 1:
@@ -36,6 +37,11 @@ class RecoveryConfig:
             raise DynapruneError(f"--finetune-epochs must be a positive integer, got {self.epochs}")
         if not self.lr > 0:
             raise DynapruneError(f"--finetune-lr must be a positive number, got {self.lr}")
+        if not 0 <= self.distill <= 1 or not self.temperature > 0:
+            raise DynapruneError(f"--distill must lie in [0, 1] and --temperature be > 0, got {self.distill}, "
+                                 f"{self.temperature}")
+        if not 0 <= self.warmup < 1:
+            raise DynapruneError(f"the recovery warm-up share must lie in [0, 1), got {self.warmup}")
         if self.chunk < 2 or self.lm_batch < 1:
             raise DynapruneError(f"recovery chunks need >= 2 tokens and >= 1 per step, got {self.chunk}, "
                                  f"{self.lm_batch}")
@@ -102,7 +108,7 @@ def recover(model, cfg: RecoveryConfig, train=None, on_step=None, teacher=None) 
     labels = LabelMap(tuple(model.head.labels), model.head.label_type)
     ft = FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                         pooling=model.head.pooling, recipe=cfg.recipe, distill=cfg.distill,
-                        temperature=cfg.temperature)
+                        temperature=cfg.temperature, warmup=cfg.warmup)
     report = finetune(model, train, labels, None, ft, on_step, teacher=teacher)
     record.update(rows=len(train.texts), steps=report.steps, seconds=round(report.seconds, 1))
     return record
