@@ -50,6 +50,7 @@ from dynaprune.runtime.cost import cost_shape, work_cost
 from dynaprune.runtime.gemfilter import GemFilter, GemFilterModel, SelectionPass, gemfilter_prefill, gemfilter_select
 from dynaprune.runtime.pruning import make_context
 from dynaprune.runtime.revival import RevivalModel, pending_revival, revive
+from dynaprune.runtime.revival_on_demand import OnDemand, OnDemandModel
 
 SEARCH_LAYERS = [3, 6]
 SEARCH_KEEP = [0.5, 0.65, 0.8]
@@ -57,6 +58,30 @@ SEARCH_WINDOWS = [32, 128]
 SEARCH_POOLS = [7]
 SHIP_TARGETS = [0.5, 0.6, 0.7, 0.8, 0.9]
 GEMFILTER = [GemFilter(3, 0.5), GemFilter(6, 0.65)]
+ONDEMAND_KNOBS = {"r": ("per_step", int), "t": ("threshold", float), "b": ("budget", float), "p": ("pool", int)}
+
+
+def parse_ondemand(spec: str) -> dict:
+    """``RECIPE@r=16,t=0,b=1,p=1``: the recipe's selection with every pruned token in the aux cache
+    (``prefill_revive`` = 1 - keep, added) and LazyLLM's on-demand revival during decoding
+    (``runtime/revival_on_demand.py``: per_step r, threshold t, budget b, pool p) -> {"recipe", "ondemand"};
+    a plain recipe -> {"recipe"}."""
+    recipe, _, knobs = spec.partition("@")
+    if not knobs:
+        return {"recipe": recipe}
+    kw = {}
+    for item in knobs.split(","):
+        key, _, value = item.partition("=")
+        if key not in ONDEMAND_KNOBS:
+            raise SystemExit(f"error: unknown on-demand knob {key!r} in {spec!r} (r, t, b, p)")
+        name, kind = ONDEMAND_KNOBS[key]
+        kw[name] = kind(value)
+    if "prefill_revive" not in recipe:
+        parts = dict(p.split("=", 1) for p in recipe.split(","))
+        if "prefill_keep" not in parts:
+            raise SystemExit(f"error: on-demand revival needs prefill_keep in {spec!r}")
+        recipe = f"{recipe},prefill_revive={1 - float(parts['prefill_keep']):.6g}"
+    return {"recipe": recipe, "ondemand": OnDemand(**kw)}
 
 
 def variants(model, length: int, names: list[str] | None) -> dict[str, dict]:
@@ -74,19 +99,32 @@ def variants(model, length: int, names: list[str] | None) -> dict[str, dict]:
         missing = [n for n in names if n not in out and not n.startswith("prefill_keep=")]
         if missing:
             raise SystemExit(f"error: unknown variants {missing}; known: {', '.join(out)}")
-        out = {"dense": out["dense"]} | {n: out.get(n, {"recipe": n}) for n in names}
+        out = {"dense": out["dense"]} | {n: out.get(n, parse_ondemand(n)) for n in names}
     return out
 
 
-def perplexity(model, split: str, length: int, continuation: int, examples: int, v: dict) -> float:
+def perplexity(model, split: str, length: int, continuation: int, examples: int, v: dict,
+               stats: dict | None = None) -> float:
+    """Perplexity of the continuation; an on-demand variant decodes it token by token and puts its mean
+    tokens revived and revival FLOPs share (of a dense prefill) into ``stats``."""
     text = shared_data_dir() / "wikitext2" / f"{split}.txt"
     recipe, g = v.get("recipe"), v.get("gemfilter")
     factory = (lambda: make_context(recipe, model)) if recipe is not None else None
     runner = GemFilterModel(model, g) if g is not None else model
     if recipe is not None and "prefill_revive" in recipe:  # LazyLLM's aux cache, revived after token 1
         runner = RevivalModel(model)
+    if v.get("ondemand") is not None:  # LazyLLM's revival on demand: one decode step at a time
+        runner = OnDemandModel(model, v["ondemand"])
     result = evaluate_lm(runner, text, protocol="continue", context=length, continuation=continuation,
-                         max_examples=examples, max_tokens=examples * (length + continuation), ctx_factory=factory)
+                         max_examples=examples, max_tokens=examples * (length + continuation), ctx_factory=factory,
+                         stepwise=v.get("ondemand") is not None)
+    if v.get("ondemand") is not None and stats is not None:
+        shape, dense = cost_shape(model), RunContext()
+        model(torch.zeros(1, length, dtype=torch.long), cache=model.new_cache(1, length), ctx=dense, last_only=True)
+        shares = [work_cost(shape, w, dense=dense.work)["flops_kept"] if n else 0.0 for _, n, w in runner.revivals]
+        stats.update(tokens_pruned=runner.revivals[0][0],
+                     tokens_revived=sum(n for _, n, _ in runner.revivals) / len(runner.revivals),
+                     revival_flops_share=sum(shares) / len(shares))
     return result.metric["value"]
 
 
@@ -110,7 +148,8 @@ def prefill_cost(model, ids: torch.Tensor, v: dict) -> dict:
         ctx = make_context(v.get("recipe"), model)
         model(ids, cache=cache, ctx=ctx, last_only=True)
         kept = work_cost(shape, ctx.work, dense=dense.work)["flops_kept"]
-        revived = revive(model, cache, ctx) if pending_revival(ctx) is not None else None
+        # on demand, what comes back depends on the decode steps (``perplexity`` reports it)
+        revived = revive(model, cache, ctx) if pending_revival(ctx) is not None and not v.get("ondemand") else None
         if revived is not None:  # deferred work after the first token, not in the time to first token
             extra["revival_flops_share"] = work_cost(shape, revived.work, dense=dense.work)["flops_kept"]
         summary = ctx.summary().get("prefill", {}) if hasattr(ctx, "summary") else {}
@@ -215,7 +254,7 @@ def picture(rows: list[dict], length: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, marker in (("token", "s"), ("prefill", "o"), ("gemfilter", "^"), ("revival", "D")):
+    for kind, marker in (("token", "s"), ("prefill", "o"), ("gemfilter", "^"), ("revival", "D"), ("ondemand", "*")):
         pts = [r for r in rows if r["kind"] == kind]
         if pts:
             ax.plot([100 * r["valid_perplexity_cost"] for r in pts], [r["speedup"] for r in pts], marker,
@@ -293,10 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
             return out
 
         timed = {n: (lambda v=v: prefill(v)) for n, v in found.items()}
-        revived = [n for n, v in found.items() if "prefill_revive" in (v.get("recipe") or "")]
+        revived = [n for n, v in found.items() if "prefill_revive" in (v.get("recipe") or "") and not v.get("ondemand")]
+        ondemand = [n for n, v in found.items() if v.get("ondemand") is not None]
         timed |= {f"{n} +revival": (lambda v=found[n]: prefill(v, True)) for n in revived}
         times = interleaved(timed, repeats)
-        ppl = {split: {n: perplexity(model, split, length, continuation, ex, v) for n, v in found.items()}
+        stats = {split: {n: {} for n in found} for split in ("valid", "test")}
+        ppl = {split: {n: perplexity(model, split, length, continuation, ex, v, stats[split][n])
+                       for n, v in found.items()}
                for split, ex in (("valid", args.ppl_examples), ("test", args.test_examples))}
         rows = []
         dense_s = times["dense"]["median_s"]
@@ -306,12 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
             cost = prefill_cost(model, ids, v)
             t = times[name]
             kind = "gemfilter" if v.get("gemfilter") else ("token" if name.startswith("token") else "prefill")
-            kind = "revival" if name in revived else kind
+            kind = "revival" if name in revived else ("ondemand" if name in ondemand else kind)
             row = {"name": name, "kind": kind, "recipe": v.get("recipe"), **cost, "time_to_first_token": t,
                    "speedup": dense_s / t["median_s"], "speedup_range": [dense_s / t["max_s"], dense_s / t["min_s"]],
                    **({"prefill_and_revival_time": times[f"{name} +revival"],
                        "prefill_and_revival_speedup": dense_s / times[f"{name} +revival"]["median_s"]}
                       if name in revived else {}),
+                   **({"ondemand": dataclasses.asdict(v["ondemand"]),
+                       "valid_revival": stats["valid"][name], "test_revival": stats["test"][name]}
+                      if name in ondemand else {}),
                    "valid_perplexity": ppl["valid"][name],
                    "valid_perplexity_cost": ppl["valid"][name] / ppl["valid"]["dense"] - 1,
                    "test_perplexity": ppl["test"][name],

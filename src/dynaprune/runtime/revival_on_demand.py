@@ -65,11 +65,10 @@ class OnDemandState:
     """The aux cache of one prompt and what was revived of it: hidden states (1, R, d) after ``layer``,
     original positions (1, R) ascending, ``alive`` (R,) = not yet revived."""
 
-    def __init__(self, model: Any, cache: Any, ctx: Any, knobs: OnDemand) -> None:
+    def __init__(self, model: Any, cache: Any, aux: Any, knobs: OnDemand) -> None:
+        """``aux``: the ``Revival`` a prefill stage handed over (``take_revival``), ``cache`` its prompt's."""
         if getattr(model.config, "sliding_window", None) is not None:
             raise DynapruneError("on-demand revival supports full-attention decoders only")
-        stage = pending_revival(ctx)
-        aux = stage.take_revival()
         if aux.hidden.shape[0] != 1:
             raise DynapruneError(f"on-demand revival decodes one sequence (batch 1), got {aux.hidden.shape[0]}")
         self.model, self.cache, self.knobs = model, cache, knobs
@@ -145,13 +144,15 @@ class OnDemandModel:
     """``model`` whose prompt forward with a pending aux cache (``prefill_revive``) starts an on-demand
     revival on that cache; every later one-token forward on the same cache is an ``OnDemandStep``
     (the ``ctx`` it is given is not used: decode steps are dense). ``state`` holds the latest prompt's
-    revival; ``decode_work`` the decode steps' work. For protocols that only call ``model(...)``
+    revival, ``revivals`` every prompt's (tokens pruned, revived, revival work); ``decode_work`` the decode
+    steps' work. For protocols that only call ``model(...)``
     (``eval.lm``'s ``continue`` with ``stepwise=True``)."""
 
     def __init__(self, model: Any, knobs: OnDemand) -> None:
         self.model, self.knobs = model, knobs
         self.state: OnDemandState | None = None
         self.decode_work = WorkCounter()
+        self.revivals: list[tuple[int, int, WorkCounter]] = []  # per prompt: (pruned, revived, revival work)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -161,9 +162,13 @@ class OnDemandModel:
             if input_ids.shape != (1, 1):
                 raise DynapruneError("on-demand revival decodes one token at a time (batch 1); got input "
                                      f"{tuple(input_ids.shape)}")
-            return self.model(input_ids, cache=cache, ctx=OnDemandStep(self.state, self.decode_work),
-                              last_only=last_only, **kwargs)
+            out = self.model(input_ids, cache=cache, ctx=OnDemandStep(self.state, self.decode_work),
+                             last_only=last_only, **kwargs)
+            pruned, _, work = self.revivals[-1]
+            self.revivals[-1] = (pruned, self.state.revived, work)
+            return out
         out = self.model(input_ids, cache=cache, ctx=ctx, last_only=last_only, **kwargs)
         if cache is not None and ctx is not None and pending_revival(ctx) is not None:
-            self.state = OnDemandState(self.model, cache, ctx, self.knobs)
+            self.state = OnDemandState(self.model, cache, pending_revival(ctx).take_revival(), self.knobs)
+            self.revivals.append((int(self.state.positions.shape[1]), 0, self.state.revival_work))
         return out
