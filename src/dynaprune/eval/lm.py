@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dynaprune.errors import DynapruneError
 from dynaprune.eval.result import TaskResult
 from dynaprune.runtime.attention import RunContext
-from dynaprune.runtime.generate import cache_capacity, kv_budget
+from dynaprune.runtime.generate import cache_capacity, kv_budget, revive_after_first_token
 from dynaprune.runtime.reconstruction import Reconstruction
 
 PROTOCOLS = ("window", "continue", "stream")
@@ -191,7 +191,7 @@ def evaluate_lm(
         need = {"window": 2, "stream": stream_tokens}.get(protocol, context + continuation)
         raise DynapruneError(f"{text_path}: {len(ids)} tokens, fewer than the {need} one example needs")
 
-    nll, count, targets = 0.0, 0, 0
+    nll, count, targets, revived = 0.0, 0, 0, 0
     budget = capacity = None
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -217,6 +217,7 @@ def evaluate_lm(
                     if hasattr(ctx, "reconstruction"):  # a KV scorer that re-reads the prompt (score=kvzip)
                         ctx.reconstruction = Reconstruction(model, prompt[None])
                     last = model(prompt[None], cache=cache, ctx=ctx, last_only=True)[0]  # predicts cont[0]
+                    revived += revive_after_first_token(model, cache, ctx)
                     if stepwise:
                         rest = [model(cont[None, i:i + 1], cache=cache, ctx=ctx)[0] for i in range(len(cont) - 1)]
                     else:  # teacher forcing: all continuation tokens in one pass over the cache
@@ -245,6 +246,8 @@ def evaluate_lm(
                      seconds_per_step=seconds / max(1, steps))
     else:
         extra.update(context=context, continuation=continuation, stepwise=stepwise)
+        if revived:  # prefill_revive: deferred work after the first token, counted in the run's FLOPs
+            extra["tokens_revived"] = revived
     return TaskResult(
         model=getattr(model, "name", type(model).__name__),
         task="lm",

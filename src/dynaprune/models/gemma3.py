@@ -34,6 +34,7 @@ from torch import nn
 from dynaprune.errors import DynapruneError
 from dynaprune.models.checkpoint import assign_weights
 from dynaprune.models.llama import rotate_half
+from dynaprune.prune.tokens import last_real_token
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 from dynaprune.runtime.sliding import defer_eviction, sliding_window, window_keep
@@ -249,7 +250,7 @@ class Gemma3(nn.Module):
         ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
         ctx.count_lm_head(x, keep.get("mask"), last_only)
         if last_only:
-            x = x[:, -1:]
+            x = last_real_token(x, keep.get("mask"))
         return self.output(self.norm(x)).float()
 
     def _evict_outside_windows(self, cache: KVCache, ctx: RunContext) -> None:

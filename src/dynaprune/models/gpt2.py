@@ -17,6 +17,7 @@ from torch import nn
 
 from dynaprune.errors import DynapruneError
 from dynaprune.models.checkpoint import assign_weights, read_hf_folder, strip_prefix
+from dynaprune.prune.tokens import last_real_token
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -164,7 +165,7 @@ class GPT2(nn.Module):
         ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
         ctx.count_lm_head(x, keep.get("mask"), last_only)  # the LM head's FLOPs belong to the run's cost
         if last_only:
-            x = x[:, -1:]
+            x = last_real_token(x, keep.get("mask"))
         return self.lm_head(self.ln_f(x)).float()
 
     def n_params(self) -> int:

@@ -23,6 +23,7 @@ from dynaprune.errors import DynapruneError
 from dynaprune.models.checkpoint import assign_weights, read_hf_folder
 from dynaprune.models.llama_checkpoint import LazyTokenizer, llama_state_from_hf, llama_to_transformers
 from dynaprune.models.llama_config import SUPPORTED_TYPES, LlamaConfig
+from dynaprune.prune.tokens import last_real_token
 from dynaprune.runtime.attention import DENSE, RunContext, attention
 from dynaprune.runtime.kvcache import KVCache, advance_positions, default_positions
 
@@ -209,7 +210,7 @@ class Llama(nn.Module):
         ctx.end_forward(cache)  # where a KV-budget context evicts cached tokens
         ctx.count_lm_head(x, keep.get("mask"), last_only)  # the LM head's FLOPs belong to the run's cost
         if last_only:
-            x = x[:, -1:]
+            x = last_real_token(x, keep.get("mask"))
         return self.output(self.norm(x)).float()
 
     def n_params(self) -> int:

@@ -138,6 +138,17 @@ def select_tokens_to_keep(
     return TokenKeep(index, mask)
 
 
+def last_real_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, ...) each row's last real token. Left padding puts it in the last column; after token pruning
+    a row's survivors are packed in original order with padding after them (``select_tokens_to_keep``),
+    so a row that keeps fewer than the widest one ends before the last column."""
+    if mask is None:
+        return hidden[:, -1:]
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, columns, -1).amax(-1).clamp_min(0)
+    return gather_tokens(hidden, last[:, None])
+
+
 def gather_tokens(tensor: torch.Tensor, keep_index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Gather the kept tokens along ``dim``.
 

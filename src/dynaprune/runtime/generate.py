@@ -101,6 +101,29 @@ def cache_capacity(total: int, first: int, step: int, budget: int | None) -> int
     return min(total, max(first, budget + step))
 
 
+def revive_after_first_token(model: Any, cache: Any, ctx: RunContext | None) -> int:
+    """LazyLLM's revival (``prefill_revive``, ``runtime/revival.py``) once the first token's logits exist:
+    the aux cache's pruned tokens run through the later layers into ``cache`` and their work joins
+    ``ctx``'s counter (deferred work: after the time to first token, inside the run's FLOPs). Returns
+    the tokens revived (0: nothing pending)."""
+    from dynaprune.runtime.revival import pending_revival, revive
+
+    stage = pending_revival(ctx) if ctx is not None else None
+    if stage is None:
+        return 0
+    run = revive(model, cache, ctx)
+    if run is None:
+        return 0
+    from dynaprune.runtime.cost import cost_shape
+
+    shape, work = cost_shape(model), run.work
+    for layer, n in work.tokens.items():  # a plain context leaves the projected heads at their defaults, which
+        work.q_head_tokens.setdefault(layer, n * shape.heads_of(layer))  # a merge into a counting one would
+        work.kv_head_tokens.setdefault(layer, n * shape.kv_heads_of(layer))  # drop
+    ctx.work.merge(work)
+    return stage.tokens_revived
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     """Next token per row from (B, V) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature == 0.0:
@@ -177,6 +200,7 @@ def generate(
             ctx.reconstruction = Reconstruction(model, ids)
         logits = model(ids, cache=cache, ctx=ctx, attention_mask=mask, last_only=True)
         t1 = time.perf_counter()
+        revive_after_first_token(model, cache, ctx)  # prefill_revive: deferred work, in the decode time
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1].float(), temperature, top_p, gen)
             for r, t in enumerate(nxt.tolist()):
