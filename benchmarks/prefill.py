@@ -58,13 +58,15 @@ SEARCH_WINDOWS = [32, 128]
 SEARCH_POOLS = [7]
 SHIP_TARGETS = [0.5, 0.6, 0.7, 0.8, 0.9]
 GEMFILTER = [GemFilter(3, 0.5), GemFilter(6, 0.65)]
-ONDEMAND_KNOBS = {"r": ("per_step", int), "t": ("threshold", float), "b": ("budget", float), "p": ("pool", int)}
+ONDEMAND_KNOBS = {"r": ("per_step", int), "t": ("threshold", float), "b": ("budget", float), "p": ("pool", int),
+                  "o": ("order", str)}
 
 
 def parse_ondemand(spec: str) -> dict:
     """``RECIPE@r=16,t=0,b=1,p=1``: the recipe's selection with every pruned token in the aux cache
     (``prefill_revive`` = 1 - keep, added) and LazyLLM's on-demand revival during decoding
-    (``runtime/revival_on_demand.py``: per_step r, threshold t, budget b, pool p) -> {"recipe", "ondemand"};
+    (``runtime/revival_on_demand.py``: per_step r, threshold t, budget b, pool p, order o = score |
+    position) -> {"recipe", "ondemand"};
     a plain recipe -> {"recipe"}."""
     recipe, _, knobs = spec.partition("@")
     if not knobs:
@@ -73,7 +75,7 @@ def parse_ondemand(spec: str) -> dict:
     for item in knobs.split(","):
         key, _, value = item.partition("=")
         if key not in ONDEMAND_KNOBS:
-            raise SystemExit(f"error: unknown on-demand knob {key!r} in {spec!r} (r, t, b, p)")
+            raise SystemExit(f"error: unknown on-demand knob {key!r} in {spec!r} (r, t, b, p, o)")
         name, kind = ONDEMAND_KNOBS[key]
         kw[name] = kind(value)
     if "prefill_revive" not in recipe:

@@ -7,9 +7,10 @@ Variants (``--variants``, ';'-separated):
 - ``dense-stepwise``: the same, one token at a time (a check: equal to fp noise);
 - a recipe (``prefill=0.7``, ``prefill_keep=0.5,...,prefill_revive=0.4``): pruned prefill, the one-shot
   revival if any, the continuation teacher-forced (what ``benchmarks/prefill.py`` measures);
-- ``RECIPE@r=16,t=0,b=1,p=1``: the recipe's selection with every pruned token in the aux cache
+- ``RECIPE@r=16,t=0,b=1,p=1,o=score``: the recipe's selection with every pruned token in the aux cache
   (``prefill_revive`` = 1 - keep, added), then 128 decode steps one token at a time, each reviving what
-  its layer-s attention asks for (``OnDemand``: per_step r, threshold t, budget b, pool p). Variants
+  its layer-s attention asks for (``OnDemand``: per_step r, threshold t, budget b, pool p; o=position:
+  the earliest r each step, no score). Variants
   sharing a recipe share one prefill per chunk (the cache is copied for each).
 
 Per chunk: perplexity and the cost over dense (the noise between chunks is the point of the per-chunk
@@ -23,6 +24,7 @@ as shares of the dense prefill's; tokens revived per chunk. No timing (a contend
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -177,7 +179,7 @@ def summary(args, argv, threads, specs, rows, ttft, seconds) -> dict:
                "chunk_cost_sd_pct": statistics.stdev(chunk_cost) if len(chunk_cost) > 1 else 0.0,
                "stepwise": v["stepwise"]}
         if v["ondemand"] is not None:
-            row["ondemand"] = {k: getattr(v["ondemand"], k) for k in ("per_step", "threshold", "budget", "pool")}
+            row["ondemand"] = dataclasses.asdict(v["ondemand"])
         if v["recipe"] in ttft:
             row["ttft_flops_kept"] = ttft[v["recipe"]]["flops_kept"]
             row["kv_bytes_after_prefill"] = ttft[v["recipe"]].get("kv_bytes_vs_dense")

@@ -172,7 +172,8 @@ def test_threshold_and_budget_cap_what_comes_back():
     assert 0 < picky.state.revived < pruned  # only what some step attended to with >= 2.2%
 
 
-@pytest.mark.parametrize("knobs", [dict(per_step=-1), dict(budget=1.5), dict(threshold=-0.1), dict(pool=2)])
+@pytest.mark.parametrize("knobs", [dict(per_step=-1), dict(budget=1.5), dict(threshold=-0.1), dict(pool=2),
+                                   dict(order="random")])
 def test_bad_knobs_are_refused(knobs):
     with pytest.raises(DynapruneError, match="on-demand revival"):
         OnDemand(**knobs)
@@ -186,3 +187,22 @@ def test_multi_token_decode_is_refused():
         runner(ids[:, :P], cache=cache, ctx=make_context(ALL, model), last_only=True)
         with pytest.raises(DynapruneError, match="one token at a time"):
             runner(ids[:, P:P + 2], cache=cache)
+
+
+def test_position_order_ends_with_the_one_shot_caches():
+    """Earliest first, r a step: once every pruned token is back, each saw every earlier one, so the later
+    layers hold the one-shot revival's K/V (by position); the steps before read fewer tokens."""
+    model, ids = tiny_llama(), _ids(17)
+    with torch.inference_mode():
+        _, want, _ = _decode(RevivalModel(model), model, ids, ALL)
+        runner = OnDemandModel(model, OnDemand(per_step=5, order="position"))
+        _, got, _ = _decode(runner, model, ids, ALL)
+    pruned = [p for h in runner.state.history for p in h]
+    assert pruned == sorted(pruned) and len(pruned) == P - int(KEEP * P + 0.5)
+    assert [len(h) for h in runner.state.history[:5]] == [5, 5, 5, 5, 4]
+    for i in range(LAYER + 1, 4):
+        w_pos, g_pos = want.cached_positions(i)[0].tolist(), got.cached_positions(i)[0].tolist()
+        for p in pruned:
+            a, b = w_pos.index(p), g_pos.index(p)
+            torch.testing.assert_close(got.k[i][:, :, b], want.k[i][:, :, a], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.v[i][:, :, b], want.v[i][:, :, a], rtol=1e-4, atol=1e-5)

@@ -19,6 +19,11 @@ Decode steps run one token at a time (a multi-token forward after the prompt is 
 one query decides what the next reads), dense, batch 1, Llama-family full-attention decoders only.
 ``pool`` (odd) max-pools the layer-s attention along the prompt before ranking (SnapKV's clustering,
 as the prefill selection's window score does): a pruned neighbour of an attended token comes back too.
+
+Revived out of position order, a token misses the pruned tokens at earlier positions that come back
+after it (each is computed once): its later-layer K/V saw less than the one-shot revival's.
+``order="position"`` drops the score and revives the earliest ``per_step`` not yet revived each step:
+a one-shot revival spread over the first decode steps, which ends with the one-shot revival's K/V.
 """
 
 from __future__ import annotations
@@ -34,17 +39,22 @@ from dynaprune.runtime.attention import RunContext
 from dynaprune.runtime.revival import PositionCausal, pending_revival, run_later_layers
 from dynaprune.runtime.work import WorkCounter
 
+ORDERS = ("score", "position")
+
 
 @dataclass(frozen=True)
 class OnDemand:
     """Knobs of the on-demand revival: at most ``per_step`` tokens a decode step, those whose layer-s
     attention (mean over query heads, after a max-pool of ``pool`` tokens) is >= ``threshold``, and at
-    most ``budget`` of the pruned tokens in all."""
+    most ``budget`` of the pruned tokens in all. ``order="position"``: no score, the earliest ``per_step``
+    not yet revived each step (a one-shot revival spread over the first decode steps: once done, every
+    revived token saw what the one-shot revival shows it)."""
 
     per_step: int = 16
     threshold: float = 0.0
     budget: float = 1.0
     pool: int = 1
+    order: str = "score"
 
     def __post_init__(self) -> None:
         if self.per_step < 0:
@@ -53,12 +63,14 @@ class OnDemand:
             raise DynapruneError(f"on-demand revival: budget must be in [0, 1] (got {self.budget})")
         if not 0.0 <= self.threshold <= 1.0:
             raise DynapruneError(f"on-demand revival: threshold must be in [0, 1] (got {self.threshold})")
+        if self.order not in ORDERS:
+            raise DynapruneError(f"on-demand revival: order must be one of {', '.join(ORDERS)} (got {self.order!r})")
         if self.pool < 1 or self.pool % 2 == 0:
             raise DynapruneError(f"on-demand revival: pool must be an odd number >= 1 (got {self.pool})")
 
     @property
     def label(self) -> str:
-        return f"ondemand:r{self.per_step}/t{self.threshold:g}/b{self.budget:g}/p{self.pool}"
+        return f"ondemand:r{self.per_step}/t{self.threshold:g}/b{self.budget:g}/p{self.pool}/{self.order}"
 
 
 class OnDemandState:
@@ -92,6 +104,8 @@ class OnDemandState:
         n = min(k.per_step, self.cap - self.revived, int(self.alive.sum()))
         if n <= 0:
             return self.slot[:0]
+        if k.order == "position":  # the aux cache is in position order
+            return self.alive.nonzero()[:n, 0]
         score = probs[0, :, 0, : self.prompt_slots].float().mean(0)  # (prompt slots,)
         score = pool_scores(score[None], k.pool)[0][self.slot]
         ok = self.alive & (score >= k.threshold)
