@@ -19,15 +19,18 @@ view); overall: perplexity over all scored tokens. FLOPs: the pruned prefill's (
 as shares of the dense prefill's; tokens revived per chunk. No timing (a contended machine).
 
     python -m benchmarks.prefill_ondemand --split valid --examples 8 --variants 'dense;prefill=0.7'
+    python -m benchmarks.prefill_ondemand --merge VALID.json TEST.json   # side by side: prefill-ondemand.json
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +114,50 @@ def run_chunk(model, piece: torch.Tensor, length: int, group: list[dict], shape,
     return out
 
 
+def merge(paths: list[str], out) -> dict:
+    """The variants measured on both splits, VALID and TEST side by side (the TTFT FLOPs, revived work)."""
+    runs = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs[data["split"]] = data
+    valid, test = runs["valid"], runs["test"]
+    rows = []
+    for name, t in test["variants"].items():
+        v = valid["variants"].get(name)
+        if v is None or name == "dense":
+            continue
+        row = {"name": name, "recipe": t["recipe"], "ondemand": t.get("ondemand"),
+               "ttft_flops_kept": t.get("ttft_flops_kept"), "kv_bytes_after_prefill": t.get("kv_bytes_after_prefill")}
+        for split, r in (("valid", v), ("test", t)):
+            row |= {f"{split}_perplexity": r["perplexity"], f"{split}_perplexity_cost": r["perplexity_cost"],
+                    f"{split}_chunks": r["chunks"], f"{split}_chunk_cost_pct": r["chunk_cost_pct"],
+                    f"{split}_revival_flops_share": r.get("revival_flops_share", 0.0),
+                    f"{split}_tokens_revived_mean": r.get("tokens_revived_mean", 0)}
+        rows.append(row)
+        print(f"{name:64s} TTFT FLOPs {row['ttft_flops_kept']:.3f} revived {row['valid_revival_flops_share']:.3f}: "
+              f"VALID {100 * row['valid_perplexity_cost']:+.2f}% TEST {100 * row['test_perplexity_cost']:+.2f}%")
+    payload = {"model": "smollm2-135m", "prompt_tokens": valid["prompt_tokens"],
+               "protocol": {"valid": valid["protocol"], "test": test["protocol"]},
+               "dense": {"valid_perplexity": valid["variants"]["dense"]["perplexity"],
+                         "test_perplexity": test["variants"]["dense"]["perplexity"]},
+               "sources": [str(p) for p in paths], "commands": [valid["command"], test["command"]],
+               "targets": "TTFT >= 1.5x at <= 2% on VALID and TEST; >= 2x at <= 5% (TTFT: benchmarks/prefill.py)",
+               "rows": rows}
+    print("wrote", save("prefill-ondemand", payload, path=out))
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
+    p.add_argument("--merge", nargs=2, metavar=("VALID", "TEST"), help="VALID and TEST outputs side by side")
     p.add_argument("--split", default="valid", choices=("valid", "test"))
     p.add_argument("--examples", type=int, default=8, help="chunks of length + 128")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--variants", default="dense", help="';'-separated (see the module docstring)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     threads = setup_threads(args.threads)
     specs = [parse_variant(s) for s in args.variants.split(";") if s]
