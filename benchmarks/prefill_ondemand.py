@@ -19,7 +19,7 @@ view); overall: perplexity over all scored tokens. FLOPs: the pruned prefill's (
 as shares of the dense prefill's; tokens revived per chunk. No timing (a contended machine).
 
     python -m benchmarks.prefill_ondemand --split valid --examples 8 --variants 'dense;prefill=0.7'
-    python -m benchmarks.prefill_ondemand --merge VALID.json TEST.json   # side by side: prefill-ondemand.json
+    python -m benchmarks.prefill_ondemand --merge VALID.json... TEST.json...  # side by side: prefill-ondemand.json
 """
 
 from __future__ import annotations
@@ -116,10 +116,14 @@ def run_chunk(model, piece: torch.Tensor, length: int, group: list[dict], shape,
 
 def merge(paths: list[str], out) -> dict:
     """The variants measured on both splits, VALID and TEST side by side (the TTFT FLOPs, revived work)."""
-    runs = {}
-    for path in paths:
+    runs: dict[str, dict] = {}
+    for path in paths:  # several runs of a split: their variants together (the first run's dense: same chunks)
         data = json.loads(Path(path).read_text())
-        runs[data["split"]] = data
+        if data["split"] in runs:
+            runs[data["split"]]["variants"] = data["variants"] | runs[data["split"]]["variants"]
+            runs[data["split"]]["command"] += " && " + data["command"]
+        else:
+            runs[data["split"]] = data
     valid, test = runs["valid"], runs["test"]
     rows = []
     for name, t in test["variants"].items():
@@ -149,7 +153,7 @@ def merge(paths: list[str], out) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
-    p.add_argument("--merge", nargs=2, metavar=("VALID", "TEST"), help="VALID and TEST outputs side by side")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="VALID and TEST outputs side by side")
     p.add_argument("--split", default="valid", choices=("valid", "test"))
     p.add_argument("--examples", type=int, default=8, help="chunks of length + 128")
     p.add_argument("--length", type=int, default=2048)
