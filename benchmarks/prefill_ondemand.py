@@ -146,7 +146,10 @@ def merge(paths: list[str], out) -> dict:
                          "test_perplexity": test["variants"]["dense"]["perplexity"]},
                "sources": [str(p) for p in paths], "commands": [valid["command"], test["command"]],
                "targets": "TTFT >= 1.5x at <= 2% on VALID and TEST; >= 2x at <= 5% (TTFT: benchmarks/prefill.py)",
-               "rows": rows}
+               "rows": rows,
+               "valid_only": {n: {k: r.get(k) for k in ("perplexity_cost", "ttft_flops_kept", "revival_flops_share",
+                                                          "tokens_revived_mean", "ondemand")}
+                              for n, r in valid["variants"].items() if n not in test["variants"]}}
     print("wrote", save("prefill-ondemand", payload, path=out))
     return payload
 
