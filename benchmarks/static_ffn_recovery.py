@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, save, setup_threads
-from benchmarks.finetuned import heldout_rows
 from benchmarks.static_accuracy import point
-from benchmarks.static_ffn_refit import CHECKPOINT, calibration, select_scores
+from benchmarks.static_ffn_refit import CHECKPOINT, parent_and_rows, select_scores
 
 DEFAULTS = {"rows": "8000", "distill": "0.5", "lr": "1e-4", "warmup": "0.06", "temperature": "2"}
 
@@ -88,7 +86,6 @@ def main() -> None:
     threads = setup_threads(args.threads)
     import torch
 
-    import dynaprune
     from dynaprune.eval.data import load_labeled_text, resolve_data_path
     from dynaprune.finetune import LabelMap
     from dynaprune.static import plan
@@ -97,14 +94,9 @@ def main() -> None:
     from dynaprune.static.refit import RefitConfig, prune_ffn_refit
 
     t0 = time.perf_counter()
-    parent = dynaprune.load(str(args.checkpoint))
-    training = json.loads((args.checkpoint / "config.json").read_text())["dynaprune"]["training"]
-    free, seen = heldout_rows(training, 256 + 800)  # the same rows as static_ffn_refit.py
-    calib_rows, select = free[:256], free[256:]
-    taken = {t for t, _ in free}
-    more, _ = heldout_rows(training, args.refit_rows + len(free), seed=7)
-    refit_rows = [r for r in more if r[0] not in taken][:args.refit_rows]
-    calib, rcal = calibration(parent, calib_rows), calibration(parent, refit_rows)
+    parent, training, rows = parent_and_rows(args.checkpoint, args.refit_rows)  # as static_ffn_refit.py
+    seen, select, taken, refit_rows = rows["seen"], rows["select"], rows["taken"], rows["refit"]
+    calib, rcal = rows["calib"], rows["refit_calib"]
     with torch.no_grad():
         dense_logits = parent.classify_logits([t for t, _ in select], None, batch_size=64)
     scores = FFN_CRITERIA["taylor"](parent, calib)

@@ -37,6 +37,22 @@ def calibration(model, rows):
         return load_calibration(model, p, max_examples=len(rows), batch_size=64)
 
 
+def parent_and_rows(checkpoint: Path, refit_rows: int):
+    """The dense parent, its training record and the held-out TRAIN rows: 256 for the criterion, 800 for
+    selection (the same rows as static_accuracy.py), ``refit_rows`` other seeded rows for the refit."""
+    import dynaprune
+
+    parent = dynaprune.load(str(checkpoint))
+    training = json.loads((checkpoint / "config.json").read_text())["dynaprune"]["training"]
+    free, seen = heldout_rows(training, 256 + 800)
+    taken = {t for t, _ in free}
+    more, _ = heldout_rows(training, refit_rows + len(free), seed=7)
+    refit = [r for r in more if r[0] not in taken][:refit_rows]
+    rows = {"free": free, "seen": seen, "select": free[256:], "taken": taken, "refit": refit,
+            "calib": calibration(parent, free[:256]), "refit_calib": calibration(parent, refit)}
+    return parent, training, rows
+
+
 def select_scores(model, rows, dense_logits) -> dict:
     import torch
     import torch.nn.functional as F
@@ -70,7 +86,6 @@ def main() -> None:
     threads = setup_threads(args.threads)
     import torch
 
-    import dynaprune
     from dynaprune.eval.data import load_labeled_text, resolve_data_path
     from dynaprune.static import plan
     from dynaprune.static.criteria import FFN_CRITERIA
@@ -78,14 +93,9 @@ def main() -> None:
     from dynaprune.static.refit import RefitConfig, prune_ffn_refit
 
     t0 = time.perf_counter()
-    parent = dynaprune.load(str(args.checkpoint))
-    training = json.loads((args.checkpoint / "config.json").read_text())["dynaprune"]["training"]
-    free, seen = heldout_rows(training, 256 + 800)  # the same rows as static_accuracy.py
-    calib_rows, select = free[:256], free[256:]
-    taken = {t for t, _ in free}
-    more, _ = heldout_rows(training, args.refit_rows + len(free), seed=7)
-    refit_rows = [r for r in more if r[0] not in taken][:args.refit_rows]
-    calib, rcal = calibration(parent, calib_rows), calibration(parent, refit_rows)
+    parent, training, rows = parent_and_rows(args.checkpoint, args.refit_rows)
+    seen, select, refit_rows = rows["seen"], rows["select"], rows["refit"]
+    calib, rcal = rows["calib"], rows["refit_calib"]
     dev = resolve_data_path("sst2/dev.tsv")
     dev_lengths = [len(x) for x in parent.tokenize([r.text for r in load_labeled_text(dev)])]
     with torch.no_grad():

@@ -8,20 +8,9 @@ import json
 
 import pytest
 import torch
-from ft_fixtures import fine_tuned
 from safetensors.torch import load_file
 
 import dynaprune
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_bert_folder, tmp_path_factory):
-    from dynaprune.finetune import save_classifier
-
-    tmp = tmp_path_factory.mktemp("clf")
-    model, _, _, tsv = fine_tuned(tiny_bert_folder, tmp, 96)
-    save_classifier(model, tmp / "clf")
-    return tmp / "clf", tsv
 
 
 def logits(folder, texts):

@@ -9,24 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_fixtures import fine_tuned, ft
+from ft_fixtures import ft
 from safetensors.torch import load_file
 from test_structured import tiny_llama
 
 import dynaprune
 from dynaprune.errors import DynapruneError
 from dynaprune.static.recover import check_recoverable
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_bert_folder, tmp_path_factory):
-    """A tiny fine-tuned classifier folder and its training TSV."""
-    from dynaprune.finetune import save_classifier
-
-    tmp = tmp_path_factory.mktemp("clf")
-    model, _, _, tsv = fine_tuned(tiny_bert_folder, tmp, 96)
-    save_classifier(model, tmp / "clf")
-    return tmp / "clf", tsv
 
 
 def logits(folder: Path, texts: list[str]) -> torch.Tensor:
