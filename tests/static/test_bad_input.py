@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from test_recover import classifier  # noqa: F401  (a fixture)
 from test_structured import tiny_bert
 
 from dynaprune.errors import DynapruneError

@@ -8,7 +8,6 @@ import json
 
 import pytest
 from ft_fixtures import ft
-from test_recover import classifier  # noqa: F401  (a fixture)
 
 
 def eval_json(dynaprune_cli, model, tsv, out, *recipe: str) -> dict:
